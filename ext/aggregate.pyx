@@ -1,0 +1,188 @@
+"""Cython/OpenMP kernels of the aggregation family.
+
+Same kernels and arguments as ``fedkern._reference.aggregate``; inputs are validated by
+``fedkern._validate``. Client rows are read through ``updates.pointers`` (one address per
+row), so a sequence of arrays is never stacked. Work is split over coordinates in
+fixed-size chunks and every sum over clients or over a row runs in a fixed order, so
+results do not depend on the number of threads.
+"""
+from cython.parallel cimport prange, threadid
+from libc.math cimport isfinite, sqrt
+from libc.stdint cimport uintptr_t
+from libc.stdlib cimport free, malloc
+
+from _openmp cimport fk_max_threads
+
+ctypedef fused in_t:
+    float
+    double
+
+ctypedef fused out_t:
+    float
+    double
+
+cdef enum:
+    CHUNK = 2048          # coordinates per task of weighted_sum: float64 sums stay in L1
+    NORM_BLOCK = 8192     # coordinates per partial sum of a squared norm
+    CLIP_GROUP_BYTES = 8 << 20  # rows clipped together stay in L3 between the two passes
+
+
+cdef void* _scratch(Py_ssize_t nbytes) except NULL:
+    cdef void* buffer = malloc(nbytes if nbytes > 0 else 1)
+    if buffer == NULL:
+        raise MemoryError()
+    return buffer
+
+
+def weighted_sum(updates, const double[::1] weights, out) -> int:
+    """out = sum_i weights[i] * updates[i]; return the number of non-finite outputs."""
+    return _weighted_sum(updates.pointers, updates.first, weights, out)
+
+
+def _weighted_sum(const uintptr_t[::1] pointers, const in_t[::1] first,
+                  const double[::1] weights, out_t[::1] out):
+    cdef const in_t** rows = <const in_t**> &pointers[0]
+    cdef Py_ssize_t k = pointers.shape[0], d = first.shape[0]
+    cdef Py_ssize_t nchunks = (d + CHUNK - 1) // CHUNK
+    cdef int nthreads = fk_max_threads()
+    cdef double* scratch = <double*> _scratch(nthreads * CHUNK * sizeof(double))
+    cdef double* acc
+    cdef const in_t* row
+    cdef double w
+    cdef out_t value
+    cdef Py_ssize_t c, i, j, j0, n, nonfinite = 0
+    with nogil:
+        for c in prange(nchunks, schedule="static", num_threads=nthreads):
+            acc = scratch + threadid() * CHUNK
+            j0 = c * CHUNK
+            n = min(<Py_ssize_t> CHUNK, d - j0)
+            for j in range(n):
+                acc[j] = 0.0
+            for i in range(k):
+                w = weights[i]
+                row = rows[i] + j0
+                for j in range(n):
+                    acc[j] = acc[j] + w * row[j]
+            for j in range(n):
+                value = <out_t> acc[j]
+                out[j0 + j] = value
+                if not isfinite(value):
+                    nonfinite += 1
+    free(scratch)
+    return nonfinite
+
+
+def accumulate(acc, update, double weight) -> None:
+    """acc += weight * update, computed in float64."""
+    _accumulate(acc, update, weight)
+
+
+def _accumulate(out_t[::1] acc, const in_t[::1] update, double weight):
+    cdef Py_ssize_t j, d = acc.shape[0]
+    with nogil:
+        for j in prange(d, schedule="static"):
+            acc[j] = <out_t> (acc[j] + weight * update[j])
+
+
+def count_nonfinite(values) -> int:
+    """Number of NaN and infinite entries of a 1-D array."""
+    return _count_nonfinite(values)
+
+
+def _count_nonfinite(const in_t[::1] values):
+    cdef Py_ssize_t j, d = values.shape[0], count = 0
+    with nogil:
+        for j in prange(d, schedule="static"):
+            if not isfinite(values[j]):
+                count += 1
+    return count
+
+
+cdef void _sq_norm_partials(const in_t** rows, Py_ssize_t nrows, Py_ssize_t d,
+                            double* partials) noexcept nogil:
+    """partials[i * nblocks + b] = squared norm of block b of rows[i], in parallel."""
+    cdef Py_ssize_t nblocks = (d + NORM_BLOCK - 1) // NORM_BLOCK
+    cdef Py_ssize_t t, j, n
+    cdef const in_t* x
+    cdef double s0, s1, s2, s3
+    for t in prange(nrows * nblocks, schedule="static"):
+        x = rows[t // nblocks] + (t % nblocks) * NORM_BLOCK
+        n = min(<Py_ssize_t> NORM_BLOCK, d - (t % nblocks) * NORM_BLOCK)
+        s0 = 0.0; s1 = 0.0; s2 = 0.0; s3 = 0.0
+        j = 0
+        while j + 4 <= n:
+            s0 = s0 + <double> x[j] * x[j]
+            s1 = s1 + <double> x[j + 1] * x[j + 1]
+            s2 = s2 + <double> x[j + 2] * x[j + 2]
+            s3 = s3 + <double> x[j + 3] * x[j + 3]
+            j = j + 4
+        while j < n:
+            s0 = s0 + <double> x[j] * x[j]
+            j = j + 1
+        partials[t] = (s0 + s1) + (s2 + s3)
+
+
+cdef void _norms_from_partials(const double* partials, Py_ssize_t nrows, Py_ssize_t nblocks,
+                               double* norms) noexcept nogil:
+    cdef Py_ssize_t i, b
+    cdef double total
+    for i in range(nrows):
+        total = 0.0
+        for b in range(nblocks):
+            total = total + partials[i * nblocks + b]
+        norms[i] = sqrt(total)
+
+
+def l2_norms(updates, double[::1] norms) -> None:
+    """norms[i] = sqrt(sum_j updates[i, j]**2), in float64."""
+    _l2_norms(updates.pointers, updates.first, norms)
+
+
+def _l2_norms(const uintptr_t[::1] pointers, const in_t[::1] first, double[::1] norms):
+    cdef Py_ssize_t k = pointers.shape[0], d = first.shape[0]
+    cdef Py_ssize_t nblocks = (d + NORM_BLOCK - 1) // NORM_BLOCK
+    cdef double* partials = <double*> _scratch(k * nblocks * sizeof(double))
+    with nogil:
+        _sq_norm_partials(<const in_t**> &pointers[0], k, d, partials)
+        _norms_from_partials(partials, k, nblocks, &norms[0])
+    free(partials)
+
+
+def clip_by_norm(updates, double max_norm, out, double[::1] norms) -> None:
+    """out[i] = updates[i] * min(1, max_norm / ||updates[i]||); norms get the norms.
+
+    Rows are processed in groups of about CLIP_GROUP_BYTES, norms then scaling, so the
+    second read of a group comes from cache when it fits.
+    """
+    _clip_by_norm(updates.pointers, updates.first, max_norm, out.pointers, norms)
+
+
+def _clip_by_norm(const uintptr_t[::1] pointers, const in_t[::1] first, double max_norm,
+                  const uintptr_t[::1] out_pointers, double[::1] norms):
+    cdef const in_t** rows = <const in_t**> &pointers[0]
+    cdef in_t** out_rows = <in_t**> &out_pointers[0]
+    cdef Py_ssize_t k = pointers.shape[0], d = first.shape[0]
+    cdef Py_ssize_t nblocks = (d + NORM_BLOCK - 1) // NORM_BLOCK
+    cdef Py_ssize_t group = max(1, CLIP_GROUP_BYTES // (d * <Py_ssize_t> sizeof(in_t)))
+    cdef double* partials = <double*> _scratch(min(group, k) * nblocks * sizeof(double))
+    cdef double* scales = <double*> _scratch(min(group, k) * sizeof(double))
+    cdef Py_ssize_t g0, g, i, t, j, j0, n
+    cdef double scale
+    with nogil:
+        g0 = 0
+        while g0 < k:
+            g = min(group, k - g0)
+            _sq_norm_partials(rows + g0, g, d, partials)
+            _norms_from_partials(partials, g, nblocks, &norms[g0])
+            for i in range(g):
+                scales[i] = max_norm / norms[g0 + i] if norms[g0 + i] > max_norm else 1.0
+            for t in prange(g * nblocks, schedule="static"):
+                i = t // nblocks
+                j0 = (t % nblocks) * NORM_BLOCK
+                n = min(<Py_ssize_t> NORM_BLOCK, d - j0)
+                scale = scales[i]
+                for j in range(j0, j0 + n):
+                    out_rows[g0 + i][j] = <in_t> (scale * rows[g0 + i][j])
+            g0 = g0 + g
+    free(partials)
+    free(scales)

@@ -1,0 +1,1 @@
+"""The Cython/OpenMP backend: extension modules built by setup.py from ext/*.pyx."""

@@ -1,0 +1,1 @@
+"""The Numba backend: ``njit(parallel=True, cache=True, nogil=True)`` kernels."""

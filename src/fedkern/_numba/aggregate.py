@@ -1,0 +1,133 @@
+"""Numba kernels of the aggregation family.
+
+Same kernels, arguments and summation order as ``ext/aggregate.pyx`` (see there): rows
+are read through ``updates.pointers``, work is split over coordinates in fixed chunks,
+and every reduction runs in a fixed order, so results do not depend on thread count.
+"""
+import numpy as np
+from numba import njit, prange
+
+from ._runtime import KERNEL, row
+
+CHUNK = 2048
+NORM_BLOCK = 8192
+CLIP_GROUP_BYTES = 8 << 20
+
+
+def weighted_sum(updates, weights, out) -> int:
+    """out = sum_i weights[i] * updates[i]; return the number of non-finite outputs."""
+    return _weighted_sum(updates.pointers, updates.first, weights, out)
+
+
+@njit(**KERNEL)
+def _weighted_sum(pointers, first, weights, out):
+    d = first.shape[0]
+    nonfinite = 0
+    for c in prange((d + CHUNK - 1) // CHUNK):
+        j0 = c * CHUNK
+        n = min(CHUNK, d - j0)
+        acc = np.zeros(n)
+        for i in range(pointers.shape[0]):
+            x = row(pointers, i, first)
+            w = weights[i]
+            for j in range(n):
+                acc[j] += w * x[j0 + j]
+        for j in range(n):
+            out[j0 + j] = acc[j]
+            if not np.isfinite(out[j0 + j]):
+                nonfinite += 1
+    return nonfinite
+
+
+def accumulate(acc, update, weight: float) -> None:
+    """acc += weight * update, computed in float64."""
+    _accumulate(acc, update, np.float64(weight))
+
+
+@njit(**KERNEL)
+def _accumulate(acc, update, weight):
+    for j in prange(acc.shape[0]):
+        acc[j] = acc[j] + weight * np.float64(update[j])
+
+
+@njit(**KERNEL)
+def count_nonfinite(values) -> int:
+    """Number of NaN and infinite entries of a 1-D array."""
+    count = 0
+    for j in prange(values.shape[0]):
+        if not np.isfinite(values[j]):
+            count += 1
+    return count
+
+
+@njit(**KERNEL)
+def _sq_norm_partials(pointers, first, row0, nrows, partials):
+    """partials[i, b] = squared norm of block b of row row0 + i, in parallel."""
+    d = first.shape[0]
+    nblocks = partials.shape[1]
+    for t in prange(nrows * nblocks):
+        i = t // nblocks
+        j0 = (t % nblocks) * NORM_BLOCK
+        n = min(NORM_BLOCK, d - j0)
+        x = row(pointers, row0 + i, first)
+        s0 = s1 = s2 = s3 = 0.0
+        j = 0
+        while j + 4 <= n:
+            s0 += np.float64(x[j0 + j]) * x[j0 + j]
+            s1 += np.float64(x[j0 + j + 1]) * x[j0 + j + 1]
+            s2 += np.float64(x[j0 + j + 2]) * x[j0 + j + 2]
+            s3 += np.float64(x[j0 + j + 3]) * x[j0 + j + 3]
+            j += 4
+        while j < n:
+            s0 += np.float64(x[j0 + j]) * x[j0 + j]
+            j += 1
+        partials[i, t % nblocks] = (s0 + s1) + (s2 + s3)
+
+
+@njit(cache=True, nogil=True)
+def _norms_from_partials(partials, nrows, norms, row0):
+    for i in range(nrows):
+        total = 0.0
+        for b in range(partials.shape[1]):
+            total += partials[i, b]
+        norms[row0 + i] = np.sqrt(total)
+
+
+def _nblocks(d: int) -> int:
+    return (d + NORM_BLOCK - 1) // NORM_BLOCK
+
+
+def l2_norms(updates, norms) -> None:
+    """norms[i] = sqrt(sum_j updates[i, j]**2), in float64."""
+    partials = np.empty((updates.k, _nblocks(updates.d)))
+    _sq_norm_partials(updates.pointers, updates.first, 0, updates.k, partials)
+    _norms_from_partials(partials, updates.k, norms, 0)
+
+
+def clip_by_norm(updates, max_norm: float, out, norms) -> None:
+    """out[i] = updates[i] * min(1, max_norm / ||updates[i]||); norms get the norms.
+
+    Rows go in groups of about CLIP_GROUP_BYTES, norms then scaling, so the second read
+    of a group comes from cache when it fits.
+    """
+    group = max(1, CLIP_GROUP_BYTES // (updates.d * updates.dtype.itemsize))
+    partials = np.empty((min(group, updates.k), _nblocks(updates.d)))
+    for g0 in range(0, updates.k, group):
+        g = min(group, updates.k - g0)
+        _sq_norm_partials(updates.pointers, updates.first, g0, g, partials)
+        _norms_from_partials(partials, g, norms, g0)
+        scales = np.where(norms[g0:g0 + g] > max_norm, max_norm / norms[g0:g0 + g], 1.0)
+        _scale_rows(updates.pointers, updates.first, out.pointers, out.first, g0, scales)
+
+
+@njit(**KERNEL)
+def _scale_rows(pointers, first, out_pointers, out_first, row0, scales):
+    d = first.shape[0]
+    nblocks = (d + NORM_BLOCK - 1) // NORM_BLOCK
+    for t in prange(scales.shape[0] * nblocks):
+        i = t // nblocks
+        j0 = (t % nblocks) * NORM_BLOCK
+        x = row(pointers, row0 + i, first)
+        y = row(out_pointers, row0 + i, out_first)
+        for j in range(j0, min(j0 + NORM_BLOCK, d)):
+            y[j] = scales[i] * np.float64(x[j])

@@ -1,0 +1,133 @@
+"""Backend registry: which kernels run an op, and on how many threads.
+
+A backend is chosen, from the most to the least specific, by an op's ``backend=``
+argument, the innermost ``with use_backend(name):`` block, ``set_backend(name)``, the
+``FEDKERN_BACKEND`` environment variable, and finally ``"auto"``. ``"auto"`` picks the
+first importable backend in :data:`AUTO_ORDER` for the op's family; the numpy
+``"reference"`` backend always works.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import importlib
+import os
+from types import ModuleType
+
+from ._validate import BackendUnavailableError, FedkernTypeError, FedkernValueError
+
+NAMES = ("reference", "cython", "numba")
+_PACKAGES = {"reference": "fedkern._reference", "cython": "fedkern._cython", "numba": "fedkern._numba"}
+
+#: Backend tried first by ``"auto"``, per op family (fastest measured first, see README).
+AUTO_ORDER = {
+    "aggregate": ("cython", "numba", "reference"),
+    "optim": ("cython", "numba", "reference"),
+}
+
+_global_backend = os.environ.get("FEDKERN_BACKEND", "auto")
+_scoped_backend: contextvars.ContextVar[str | None] = contextvars.ContextVar("fedkern_backend", default=None)
+_modules: dict[tuple[str, str], ModuleType | BaseException] = {}
+
+
+def _default_threads() -> int:
+    configured = os.environ.get("FEDKERN_NUM_THREADS")
+    if configured:
+        return int(configured)
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+_num_threads = _default_threads()
+
+
+def _check_name(name: str, allow_auto: bool = True) -> str:
+    if not isinstance(name, str):
+        raise FedkernTypeError(f"backend must be a string; got {type(name).__name__}")
+    if name not in NAMES and not (allow_auto and name == "auto"):
+        choices = ", ".join(repr(n) for n in NAMES + (("auto",) if allow_auto else ()))
+        raise FedkernValueError(f"unknown backend {name!r}; choose one of {choices}")
+    return name
+
+
+def get_backend() -> str:
+    """The backend ops use when given no ``backend=`` (possibly ``"auto"``)."""
+    return _scoped_backend.get() or _global_backend
+
+
+def set_backend(name: str) -> None:
+    """Set the process-wide default backend: "reference", "cython", "numba" or "auto"."""
+    global _global_backend
+    _global_backend = _check_name(name)
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Use ``name`` as the default backend inside a ``with`` block (thread- and task-local).
+
+    >>> with fedkern.use_backend("numba"):
+    ...     mean = fedkern.weighted_mean(updates)
+    """
+    token = _scoped_backend.set(_check_name(name))
+    try:
+        yield
+    finally:
+        _scoped_backend.reset(token)
+
+
+def get_num_threads() -> int:
+    """Number of threads the compiled backends use."""
+    return _num_threads
+
+
+def set_num_threads(n: int) -> None:
+    """Set the threads used by both the Cython (OpenMP) and the Numba kernels.
+
+    Results do not depend on it: kernels split work over coordinates and reduce over
+    clients in a fixed order.
+    """
+    global _num_threads
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise FedkernValueError(f"n must be a positive integer; got {n!r}")
+    _num_threads = n
+
+
+def _load(backend: str, family: str) -> ModuleType:
+    key = (backend, family)
+    if key not in _modules:
+        try:
+            _modules[key] = importlib.import_module(f"{_PACKAGES[backend]}.{family}")
+        except Exception as err:  # a missing compiler or numba shows up here, once
+            _modules[key] = err
+    module = _modules[key]
+    if isinstance(module, BaseException):
+        raise BackendUnavailableError(f"the {backend} backend is not available: {module}") from module
+    return module
+
+
+def is_available(backend: str, family: str = "aggregate") -> bool:
+    """Whether ``backend`` can run ops of ``family`` on this machine."""
+    try:
+        _load(_check_name(backend, allow_auto=False), family)
+    except BackendUnavailableError:
+        return False
+    return True
+
+
+def resolve(family: str, backend: str | None = None) -> str:
+    """Name of the concrete backend that will run an op of ``family``."""
+    name = _check_name(backend if backend is not None else get_backend())
+    if name != "auto":
+        return name
+    return next(b for b in AUTO_ORDER[family] if is_available(b, family))
+
+
+def kernels(family: str, backend: str | None = None) -> ModuleType:
+    """The kernel module of ``family`` for ``backend``, ready to run on the set threads."""
+    name = resolve(family, backend)
+    module = _load(name, family)
+    if name != "reference":
+        _load(name, "_runtime").use_threads(_num_threads)
+    return module
