@@ -16,20 +16,25 @@ def momentum_step(params, delta, momentum_buffer, lr, momentum):
         params[j] = params[j] + lr * mj
 
 
+def adaptive_step(params, delta, m, v, lr, beta1, beta2, tau, c1, c2, rule) -> None:
+    """Reddi et al. (2021) adaptive step; rule 0 = Adagrad, 1 = Adam, 2 = Yogi.
+
+    v = a v + b g^2 - s g^2 sign(v - g^2) with per-rule coefficients, as in ext/optim.pyx.
+    """
+    a = beta2 if rule == ADAM else 1.0
+    b = 1.0 if rule == ADAGRAD else (1.0 - beta2 if rule == ADAM else 0.0)
+    s = 1.0 - beta2 if rule == YOGI else 0.0
+    _adaptive_step(params, delta, m, v, lr, beta1, tau, c1, c2, a, b, s)
+
+
 @njit(**KERNEL)
-def adaptive_step(params, delta, m, v, lr, beta1, beta2, tau, c1, c2, rule):
-    """Reddi et al. (2021) adaptive step; rule 0 = Adagrad, 1 = Adam, 2 = Yogi."""
+def _adaptive_step(params, delta, m, v, lr, beta1, tau, c1, c2, a, b, s):
     for j in prange(params.shape[0]):
         g = np.float64(delta[j])
         g2 = g * g
         vold = np.float64(v[j])
         mj = beta1 * m[j] + (1.0 - beta1) * g
-        if rule == ADAGRAD:
-            vj = vold + g2
-        elif rule == ADAM:
-            vj = beta2 * vold + (1.0 - beta2) * g2
-        else:
-            vj = vold - (1.0 - beta2) * g2 * np.sign(vold - g2)
+        vj = a * vold + b * g2 - s * g2 * np.sign(vold - g2)
         m[j] = mj
         v[j] = vj
         params[j] = params[j] + lr * (c1 * mj) / (np.sqrt(c2 * vj) + tau)

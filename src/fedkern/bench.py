@@ -1,0 +1,216 @@
+"""``fedkern bench``: every backend of every op, side by side, against the memory bandwidth.
+
+For each op and size the bench prints the median time per backend, the effective GB/s
+(bytes the op must move / time), that rate as a percentage of the read bandwidth measured
+by a compiled read kernel at the start of the same run, and the speedup over the numpy
+reference. ``benchmarks/`` runs the same cases under pytest-benchmark.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import aggregate, backends, optim
+
+PROFILES = ("quick", "default", "full")
+#: Largest K x D float32 matrix the full grid builds (the rest is skipped, as DESIGN.md allows).
+FULL_GRID_BYTES = 8 << 30
+
+
+@dataclass(frozen=True)
+class Case:
+    """One op at one size: ``make()`` builds its data and returns ``call(backend)``."""
+
+    op: str
+    size: str
+    nbytes: int
+    make: Callable[[], Callable[[str], object]]
+
+    @property
+    def name(self) -> str:
+        return f"{self.op}[{self.size}]"
+
+
+def _rows(k: int, d: int, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(d, dtype=np.float32) for _ in range(k)]
+
+
+def _size(k: int | None, d: int) -> str:
+    dims = f"D={d:.0e}".replace("e+0", "e")
+    return dims if k is None else f"K={k} {dims}"
+
+
+def _weighted_mean(k: int, d: int) -> Case:
+    def make():
+        rows, weights = _rows(k, d), np.arange(1, k + 1, dtype=np.float64)
+        out = np.empty(d, np.float32)
+        return lambda b: aggregate.weighted_mean(rows, weights, out=out, backend=b)
+
+    return Case("weighted_mean", _size(k, d), 4 * k * d + 4 * d, make)
+
+
+def _l2_norms(k: int, d: int) -> Case:
+    def make():
+        rows = _rows(k, d)
+        return lambda b: aggregate.l2_norms(rows, backend=b)
+
+    return Case("l2_norms", _size(k, d), 4 * k * d, make)
+
+
+def _clip_by_norm(k: int, d: int) -> Case:
+    def make():
+        rows, out = _rows(k, d), np.empty((k, d), np.float32)
+        max_norm = 0.5 * float(np.sqrt(d))  # about half the rows get clipped
+        return lambda b: aggregate.clip_by_norm(rows, max_norm, out=out, backend=b)
+
+    return Case("clip_by_norm", _size(k, d), 2 * 4 * k * d, make)
+
+
+def _accumulate(d: int) -> Case:
+    """Streaming FedAvg: float32 update into the float64 running sum of an Accumulator."""
+
+    def make():
+        (update,) = _rows(1, d)
+        acc = np.zeros(d)
+        return lambda b: aggregate.accumulate(acc, update, 0.5, backend=b)
+
+    return Case("accumulate", _size(None, d), 4 * d + 2 * 8 * d, make)
+
+
+def _optimizer(cls: type, arrays: int, d: int) -> Case:
+    """One server step; ``arrays`` counts the D-vectors read plus those written."""
+
+    def make():
+        (delta,) = _rows(1, d, seed=1)
+        delta *= 1e-3
+        params = {name: np.zeros(d, np.float32) for name in backends.NAMES}
+        optimizers = {name: cls(backend=name) for name in backends.NAMES}
+        return lambda b: optimizers[b].step(params[b], delta)
+
+    return Case(f"{cls.__name__}.step", _size(None, d), 4 * arrays * d, make)
+
+
+def cases(profile: str = "default") -> list[Case]:
+    """The benchmark cases of a profile: "quick" (seconds), "default" (about a minute), "full"."""
+    if profile == "quick":
+        matrices, vectors = [(10, 100_000)], [100_000]
+    elif profile == "default":
+        matrices, vectors = [(100, 1_000_000), (10, 10_000_000)], [10_000_000]
+    elif profile == "full":
+        matrices = [(k, d) for k in (10, 100, 1000) for d in (100_000, 1_000_000, 10_000_000)
+                    if 4 * k * d <= FULL_GRID_BYTES]
+        vectors = [100_000, 1_000_000, 10_000_000]
+    else:
+        raise ValueError(f"profile must be one of {PROFILES}; got {profile!r}")
+    result = [_weighted_mean(k, d) for k, d in matrices]
+    result += [_l2_norms(k, d) for k, d in matrices]
+    result += [_clip_by_norm(k, d) for k, d in matrices]
+    result += [_accumulate(d) for d in vectors]
+    for cls, arrays in ((optim.FedAvg, 3), (optim.FedAvgM, 5), (optim.FedAdagrad, 7),
+                        (optim.FedAdam, 7), (optim.FedYogi, 7)):
+        result += [_optimizer(cls, arrays, d) for d in vectors]
+    return result
+
+
+def median_time(call: Callable[[], object], min_repeats: int = 3, max_repeats: int = 15,
+                budget: float = 1.0) -> float:
+    """Median wall time of ``call()`` after one warm-up call (which also compiles Numba)."""
+    call()
+    times: list[float] = []
+    while len(times) < min_repeats or (len(times) < max_repeats and sum(times) < budget):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def read_bandwidth(nbytes: int = 512 << 20) -> float:
+    """Read bandwidth in GB/s: a compiled kernel summing a float32 buffer once per call."""
+    values = np.ones(nbytes // 4, np.float32)
+    for name in ("cython", "numba"):
+        if backends.is_available(name, "_runtime"):
+            runtime = backends._load(name, "_runtime")
+            runtime.use_threads(backends.get_num_threads())
+            return values.nbytes / median_time(lambda: runtime.read_sum(values), min_repeats=5) / 1e9
+    raise RuntimeError("no compiled backend is available to measure the read bandwidth")
+
+
+_COLD_START = """
+import time, numpy as np, fedkern
+x = [np.ones(1000, np.float32) for _ in range(4)]
+calls = {{
+    "weighted_mean": lambda: fedkern.weighted_mean(x, backend="{backend}"),
+    "accumulate": lambda: fedkern.accumulate(np.zeros(1000), x[0], backend="{backend}"),
+    "l2_norms": lambda: fedkern.l2_norms(x, backend="{backend}"),
+    "clip_by_norm": lambda: fedkern.clip_by_norm(x, 1.0, backend="{backend}"),
+    "FedAvgM.step": lambda: fedkern.FedAvgM(backend="{backend}").step(np.zeros(1000, np.float32), x[0]),
+    "FedAdam.step": lambda: fedkern.FedAdam(backend="{backend}").step(np.zeros(1000, np.float32), x[0]),
+}}
+start = time.perf_counter()
+calls["{op}"]()
+print(time.perf_counter() - start)
+"""
+COLD_START_OPS = ("weighted_mean", "accumulate", "l2_norms", "clip_by_norm", "FedAvgM.step", "FedAdam.step")
+
+
+def cold_start(backend: str = "numba") -> dict[str, float]:
+    """Seconds of each op's first call in a new process (includes importing Numba).
+
+    Run after the in-process bench, so Numba's on-disk cache exists: this measures
+    whether a later process loads it instead of compiling.
+    """
+    result = {}
+    for op in COLD_START_OPS:
+        script = _COLD_START.format(backend=backend, op=op)
+        subprocess.run([sys.executable, "-c", script], check=True, capture_output=True)  # fills the cache
+        done = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True)
+        result[op] = float(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def run(profile: str = "default", backend_names: tuple[str, ...] | None = None,
+        with_cold_start: bool | None = None, echo: Callable[[str], None] | None = print) -> dict:
+    """Run the bench; return its results as a dict (what ``--json`` prints)."""
+    names = [b for b in (backend_names or backends.NAMES) if backends.is_available(b)]
+    if "reference" not in names:
+        names.insert(0, "reference")
+    say = echo or (lambda line: None)
+    bandwidth = read_bandwidth(64 << 20 if profile == "quick" else 512 << 20)
+    say(f"fedkern bench ({profile}): {platform.machine()}, {backends.get_num_threads()} threads, "
+        f"measured read bandwidth {bandwidth:.1f} GB/s")
+    say(f"{'op':<18} {'size':<14} {'backend':<10} {'median ms':>10} {'GB/s':>7} {'% bw':>6} {'x ref':>7}")
+    rows = []
+    for case in cases(profile):
+        call = case.make()
+        timings = {}
+        for name in names:
+            timings[name] = median_time(lambda: call(name), budget=0.3 if profile == "quick" else 1.0)
+            gbps = case.nbytes / timings[name] / 1e9
+            row = dict(op=case.op, size=case.size, backend=name, median_s=timings[name], gb_per_s=gbps,
+                       percent_bandwidth=100 * gbps / bandwidth, speedup=timings["reference"] / timings[name])
+            rows.append(row)
+            say(f"{case.op:<18} {case.size:<14} {name:<10} {1e3 * row['median_s']:>10.3f} {gbps:>7.2f} "
+                f"{row['percent_bandwidth']:>6.1f} {row['speedup']:>7.2f}")
+        del call
+    result = dict(profile=profile, machine=platform.machine(), processor=platform.processor(),
+                  threads=backends.get_num_threads(), read_bandwidth_gb_per_s=bandwidth, results=rows)
+    if with_cold_start is None:
+        with_cold_start = profile != "quick"
+    if with_cold_start and "numba" in names:
+        result["cold_start_s"] = cold_start("numba")
+        say("first call in a new process, numba backend (includes importing numba): " + ", ".join(
+            f"{op} {seconds:.2f} s" for op, seconds in result["cold_start_s"].items()))
+    return result
+
+
+def to_json(result: dict) -> str:
+    return json.dumps(result, indent=2)
