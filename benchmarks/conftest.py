@@ -1,0 +1,37 @@
+"""Benchmark settings: sizes come from the profiles of ``fedkern.bench``.
+
+``FEDKERN_BENCH_PROFILE`` picks them: "quick" (default, what CI runs with
+``--benchmark-disable`` so the suite cannot rot), "default" or "full".
+"""
+import os
+
+import pytest
+
+from fedkern import backends, bench
+
+PROFILE = os.environ.get("FEDKERN_BENCH_PROFILE", "quick")
+BACKENDS = [name for name in backends.NAMES if backends.is_available(name)]
+
+
+def family_cases(prefixes):
+    """This profile's cases whose op starts with one of ``prefixes``, as pytest params."""
+    return [pytest.param(case, id=case.name) for case in bench.cases(PROFILE) if case.op.startswith(prefixes)]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    return request.param
+
+
+_built = {}
+
+
+def run_case(benchmark, case, backend):
+    """Benchmark ``case`` on ``backend``; data is built once per case and shared by backends."""
+    if case.name not in _built:
+        _built.clear()  # keep one case's data in memory at a time
+        _built[case.name] = case.make()
+    call = _built[case.name]
+    benchmark.group = case.name
+    benchmark.extra_info["bytes"] = case.nbytes
+    benchmark(call, backend)

@@ -1,0 +1,9 @@
+"""pytest-benchmark suite of the aggregation family, grouped by op and size."""
+import pytest
+
+from conftest import family_cases, run_case
+
+
+@pytest.mark.parametrize("case", family_cases(("weighted_mean", "accumulate", "l2_norms", "clip_by_norm")))
+def test_aggregate(benchmark, case, backend):
+    run_case(benchmark, case, backend)
