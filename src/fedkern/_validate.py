@@ -65,7 +65,9 @@ class Updates:
         if matrix is not None:
             self.k, self.d = matrix.shape
             self.first = matrix[0]
-            stride = np.uintp(matrix.strides[0])
+            # Not matrix.strides[0]: numpy calls a one-row matrix C-contiguous whatever that
+            # stride is (even negative); a contiguous row is always d * itemsize apart.
+            stride = np.uintp(self.d * matrix.itemsize)
             self.pointers = np.uintp(matrix.ctypes.data) + np.arange(self.k, dtype=np.uintp) * stride
         else:
             self.k, self.d = len(rows), rows[0].shape[0]
@@ -159,9 +161,13 @@ def weights(obj, k: int, name: str = "weights") -> np.ndarray:
     if isinstance(obj, np.ndarray) and obj.dtype.kind not in "iuf":
         raise FedkernTypeError(f"{name} must be real numbers; got dtype {obj.dtype}")
     try:
-        array = np.asarray(obj, dtype=np.float64)
+        # No dtype= here: it would parse strings such as "1" as numbers.
+        array = np.asarray(obj)
     except (TypeError, ValueError) as err:
         raise FedkernTypeError(f"{name} must be a 1-D sequence of real numbers: {err}") from None
+    if array.dtype.kind not in "iuf":
+        raise FedkernTypeError(f"{name} must be a 1-D sequence of real numbers; got {array.dtype} values")
+    array = array.astype(np.float64)
     if array.ndim != 1:
         raise FedkernValueError(f"{name} must be 1-D; got shape {array.shape}")
     if array.shape[0] != k:

@@ -191,10 +191,10 @@ def l2_norms(updates: UpdatesLike, *, out: np.ndarray | None = None, dtype=None,
     result = check.out(out, (rows.k,), rows.dtype, dtype)
     norms = result if result.dtype == np.float64 else np.empty(rows.k)
     kernels("aggregate", backend).l2_norms(rows, norms)
-    if check_finite and not np.isfinite(norms).all():
-        check.raise_nonfinite("l2_norms", rows)
     if norms is not result:
         result[...] = norms
+    if check_finite and not np.isfinite(result).all():  # a finite float64 norm may overflow float32
+        check.raise_nonfinite("l2_norms", rows, result)
     return result
 
 

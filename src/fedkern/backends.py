@@ -33,7 +33,13 @@ _modules: dict[tuple[str, str], ModuleType | BaseException] = {}
 def _default_threads() -> int:
     configured = os.environ.get("FEDKERN_NUM_THREADS")
     if configured:
-        return int(configured)
+        try:
+            threads = int(configured)
+        except ValueError:
+            threads = 0
+        if threads < 1:
+            raise FedkernValueError(f"FEDKERN_NUM_THREADS must be a positive integer; got {configured!r}")
+        return threads
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
@@ -43,11 +49,11 @@ def _default_threads() -> int:
 _num_threads = _default_threads()
 
 
-def _check_name(name: str, allow_auto: bool = True) -> str:
+def _check_name(name: str) -> str:
     if not isinstance(name, str):
         raise FedkernTypeError(f"backend must be a string; got {type(name).__name__}")
-    if name not in NAMES and not (allow_auto and name == "auto"):
-        choices = ", ".join(repr(n) for n in NAMES + (("auto",) if allow_auto else ()))
+    if name not in NAMES and name != "auto":
+        choices = ", ".join(repr(n) for n in NAMES + ("auto",))
         raise FedkernValueError(f"unknown backend {name!r}; choose one of {choices}")
     return name
 
@@ -108,9 +114,11 @@ def _load(backend: str, family: str) -> ModuleType:
 
 
 def is_available(backend: str, family: str = "aggregate") -> bool:
-    """Whether ``backend`` can run ops of ``family`` on this machine."""
+    """Whether ``backend`` can run ops of ``family`` on this machine ("auto" always can)."""
+    if _check_name(backend) == "auto":
+        return True
     try:
-        _load(_check_name(backend, allow_auto=False), family)
+        _load(backend, family)
     except BackendUnavailableError:
         return False
     return True

@@ -37,7 +37,7 @@ class Layout:
         if isinstance(arrays, np.ndarray) or not isinstance(arrays, Sequence) or not arrays:
             raise check.FedkernTypeError("arrays must be a non-empty list of numpy arrays (a model's layers)")
         for i, array in enumerate(arrays):
-            if not isinstance(array, np.ndarray):
+            if not isinstance(array, (np.ndarray, np.generic)):  # a numpy scalar is a 0-d layer
                 raise check.FedkernTypeError(f"arrays[{i}] must be a numpy array; got {type(array).__name__}")
             if array.dtype.kind not in "biuf":
                 raise check.FedkernTypeError(f"arrays[{i}] has dtype {array.dtype}; layers must be real numbers")
@@ -128,6 +128,9 @@ class UpdateMatrix:
     def __getitem__(self, i: int) -> np.ndarray:
         """Row ``i`` as a writable view."""
         return self.array[self._index(i)]
+
+    def __iter__(self):
+        return iter(self.array)
 
     def _index(self, i: int) -> int:
         if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not -len(self) <= i < len(self):

@@ -116,7 +116,8 @@ def clip_by_norm(updates, max_norm: float, out, norms) -> None:
         g = min(group, updates.k - g0)
         _sq_norm_partials(updates.pointers, updates.first, g0, g, partials)
         _norms_from_partials(partials, g, norms, g0)
-        scales = np.where(norms[g0:g0 + g] > max_norm, max_norm / norms[g0:g0 + g], 1.0)
+        # c / max(n, c) is 1 for rows within the bound (zero rows too) and c / n above it
+        scales = max_norm / np.maximum(norms[g0:g0 + g], max_norm)
         _scale_rows(updates.pointers, updates.first, out.pointers, out.first, g0, scales)
 
 
