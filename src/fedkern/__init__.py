@@ -14,6 +14,20 @@ from .aggregate import Accumulator, accumulate, clip_by_norm, l2_norms, weighted
 from .backends import get_backend, get_num_threads, set_backend, set_num_threads, use_backend
 from .buffers import Layout, UpdateMatrix
 from .optim import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedYogi, ServerOptimizer
+from .robust import (
+    adaptive_clipping,
+    bucketing,
+    bulyan,
+    centered_clipping,
+    geometric_median,
+    krum,
+    meamed,
+    median,
+    nearest_neighbor_mixing,
+    pairwise_sq_distances,
+    trimmed_mean,
+)
+from . import attacks
 
 __version__ = "0.1.0"
 
@@ -22,4 +36,6 @@ __all__ = [
     "FedkernError", "FedkernTypeError", "FedkernValueError", "Layout", "NonFiniteError", "ServerOptimizer",
     "UpdateMatrix", "accumulate", "clip_by_norm", "get_backend", "get_num_threads", "l2_norms",
     "set_backend", "set_num_threads", "use_backend", "weighted_mean", "weighted_sum",
+    "adaptive_clipping", "attacks", "bucketing", "bulyan", "centered_clipping", "geometric_median", "krum",
+    "meamed", "median", "nearest_neighbor_mixing", "pairwise_sq_distances", "trimmed_mean",
 ]

@@ -84,6 +84,10 @@ class Updates:
     def __iter__(self):
         return iter(self.matrix if self.matrix is not None else self.rows)
 
+    def subset(self, indices) -> "Updates":
+        """The rows at ``indices`` (in that order), read in place like the others."""
+        return Updates([self[int(i)] for i in indices], None)
+
 
 def _dtype_name(dtype: np.dtype) -> str:
     return dtype.name if dtype.isnative else dtype.str
@@ -247,6 +251,17 @@ def vector(obj, name: str, length: int | None = None, writeable: bool = False) -
     if writeable and not obj.flags.writeable:
         raise FedkernValueError(f"{name} is read-only but is updated in place")
     return obj
+
+
+def count(obj, name: str, low: int = 0, high: int | None = None, why: str = "") -> int:
+    """Validate an integer in [low, high] (a bool is not a count); ``why`` explains the bound."""
+    if isinstance(obj, (bool, np.bool_)) or not isinstance(obj, (int, np.integer)):
+        raise FedkernTypeError(f"{name} must be an integer; got {type(obj).__name__}")
+    value = int(obj)
+    if value < low or (high is not None and value > high):
+        bounds = f">= {low}" if high is None else f"between {low} and {high}"
+        raise FedkernValueError(f"{name} must be {bounds}{why}; got {value}")
+    return value
 
 
 def real(obj, name: str, *, low: float | None = None, low_inclusive: bool = True,

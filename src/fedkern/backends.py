@@ -23,6 +23,7 @@ _PACKAGES = {"reference": "fedkern._reference", "cython": "fedkern._cython", "nu
 AUTO_ORDER = {
     "aggregate": ("cython", "numba", "reference"),
     "optim": ("cython", "numba", "reference"),
+    "robust": ("cython", "numba", "reference"),
 }
 
 _global_backend = os.environ.get("FEDKERN_BACKEND", "auto")

@@ -1,0 +1,490 @@
+r"""Byzantine-robust aggregation: rules that stay close to the honest clients' updates when
+up to ``f`` of the K clients send arbitrary vectors, and pre-aggregators that prepare
+updates for those rules.
+
+Every op validates its inputs once (``fedkern._validate``), runs the kernels of the chosen
+backend (``fedkern.backends``, family ``"robust"``) and returns numpy arrays; updates are
+a (K, D) C-contiguous array or a sequence of K 1-D contiguous arrays, never stacked.
+
+**Non-finite updates.** A Byzantine client may send NaN or inf, and a robust rule must
+survive it, so these ops do not reject such updates up front. Coordinate-wise rules order
+NaN as +inf; distance-based rules give a non-finite distance the value +inf, so an update
+holding NaN or inf is never the nearest neighbour of a finite one and is never selected
+while enough finite updates remain. ``check_finite=True`` (the default) raises
+:class:`fedkern.NonFiniteError` only when the *result* is not finite, naming the first
+client holding a non-finite value: the rule was given more bad values than it tolerates.
+
+**Distances.** ``method="gram"`` computes :math:`\lVert a\rVert^2 + \lVert b\rVert^2 - 2ab`
+with BLAS over coordinate tiles of the updates centred on one (finite) update, with each
+tile's Gram matrix added into float64: centring removes the cancellation that makes the
+plain Gram form useless for models far from the origin, and the tiles avoid any K x D
+copy. ``method="exact"`` sums squared differences in float64. Gram results may vary in
+the last bits with BLAS's thread count; exact ones never do.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from . import _validate as check
+from .aggregate import UpdatesLike, _weighted_sum
+from .backends import kernels
+
+METHODS = ("gram", "exact")
+#: Bytes of one tile of coordinates read for the Gram and mixing products: it stays in
+#: cache between the gather and the BLAS call.
+TILE_BYTES = 4 << 20
+
+
+# --------------------------------------------------------------------------- helpers
+def _finish(op: str, rows: check.Updates, result: np.ndarray, check_finite: bool) -> np.ndarray:
+    if check_finite and not np.isfinite(result).all():
+        check.raise_nonfinite(op, rows, result)
+    return result
+
+
+def _byzantine(f, k: int, minimum_k, rule: str) -> int:
+    """Validate ``f`` for a rule that needs K >= minimum_k(f)."""
+    f = check.count(f, "f")
+    if k < minimum_k(f):
+        raise check.FedkernValueError(
+            f"{rule} needs at least {minimum_k(f)} updates to tolerate f={f} Byzantine clients; got {k}"
+        )
+    return f
+
+
+def _method(method: str) -> str:
+    if method not in METHODS:
+        raise check.FedkernValueError(f"method must be one of {METHODS}; got {method!r}")
+    return method
+
+
+def _tiles(rows: check.Updates, dtype: np.dtype):
+    """(j0, (K, n) C-contiguous tile buffer) over the coordinates, reusing one buffer."""
+    width = int(min(rows.d, max(256, TILE_BYTES // (rows.k * np.dtype(dtype).itemsize))))
+    buffer = np.empty(rows.k * width, dtype)
+    for j0 in range(0, rows.d, width):
+        n = min(width, rows.d - j0)
+        yield j0, buffer[:rows.k * n].reshape(rows.k, n)
+
+
+def _first_finite_row(rows: check.Updates, module) -> int | None:
+    for i, row in enumerate(rows):
+        if not module.count_nonfinite(row):
+            return i
+    return None
+
+
+def _gram(rows: check.Updates, backend: str | None) -> np.ndarray:
+    """Gram matrix of the updates centred on the first finite one, in float64."""
+    module = kernels("robust", backend)
+    center = _first_finite_row(rows, kernels("aggregate", backend))
+    order = None
+    if center:  # put a finite update first: gather_tile centres on row 0
+        order = np.r_[center, np.delete(np.arange(rows.k), center)]
+        rows = rows.subset(order)
+    gram = np.zeros((rows.k, rows.k))
+    with np.errstate(invalid="ignore", over="ignore"):  # non-finite updates are handled by the caller
+        for j0, tile in _tiles(rows, rows.dtype):
+            module.gather_tile(rows, j0, True, tile)
+            gram += tile @ tile.T  # numpy calls BLAS SYRK for this product
+    if order is not None:
+        inverse = np.argsort(order)
+        gram = gram[np.ix_(inverse, inverse)]
+    return gram
+
+
+def _sq_distances(rows: check.Updates, method: str, backend: str | None) -> tuple[np.ndarray, np.ndarray]:
+    """(K x K squared distances, mask of the updates whose squared norm is finite).
+
+    Distances from or to an update that is not finite, and distances that overflow, are
+    +inf; the diagonal is 0.
+    """
+    if method == "exact":
+        distances, norms = np.empty((rows.k, rows.k)), np.empty(rows.k)
+        kernels("robust", backend).exact_sq_distances(rows, distances)
+        kernels("aggregate", backend).l2_norms(rows, norms)
+        finite = np.isfinite(norms)
+    else:
+        gram = _gram(rows, backend)
+        sq = np.diag(gram)
+        finite = np.isfinite(sq)
+        with np.errstate(invalid="ignore", over="ignore"):
+            distances = np.maximum(sq[:, None] + sq[None, :] - 2.0 * gram, 0.0)
+    distances[~finite] = np.inf
+    distances[:, ~finite] = np.inf
+    distances[~np.isfinite(distances)] = np.inf
+    np.fill_diagonal(distances, 0.0)
+    return distances, finite
+
+
+def _krum_scores(distances: np.ndarray, neighbours: int) -> np.ndarray:
+    """Sum of each row's ``neighbours`` smallest distances to the other updates."""
+    if neighbours == 0:
+        return np.zeros(distances.shape[0])
+    others = distances + np.diag(np.full(distances.shape[0], np.inf))  # exclude oneself
+    return np.sort(others, axis=1)[:, :neighbours].sum(axis=1)
+
+
+# --------------------------------------------------------------------------- coordinate-wise rules
+def median(updates: UpdatesLike, *, out: np.ndarray | None = None, dtype=None,
+           check_finite: bool = True, backend: str | None = None) -> np.ndarray:
+    r"""Coordinate-wise median, :math:`m_j = \mathrm{median}_i\, x_{ij}`.
+
+    For even K the midpoint of the two middle values, as :func:`numpy.median`. Tolerates
+    f < K/2 arbitrary updates (Yin et al., ICML 2018). NaN is ordered as +inf.
+
+    Parameters
+    ----------
+    updates : (K, D) array or sequence of K 1-D arrays, float32 or float64
+    out : (D,) array, optional, written in place and returned
+    dtype : result dtype when ``out`` is not given (default: the updates')
+    check_finite : raise :class:`fedkern.NonFiniteError` if the result is not finite
+    backend : "reference", "cython", "numba" or "auto"
+
+    Examples
+    --------
+    >>> fedkern.median(np.array([[1.0, 5.0], [2.0, -1.0], [100.0, 3.0]]))
+    array([2., 3.])
+    """
+    rows = check.updates(updates)
+    return _trimmed("median", rows, (rows.k - 1) // 2, rows.k // 2 + 1, out, dtype, check_finite, backend)
+
+
+def trimmed_mean(updates: UpdatesLike, beta: float | None = None, *, f: int | None = None,
+                 out: np.ndarray | None = None, dtype=None, check_finite: bool = True,
+                 backend: str | None = None) -> np.ndarray:
+    r"""Coordinate-wise trimmed mean: drop the t smallest and t largest values, average the rest.
+
+    .. math:: m_j = \frac{1}{K - 2t} \sum_{r=t}^{K-t-1} x_{(r)j}
+
+    where :math:`x_{(r)j}` is the r-th smallest value of coordinate j and
+    :math:`t = \lfloor \beta K \rfloor` (as :func:`scipy.stats.trim_mean`), or ``t = f``.
+    Yin et al., ICML 2018. Give exactly one of ``beta`` (0 <= beta < 0.5) and ``f``;
+    K - 2t must be at least 1. Other parameters as in :func:`median`.
+
+    Examples
+    --------
+    >>> fedkern.trimmed_mean(np.array([[1.0], [2.0], [3.0], [100.0]]), f=1)
+    array([2.5])
+    """
+    rows = check.updates(updates)
+    if (beta is None) == (f is None):
+        raise check.FedkernValueError("give exactly one of beta (a proportion) and f (a count) to trim")
+    if f is None:
+        beta = check.real(beta, "beta", low=0.0, high=0.5, high_inclusive=False)
+        t = int(beta * rows.k)
+    else:
+        t = check.count(f, "f", high=(rows.k - 1) // 2, why=f" so that K - 2f >= 1 (K = {rows.k})")
+    if rows.k - 2 * t < 1:
+        raise check.FedkernValueError(f"beta={beta} trims all {rows.k} values of a coordinate")
+    return _trimmed("trimmed_mean", rows, t, rows.k - t, out, dtype, check_finite, backend)
+
+
+def _trimmed(op, rows, lo, hi, out, dtype, check_finite, backend):
+    result = check.out(out, (rows.d,), rows.dtype, dtype)
+    kernels("robust", backend).trimmed_mean(rows, lo, hi, result)
+    return _finish(op, rows, result, check_finite)
+
+
+def meamed(updates: UpdatesLike, f: int, *, out: np.ndarray | None = None, dtype=None,
+           check_finite: bool = True, backend: str | None = None) -> np.ndarray:
+    r"""Mean around the median: per coordinate, the mean of the K - f values closest to the median.
+
+    Xie et al., "Generalized Byzantine-tolerant SGD", 2018. Needs K >= 2f + 1. The K - f
+    values form a window of the sorted values grown from the median; when the next
+    values below and above are equally close, the lower one is taken. Other parameters
+    as in :func:`median`.
+
+    Examples
+    --------
+    >>> fedkern.meamed(np.array([[0.0], [1.0], [2.0], [50.0]]), f=1)
+    array([1.])
+    """
+    rows = check.updates(updates)
+    f = _byzantine(f, rows.k, lambda f: 2 * f + 1, "meamed")
+    result = check.out(out, (rows.d,), rows.dtype, dtype)
+    kernels("robust", backend).mean_around_median(rows, rows.k - f, result)
+    return _finish("meamed", rows, result, check_finite)
+
+
+# --------------------------------------------------------------------------- distance-based rules
+def pairwise_sq_distances(updates: UpdatesLike, method: str = "gram", *,
+                          backend: str | None = None) -> np.ndarray:
+    r"""Squared Euclidean distances between every two updates, :math:`d_{il} = \lVert x_i - x_l\rVert^2`.
+
+    Returns a symmetric (K, K) float64 matrix with a zero diagonal. ``method="gram"``
+    (fast, BLAS) or ``"exact"`` (float64 differences); see the module docstring. A
+    distance that is not finite (an update holding NaN or inf) is +inf.
+
+    Examples
+    --------
+    >>> fedkern.pairwise_sq_distances(np.array([[0.0, 0.0], [3.0, 4.0]]), method="exact")
+    array([[ 0., 25.],
+           [25.,  0.]])
+    """
+    rows = check.updates(updates)
+    return _sq_distances(rows, _method(method), backend)[0]
+
+
+def krum(updates: UpdatesLike, f: int, m: int = 1, weights=None, *, method: str = "gram",
+         return_indices: bool = False, out: np.ndarray | None = None, dtype=None,
+         check_finite: bool = True, backend: str | None = None):
+    r"""Krum and Multi-Krum (Blanchard et al., NeurIPS 2017).
+
+    Each update's score is the sum of its squared distances to its K - f - 2 nearest
+    other updates, :math:`s_i = \sum_{l \in N_i} \lVert x_i - x_l \rVert^2`. Krum returns
+    the update with the lowest score; Multi-Krum (``m > 1``) the weighted mean of the
+    ``m`` lowest-scoring updates (``weights``, e.g. example counts, or equal weights).
+    Ties go to the lower client index. Needs K >= 2f + 3 and 1 <= m <= K - f.
+
+    Returns the (D,) result, and with ``return_indices`` also the selected clients'
+    indices, best first. Other parameters as in :func:`median`; ``method`` as in
+    :func:`pairwise_sq_distances`.
+
+    Examples
+    --------
+    >>> updates = np.array([[0.0], [0.1], [0.2], [0.3], [9.0]])
+    >>> fedkern.krum(updates, f=1, return_indices=True)
+    (array([0.1]), array([1]))
+    """
+    rows = check.updates(updates)
+    f = _byzantine(f, rows.k, lambda f: 2 * f + 3, "krum")
+    m = check.count(m, "m", low=1, high=rows.k - f, why=f" (K - f = {rows.k - f})")
+    w = np.ones(rows.k) if weights is None else check.weights(weights, rows.k)
+    scores = _krum_scores(_sq_distances(rows, _method(method), backend)[0], rows.k - f - 2)
+    selected = np.argsort(scores, kind="stable")[:m]
+    # Krum's single pick is returned as it is, whatever its weight
+    w = w[selected] if m > 1 else np.ones(1)
+    if not w.any():
+        raise check.FedkernValueError(f"krum: every selected client {selected.tolist()} has weight 0")
+    result = _weighted_sum("krum", rows.subset(selected), w / w.sum(), out, dtype, check_finite, backend)
+    return (result, selected) if return_indices else result
+
+
+def bulyan(updates: UpdatesLike, f: int, *, method: str = "gram", return_indices: bool = False,
+           out: np.ndarray | None = None, dtype=None, check_finite: bool = True,
+           backend: str | None = None):
+    r"""Bulyan (El Mhamdi et al., ICML 2018) over Krum.
+
+    1. Selection: :math:`\theta = K - 2f` rounds; each picks, among the updates not yet
+       picked, the one with the lowest Krum score (sum of squared distances to its
+       :math:`\max(n - f - 2, 0)` nearest others, n = updates left), ties to the lower
+       index. Distances are computed once.
+    2. Aggregation: per coordinate, the mean of the :math:`\beta = \theta - 2f` selected
+       values closest to their median (as :func:`meamed`).
+
+    Needs K >= 4f + 3. Returns the (D,) result and, with ``return_indices``, the selected
+    clients in selection order. Other parameters as in :func:`krum`.
+    """
+    rows = check.updates(updates)
+    f = _byzantine(f, rows.k, lambda f: 4 * f + 3, "bulyan")
+    distances = _sq_distances(rows, _method(method), backend)[0]
+    remaining = list(range(rows.k))
+    selected = []
+    for _ in range(rows.k - 2 * f):
+        sub = distances[np.ix_(remaining, remaining)]
+        scores = _krum_scores(sub, max(len(remaining) - f - 2, 0))
+        selected.append(remaining.pop(int(np.argmin(scores))))  # argmin: first of ties
+    selected = np.array(selected)
+    result = check.out(out, (rows.d,), rows.dtype, dtype)
+    kernels("robust", backend).mean_around_median(rows.subset(selected), len(selected) - 2 * f, result)
+    _finish("bulyan", rows, result, check_finite)
+    return (result, selected) if return_indices else result
+
+
+def geometric_median(updates: UpdatesLike, weights=None, *, nu: float = 1e-6, maxiter: int = 100,
+                     tol: float = 1e-6, return_info: bool = False, out: np.ndarray | None = None,
+                     dtype=None, check_finite: bool = True, backend: str | None = None):
+    r"""Weighted geometric median by the smoothed Weiszfeld algorithm (Pillutla et al., RFA, 2022).
+
+    Minimises :math:`g(z) = \sum_i \alpha_i \lVert z - x_i \rVert` with
+    :math:`\alpha = w / \sum w`. Starting from the weighted mean, each iteration sets
+
+    .. math:: z \leftarrow \frac{\sum_i \beta_i x_i}{\sum_i \beta_i}, \qquad
+              \beta_i = \frac{\alpha_i}{\max(\nu, \lVert z - x_i \rVert)}
+
+    and stops after ``maxiter`` iterations or when
+    :math:`|g_{\text{prev}} - g| < \text{tol} \cdot g`. Each iteration is two passes over
+    the updates (a weighted sum and the distances); z is kept in float64. Updates holding
+    NaN or inf are infinitely far from every point and are left out.
+
+    Returns the (D,) estimate, and with ``return_info`` also a dict with ``iterations``,
+    ``converged`` and ``objective`` (the final g).
+
+    Examples
+    --------
+    >>> z = fedkern.geometric_median(np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [50.0, 50.0]]))
+    >>> bool(np.linalg.norm(z) < 1.0)
+    True
+    """
+    rows = check.updates(updates)
+    alpha = np.ones(rows.k) if weights is None else check.weights(weights, rows.k)
+    nu = check.real(nu, "nu", low=0.0, low_inclusive=False)
+    tol = check.real(tol, "tol", low=0.0)
+    maxiter = check.count(maxiter, "maxiter")
+    module = kernels("robust", backend)
+    aggregate_kernels = kernels("aggregate", backend)
+    result = check.out(out, (rows.d,), rows.dtype, dtype)
+
+    kept, z = rows, np.empty(rows.d)
+    if aggregate_kernels.weighted_sum(rows, alpha / alpha.sum(), z):  # the start is not finite:
+        sq = np.empty(rows.k)                                        # leave the bad updates out
+        module.sq_distances_to(rows, np.zeros(rows.d), sq)
+        good = np.flatnonzero(np.isfinite(sq) & (alpha > 0))
+        if good.size == 0:
+            check.raise_nonfinite("geometric_median", rows)
+        kept, alpha = rows.subset(good), alpha[good]
+        aggregate_kernels.weighted_sum(kept, alpha / alpha.sum(), z)
+    alpha = alpha / alpha.sum()
+    distances = np.empty(kept.k)
+
+    def objective():
+        module.sq_distances_to(kept, z, distances)
+        np.sqrt(distances, out=distances)
+        return float(alpha @ distances)
+
+    current, iterations, converged = objective(), 0, False
+    while iterations < maxiter and not converged:
+        beta = alpha / np.maximum(nu, distances)
+        aggregate_kernels.weighted_sum(kept, beta / beta.sum(), z)
+        previous, current = current, objective()
+        iterations += 1
+        converged = abs(previous - current) <= tol * current
+    result[...] = z
+    _finish("geometric_median", rows, result, check_finite)
+    info = dict(iterations=iterations, converged=converged, objective=current)
+    return (result, info) if return_info else result
+
+
+def centered_clipping(updates: UpdatesLike, center: np.ndarray, tau: float, iterations: int = 1, *,
+                      out: np.ndarray | None = None, dtype=None, check_finite: bool = True,
+                      backend: str | None = None) -> np.ndarray:
+    r"""Centered clipping (Karimireddy et al., ICML 2021).
+
+    Starting from :math:`v = ` ``center`` (typically the previous round's aggregate),
+    repeat ``iterations`` times
+
+    .. math:: v \leftarrow v + \frac{1}{K} \sum_i (x_i - v) \min\left(1, \frac{\tau}{\lVert x_i - v \rVert}\right)
+
+    Updates holding NaN or inf contribute nothing (they are infinitely far from v).
+    Each iteration is two passes over the updates; v is kept in float64.
+
+    Examples
+    --------
+    >>> updates = np.array([[1.0, 0.0], [0.0, 1.0], [100.0, 100.0]])
+    >>> fedkern.centered_clipping(updates, np.zeros(2), tau=1.0).round(3)
+    array([0.569, 0.569])
+    """
+    rows = check.updates(updates)
+    center = check.vector(center, "center", length=rows.d)
+    tau = check.real(tau, "tau", low=0.0, low_inclusive=False)
+    iterations = check.count(iterations, "iterations", low=1)
+    module = kernels("robust", backend)
+    aggregate_kernels = kernels("aggregate", backend)
+    result = check.out(out, (rows.d,), rows.dtype, dtype)
+    if check_finite and aggregate_kernels.count_nonfinite(center):
+        check.raise_nonfinite("centered_clipping", [center], name="center")
+
+    v, step, sq = center.astype(np.float64), np.empty(rows.d), np.empty(rows.k)
+    for _ in range(iterations):
+        module.sq_distances_to(rows, v, sq)
+        good = np.flatnonzero(np.isfinite(sq))
+        scale = np.minimum(1.0, tau / np.maximum(np.sqrt(sq[good]), tau)) / rows.k
+        if good.size:
+            aggregate_kernels.weighted_sum(rows.subset(good), scale, step)
+            v = step + (1.0 - scale.sum()) * v  # v + sum_i c_i (x_i - v) / K
+    result[...] = v
+    return _finish("centered_clipping", rows, result, check_finite)
+
+
+# --------------------------------------------------------------------------- pre-aggregators
+def nearest_neighbor_mixing(updates: UpdatesLike, f: int, *, method: str = "gram",
+                            out=None, backend: str | None = None):
+    r"""Nearest neighbour mixing, NNM (Allouah et al., AISTATS 2023).
+
+    Replaces each update by the mean of its K - f nearest updates (itself included):
+    :math:`y_i = \frac{1}{K - f} \sum_{l \in N_i} x_l`; ties go to the lower index. Run it
+    before a robust rule (e.g. ``krum(nearest_neighbor_mixing(x, f), f)``). Needs
+    K >= 2f + 1. Computed as a (K, K) mixing matrix applied with BLAS over coordinate
+    tiles. An update holding NaN or inf is nobody's neighbour and its own row comes out
+    as NaN, for the rule that follows to discard.
+
+    Returns a (K, D) array of the updates' dtype, or ``out`` (an array or K rows).
+    """
+    rows = check.updates(updates)
+    f = _byzantine(f, rows.k, lambda f: 2 * f + 1, "nearest_neighbor_mixing")
+    target = check.out_updates(out, rows)
+    distances, finite = _sq_distances(rows, _method(method), backend)
+    mixing = np.zeros((rows.k, rows.k))
+    for i in range(rows.k):
+        mixing[i, np.argsort(distances[i], kind="stable")[:rows.k - f]] = 1.0 / (rows.k - f)
+    good = np.flatnonzero(finite)
+    _mix(rows.subset(good) if good.size < rows.k else rows, mixing[:, good], target, backend)
+    for i in np.flatnonzero(~finite):
+        target[i][...] = np.nan
+    return out if out is not None else target.matrix
+
+
+def _mix(rows: check.Updates, mixing: np.ndarray, target: check.Updates, backend) -> None:
+    """target_i = sum_l mixing[i, l] rows_l, tile by tile (BLAS in float64)."""
+    module = kernels("robust", backend)
+    for j0, tile in _tiles(rows, rows.dtype):
+        module.gather_tile(rows, j0, False, tile)
+        mixed = mixing @ tile.astype(np.float64)
+        if target.matrix is not None:
+            target.matrix[:, j0:j0 + tile.shape[1]] = mixed
+        else:
+            for i, row in enumerate(target):
+                row[j0:j0 + tile.shape[1]] = mixed[i]
+
+
+def bucketing(updates: UpdatesLike, s: int, seed=None, *, backend: str | None = None) -> np.ndarray:
+    r"""Bucketing (Karimireddy et al., ICLR 2022): shuffle, then average buckets of ``s``.
+
+    A random permutation (``seed``: an int, None or a :class:`numpy.random.Generator`)
+    splits the K updates into :math:`\lceil K/s \rceil` buckets of ``s`` consecutive
+    updates (the last may be smaller); returns the (ceil(K/s), D) bucket means, to be fed
+    to a robust rule. Non-finite updates make their bucket's mean non-finite.
+    """
+    rows = check.updates(updates)
+    s = check.count(s, "s", low=1)
+    order = np.random.default_rng(seed).permutation(rows.k)
+    buckets = [order[b:b + s] for b in range(0, rows.k, s)]
+    result = np.empty((len(buckets), rows.d), rows.dtype)
+    for out_row, bucket in zip(result, buckets):
+        _weighted_sum("bucketing", rows.subset(bucket), np.full(bucket.size, 1.0 / bucket.size),
+                      out_row, None, False, backend)
+    return result
+
+
+def adaptive_clipping(updates: UpdatesLike, f: int, *, out=None, return_norms: bool = False,
+                      backend: str | None = None):
+    r"""Adaptive robust clipping, ARC (Allouah et al., 2024).
+
+    Clips the :math:`k = \lfloor 2 (f/K) (K - f) \rfloor` updates of largest norm to the
+    norm of the (k+1)-th largest; the others pass unchanged. Needs K >= 2f + 1. One
+    norm pass plus one clipping pass (:func:`fedkern.clip_by_norm`). Non-finite updates
+    come out non-finite (clipping cannot repair them).
+
+    Returns a (K, D) array (or ``out``), and with ``return_norms`` the float64 norms
+    before clipping.
+    """
+    from .aggregate import clip_by_norm, l2_norms
+
+    rows = check.updates(updates)
+    f = _byzantine(f, rows.k, lambda f: 2 * f + 1, "adaptive_clipping")
+    norms = np.empty(rows.k)
+    l2_norms(updates, out=norms, check_finite=False, backend=backend)
+    clipped = int(np.floor(2 * f / rows.k * (rows.k - f)))
+    ordered = np.sort(np.where(np.isnan(norms), np.inf, norms))
+    threshold = ordered[rows.k - clipped - 1]
+    if clipped and np.isfinite(threshold) and threshold > 0:
+        result = clip_by_norm(updates, threshold, out=out, check_finite=False, backend=backend)
+    else:  # nothing to clip, clipping to zero length, or no finite bound: no kernel needed
+        target = check.out_updates(out, rows)
+        for source, row, norm in zip(rows, target, norms):
+            row[...] = 0.0 if clipped and threshold == 0 and norm > 0 else source
+        result = out if out is not None else target.matrix
+    return (result, norms) if return_norms else result
