@@ -26,12 +26,23 @@ def backend(request):
 _built = {}
 
 
-def run_case(benchmark, case, backend):
-    """Benchmark ``case`` on ``backend``; data is built once per case and shared by backends."""
+def _call(case):
+    """The case's call; data is built once per case and shared by its backends and peer."""
     if case.name not in _built:
         _built.clear()  # keep one case's data in memory at a time
         _built[case.name] = case.make()
-    call = _built[case.name]
+    return _built[case.name]
+
+
+def run_case(benchmark, case, backend):
+    """Benchmark ``case`` on ``backend``."""
     benchmark.group = case.name
     benchmark.extra_info["bytes"] = case.nbytes
-    benchmark(call, backend)
+    benchmark(_call(case), backend)
+
+
+def run_peer(benchmark, case):
+    """Benchmark the case's peer implementation (np.median, BLAS SYRK, ...) in its group."""
+    benchmark.group = case.name
+    benchmark.extra_info["bytes"] = case.nbytes
+    benchmark(_call(case).peer)

@@ -604,3 +604,15 @@ def test_robust_rules_beat_the_mean_under_attack(attack, any_backend):
         for name, rule in RULES.items():
             error = np.linalg.norm(rule(x, 4) - target)
             assert error < plain, f"{name} under {attack}: {error} >= mean's {plain}"
+
+
+def test_alie_with_its_default_z_beats_order_statistics():
+    """The attack works as its paper says: inside the honest spread it moves the median
+    and Krum further from the honest mean than it moves the plain mean (README)."""
+    rng = np.random.default_rng(15)
+    honest = (1.0 + 0.1 * rng.standard_normal((16, 50))).astype(np.float32)
+    x = np.concatenate([honest, fedkern.attacks.alie(honest, 4)])
+    target = honest.astype(np.float64).mean(axis=0)
+    plain = np.linalg.norm(fedkern.weighted_mean(x) - target)
+    assert np.linalg.norm(fedkern.median(x) - target) > 2 * plain
+    assert np.linalg.norm(fedkern.krum(x, 4) - target) > 2 * plain

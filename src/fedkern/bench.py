@@ -3,7 +3,10 @@
 For each op and size the bench prints the median time per backend, the effective GB/s
 (bytes the op must move / time), that rate as a percentage of the read bandwidth measured
 by a compiled read kernel at the start of the same run, and the speedup over the numpy
-reference. ``benchmarks/`` runs the same cases under pytest-benchmark.
+reference. Where an established implementation is the yardstick (``np.median``,
+``scipy.stats.trim_mean``, a bare BLAS SYRK), it is timed on the same data as a *peer*
+row, and every backend's speedup over it is printed too. ``benchmarks/`` runs the same
+cases under pytest-benchmark.
 """
 from __future__ import annotations
 
@@ -18,21 +21,26 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import aggregate, backends, optim
+from . import aggregate, backends, optim, robust
 
-PROFILES = ("quick", "default", "full")
+PROFILES = ("quick", "default", "full", "robust")
 #: Largest K x D float32 matrix the full grid builds (the rest is skipped, as DESIGN.md allows).
 FULL_GRID_BYTES = 8 << 30
 
 
 @dataclass(frozen=True)
 class Case:
-    """One op at one size: ``make()`` builds its data and returns ``call(backend)``."""
+    """One op at one size: ``make()`` builds its data and returns ``call(backend)``.
+
+    ``call.peer``, when set, is a no-argument call of the peer implementation named
+    ``peer`` on the same data.
+    """
 
     op: str
     size: str
     nbytes: int
     make: Callable[[], Callable[[str], object]]
+    peer: str | None = None
 
     @property
     def name(self) -> str:
@@ -99,8 +107,52 @@ def _optimizer(cls: type, arrays: int, d: int) -> Case:
     return Case(f"{cls.__name__}.step", _size(None, d), 4 * arrays * d, make)
 
 
+def _robust(op: str, k: int, d: int) -> Case:
+    """A robust rule on K rows; peers: np.median, scipy's trim_mean, a bare BLAS SYRK."""
+    f = max(1, k // 10)
+    calls = {
+        "median": (lambda rows, b: robust.median(rows, backend=b), "np.median",
+                   lambda stack: lambda: np.median(stack, axis=0)),
+        "trimmed_mean": (lambda rows, b: robust.trimmed_mean(rows, 0.1, backend=b), "scipy.trim_mean",
+                         lambda stack: _trim_mean_peer(stack)),
+        "meamed": (lambda rows, b: robust.meamed(rows, f, backend=b), None, None),
+        "pairwise_gram": (lambda rows, b: robust.pairwise_sq_distances(rows, "gram", backend=b), "BLAS syrk",
+                          lambda stack: lambda: stack @ stack.T),
+        "pairwise_exact": (lambda rows, b: robust.pairwise_sq_distances(rows, "exact", backend=b), None, None),
+        "krum": (lambda rows, b: robust.krum(rows, f, backend=b), "BLAS syrk",
+                 lambda stack: lambda: stack @ stack.T),
+        "bulyan": (lambda rows, b: robust.bulyan(rows, f, backend=b), "BLAS syrk",
+                   lambda stack: lambda: stack @ stack.T),
+        # a fixed number of iterations, so every backend does the same work
+        "geometric_median": (lambda rows, b: robust.geometric_median(rows, maxiter=10, tol=0.0, backend=b),
+                             None, None),
+    }
+    run, peer, make_peer = calls[op]
+
+    def make():
+        rows = _rows(k, d)
+        call = lambda b: run(rows, b)  # noqa: E731
+        if make_peer is not None:
+            call.peer = make_peer(np.stack(rows))
+        return call
+
+    return Case(op, _size(k, d), 4 * k * d, make, peer)
+
+
+def _trim_mean_peer(stack: np.ndarray) -> Callable[[], object]:
+    from scipy.stats import trim_mean  # scipy is only needed for this peer
+
+    return lambda: trim_mean(stack, 0.1, axis=0)
+
+
+ROBUST_OPS = ("median", "trimmed_mean", "meamed", "pairwise_gram", "pairwise_exact", "krum", "bulyan",
+              "geometric_median")
+
+
 def cases(profile: str = "default") -> list[Case]:
-    """The benchmark cases of a profile: "quick" (seconds), "default" (about a minute), "full"."""
+    """The benchmark cases of a profile: "quick" (seconds), "default" (about a minute),
+    "full" (the K x D grid of DESIGN.md, long) or "robust" (robust rules at their target sizes)."""
+    robust_sizes = [(10, 1000)] if profile == "quick" else [(100, 100_000)]
     if profile == "quick":
         matrices, vectors = [(10, 100_000)], [100_000]
     elif profile == "default":
@@ -109,6 +161,9 @@ def cases(profile: str = "default") -> list[Case]:
         matrices = [(k, d) for k in (10, 100, 1000) for d in (100_000, 1_000_000, 10_000_000)
                     if 4 * k * d <= FULL_GRID_BYTES]
         vectors = [100_000, 1_000_000, 10_000_000]
+        robust_sizes = matrices
+    elif profile == "robust":
+        return [_robust(op, k, d) for op in ROBUST_OPS for k, d in [(100, 1_000_000), (10, 10_000_000)]]
     else:
         raise ValueError(f"profile must be one of {PROFILES}; got {profile!r}")
     result = [_weighted_mean(k, d) for k, d in matrices]
@@ -118,13 +173,21 @@ def cases(profile: str = "default") -> list[Case]:
     for cls, arrays in ((optim.FedAvg, 3), (optim.FedAvgM, 5), (optim.FedAdagrad, 7),
                         (optim.FedAdam, 7), (optim.FedYogi, 7)):
         result += [_optimizer(cls, arrays, d) for d in vectors]
+    result += [_robust(op, k, d) for op in ROBUST_OPS for k, d in robust_sizes]
     return result
 
 
 def median_time(call: Callable[[], object], min_repeats: int = 3, max_repeats: int = 15,
                 budget: float = 1.0) -> float:
-    """Median wall time of ``call()`` after one warm-up call (which also compiles Numba)."""
+    """Median wall time of ``call()`` after one warm-up call (which also compiles Numba).
+
+    A call whose warm-up alone exceeds ``budget`` is timed once more and no further,
+    which keeps slow reference implementations from dominating the run.
+    """
+    start = time.perf_counter()
     call()
+    if time.perf_counter() - start > budget:
+        min_repeats = 1
     times: list[float] = []
     while len(times) < min_repeats or (len(times) < max_repeats and sum(times) < budget):
         start = time.perf_counter()
@@ -154,12 +217,17 @@ calls = {{
     "clip_by_norm": lambda: fedkern.clip_by_norm(x, 1.0, backend="{backend}"),
     "FedAvgM.step": lambda: fedkern.FedAvgM(backend="{backend}").step(np.zeros(1000, np.float32), x[0]),
     "FedAdam.step": lambda: fedkern.FedAdam(backend="{backend}").step(np.zeros(1000, np.float32), x[0]),
+    "median": lambda: fedkern.median(x, backend="{backend}"),
+    "meamed": lambda: fedkern.meamed(x, 1, backend="{backend}"),
+    "krum": lambda: fedkern.krum(x, 0, method="exact", backend="{backend}"),
+    "geometric_median": lambda: fedkern.geometric_median(x, backend="{backend}"),
 }}
 start = time.perf_counter()
 calls["{op}"]()
 print(time.perf_counter() - start)
 """
-COLD_START_OPS = ("weighted_mean", "accumulate", "l2_norms", "clip_by_norm", "FedAvgM.step", "FedAdam.step")
+COLD_START_OPS = ("weighted_mean", "accumulate", "l2_norms", "clip_by_norm", "FedAvgM.step", "FedAdam.step",
+                  "median", "meamed", "krum", "geometric_median")
 
 
 def cold_start(backend: str = "numba") -> dict[str, float]:
@@ -187,19 +255,24 @@ def run(profile: str = "default", backend_names: tuple[str, ...] | None = None,
     bandwidth = read_bandwidth(64 << 20 if profile == "quick" else 512 << 20)
     say(f"fedkern bench ({profile}): {platform.machine()}, {backends.get_num_threads()} threads, "
         f"measured read bandwidth {bandwidth:.1f} GB/s")
-    say(f"{'op':<18} {'size':<14} {'backend':<10} {'median ms':>10} {'GB/s':>7} {'% bw':>6} {'x ref':>7}")
+    say(f"{'op':<18} {'size':<14} {'backend':<16} {'median ms':>10} {'GB/s':>7} {'% bw':>6} {'x ref':>7} "
+        f"{'x peer':>7}")
     rows = []
+    budget = 0.3 if profile == "quick" else 1.0
     for case in cases(profile):
         call = case.make()
-        timings = {}
-        for name in names:
-            timings[name] = median_time(lambda: call(name), budget=0.3 if profile == "quick" else 1.0)
-            gbps = case.nbytes / timings[name] / 1e9
-            row = dict(op=case.op, size=case.size, backend=name, median_s=timings[name], gb_per_s=gbps,
-                       percent_bandwidth=100 * gbps / bandwidth, speedup=timings["reference"] / timings[name])
+        timings = {name: median_time(lambda: call(name), budget=budget) for name in names}
+        if case.peer:
+            timings[case.peer] = median_time(call.peer, budget=budget)
+        for name, seconds in timings.items():
+            gbps = case.nbytes / seconds / 1e9
+            row = dict(op=case.op, size=case.size, backend=name, median_s=seconds, gb_per_s=gbps,
+                       percent_bandwidth=100 * gbps / bandwidth, speedup=timings["reference"] / seconds,
+                       speedup_vs_peer=timings[case.peer] / seconds if case.peer else None)
             rows.append(row)
-            say(f"{case.op:<18} {case.size:<14} {name:<10} {1e3 * row['median_s']:>10.3f} {gbps:>7.2f} "
-                f"{row['percent_bandwidth']:>6.1f} {row['speedup']:>7.2f}")
+            vs_peer = f"{row['speedup_vs_peer']:>7.2f}" if case.peer else f"{'':>7}"
+            say(f"{case.op:<18} {case.size:<14} {name:<16} {1e3 * seconds:>10.3f} {gbps:>7.2f} "
+                f"{row['percent_bandwidth']:>6.1f} {row['speedup']:>7.2f} {vs_peer}")
         del call
     result = dict(profile=profile, machine=platform.machine(), processor=platform.processor(),
                   threads=backends.get_num_threads(), read_bandwidth_gb_per_s=bandwidth, results=rows)

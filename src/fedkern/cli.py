@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     size = bench_parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="CI-sized run, a few seconds")
     size.add_argument("--full", action="store_true", help="the whole K x D grid of DESIGN.md (long)")
+    size.add_argument("--robust", action="store_true",
+                      help="robust rules at K=100 x D=1e6 and K=10 x D=1e7, against their peers (minutes)")
     bench_parser.add_argument("--json", action="store_true", help="print machine-readable JSON only")
     bench_parser.add_argument("--threads", type=int, help="threads for the compiled backends")
     bench_parser.add_argument("--backends", nargs="+", choices=backends.NAMES, help="backends to time")
@@ -52,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.threads:
         backends.set_num_threads(args.threads)
-    profile = "quick" if args.quick else "full" if args.full else "default"
+    profile = "quick" if args.quick else "full" if args.full else "robust" if args.robust else "default"
     result = bench.run(profile, tuple(args.backends) if args.backends else None,
                        with_cold_start=False if args.no_cold_start else None,
                        echo=None if args.json else print)
