@@ -39,6 +39,22 @@ def weighted_sum(updates, const double[::1] weights, out) -> int:
     return _weighted_sum(updates.pointers, updates.first, weights, out)
 
 
+cdef inline void _add_rows4(double* acc, const in_t* r0, const in_t* r1, const in_t* r2,
+                            const in_t* r3, double w0, double w1, double w2, double w3,
+                            Py_ssize_t n) noexcept nogil:
+    # Four rows per pass over acc: a quarter of the accumulator loads and stores, and the
+    # same additions in the same order as one row at a time, so the result is unchanged.
+    cdef Py_ssize_t j
+    for j in range(n):
+        acc[j] = (((acc[j] + w0 * r0[j]) + w1 * r1[j]) + w2 * r2[j]) + w3 * r3[j]
+
+
+cdef inline void _add_row(double* acc, const in_t* row, double w, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t j
+    for j in range(n):
+        acc[j] = acc[j] + w * row[j]
+
+
 def _weighted_sum(const uintptr_t[::1] pointers, const in_t[::1] first,
                   const double[::1] weights, out_t[::1] out):
     cdef const in_t** rows = <const in_t**> &pointers[0]
@@ -47,8 +63,6 @@ def _weighted_sum(const uintptr_t[::1] pointers, const in_t[::1] first,
     cdef int nthreads = fk_max_threads()
     cdef double* scratch = <double*> _scratch(nthreads * CHUNK * sizeof(double))
     cdef double* acc
-    cdef const in_t* row
-    cdef double w
     cdef out_t value
     cdef Py_ssize_t c, i, j, j0, n, nonfinite = 0
     with nogil:
@@ -58,11 +72,14 @@ def _weighted_sum(const uintptr_t[::1] pointers, const in_t[::1] first,
             n = min(<Py_ssize_t> CHUNK, d - j0)
             for j in range(n):
                 acc[j] = 0.0
-            for i in range(k):
-                w = weights[i]
-                row = rows[i] + j0
-                for j in range(n):
-                    acc[j] = acc[j] + w * row[j]
+            i = 0
+            while i + 4 <= k:
+                _add_rows4(acc, rows[i] + j0, rows[i + 1] + j0, rows[i + 2] + j0, rows[i + 3] + j0,
+                           weights[i], weights[i + 1], weights[i + 2], weights[i + 3], n)
+                i = i + 4
+            while i < k:
+                _add_row(acc, rows[i] + j0, weights[i], n)
+                i = i + 1
             for j in range(n):
                 value = <out_t> acc[j]
                 out[j0 + j] = value

@@ -123,9 +123,10 @@ def test_bulyan_matches_reference(data, f, fast_backend):
 @given(data=robust_updates(nonfinite=False))
 def test_geometric_median_matches_reference(data, fast_backend):
     updates, dtype = data
-    ref, ref_info = fedkern.geometric_median(updates, maxiter=20, tol=0.0, return_info=True, backend="reference")
-    got, got_info = fedkern.geometric_median(updates, maxiter=20, tol=0.0, return_info=True, backend=fast_backend)
-    assert got_info["iterations"] == ref_info["iterations"]
+    # tol=0 runs to maxiter unless the objective stops changing, which rounding may make
+    # happen an iteration earlier or later: results are compared, not iteration counts
+    ref = fedkern.geometric_median(updates, maxiter=20, tol=0.0, backend="reference")
+    got = fedkern.geometric_median(updates, maxiter=20, tol=0.0, backend=fast_backend)
     np.testing.assert_allclose(got, ref, rtol=1e-4 if dtype == F32 else 1e-8, atol=1e-6 * scale_of(updates))
 
 
@@ -343,9 +344,10 @@ def test_geometric_median_satisfies_the_optimality_condition(data, any_backend):
     if distances.min() > 1e-3 * scale:
         gradient = ((z - x) / distances[:, None]).sum(axis=0)
         assert np.linalg.norm(gradient) < 1e-3 * len(x), info
-    # and it does at least as well as the mean and as every data point
+    # and it does at least as well as the mean and as every data point (up to Weiszfeld's
+    # slow approach of a median that is itself a data point)
     objective = lambda p: np.linalg.norm(x - p, axis=1).sum()
-    assert objective(z) <= min(objective(x.mean(axis=0)), min(objective(p) for p in x)) * (1 + 1e-9) + 1e-12
+    assert objective(z) <= min(objective(x.mean(axis=0)), min(objective(p) for p in x)) * (1 + 1e-6) + 1e-12
 
 
 def test_geometric_median_info_and_weights():
