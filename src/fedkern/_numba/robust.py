@@ -1,0 +1,696 @@
+"""Numba kernels of the robust-aggregation family.
+
+Same kernels, arguments and results as ``fedkern._reference.robust`` (the specification,
+including NaN ordered as +inf). Rows are read through ``updates.pointers``, so a list
+of arrays is never stacked.
+
+Order statistics work on blocks of coordinates. A block's K rows are copied in long
+contiguous runs, which the hardware prefetches well, into a scratch of the updates' own
+dtype (exact; half the cache for float32). Most of the work then runs across the
+block's coordinates in lockstep: sorting networks and counting passes make the same
+operations for every coordinate, so they vectorise and never branch on the data, where
+a quickselect per coordinate mispredicts about every other comparison.
+
+Every result depends only on its own coordinate or on sums in a fixed order, never on
+the number of threads.
+"""
+import functools
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
+
+from ._runtime import KERNEL, row
+
+BLOCK_BYTES = 1 << 20      # gathered block of K rows (1 MiB): it stays in L2 while searched
+BLOCK_MAX = 8192           # most coordinates per block; long runs of a row keep prefetch busy
+SMALL = 16                 # quickselect finishes ranges this short by insertion sort
+SORT_ALL_MAX = 64          # up to this K, trimmed_mean sorts whole columns by network
+NETWORK_SORT_MAX = 1024    # mean_around_median sorts by network up to this K (2^10 rows)
+TILE_CHUNK = 8192          # coordinates per task of gather_tile
+PAIR_BYTES = 1 << 20       # one coordinate block of all K rows, reused by every pair
+NORM_BLOCK = 8192          # coordinates per partial sum of sq_distances_to
+
+
+@intrinsic
+def _trailing_zeros(typingctx, value):
+    """Index of the lowest set bit of a nonzero uint64 (LLVM cttz)."""
+    def codegen(context, builder, signature, args):
+        return builder.cttz(args[0], ir.Constant(ir.IntType(1), 1))
+
+    return types.uint64(types.uint64), codegen
+
+
+def _batcher_pairs(n: int) -> np.ndarray:
+    """Comparators of Batcher's odd-even merge sort of n = 2^p values, as (m, 2) indices."""
+    pairs = []
+    p = 1
+    while p < n:
+        k = p
+        while k >= 1:
+            for j in range(k % p, n - k, 2 * k):
+                for i in range(min(k, n - j - k)):
+                    if (i + j) // (2 * p) == (i + j + k) // (2 * p):
+                        pairs.append((i + j, i + j + k))
+            k //= 2
+        p *= 2
+    return np.array(pairs, np.int64).reshape(-1, 2)
+
+
+_NETWORKS = {n: _batcher_pairs(n) for n in (16, 32, 64)}
+
+
+@functools.lru_cache(maxsize=None)
+def _batcher(n: int) -> np.ndarray:
+    return _NETWORKS[n] if n in _NETWORKS else _batcher_pairs(n)
+
+
+def _sorting(updates):
+    """Rows (K padded to a power of two), sorting network and block for sorting columns."""
+    size = 1 << max(0, (updates.k - 1).bit_length())
+    block = max(8, min(BLOCK_MAX, BLOCK_BYTES // (size * updates.dtype.itemsize)) // 8 * 8)
+    return size, _batcher(size), block
+
+
+def _sample_network(k: int) -> np.ndarray:
+    """The network sorting a sample of 15, 31 or 63 values (plus +inf padding): bands
+    between adjacent samples then hold about K/8 .. K/32 values."""
+    return _NETWORKS[16 if k < 192 else 32 if k < 640 else 64]
+
+
+def _block(updates) -> int:
+    """Coordinates per gathered block: a multiple of 8, about BLOCK_BYTES of values."""
+    return max(8, min(BLOCK_MAX, BLOCK_BYTES // (updates.k * updates.dtype.itemsize)) // 8 * 8)
+
+
+# -- order statistics ------------------------------------------------------------------
+
+@njit(cache=True, nogil=True)
+def _gather(pointers, first, j0, n, values):
+    """values[i, :n] = x_i[j0 : j0 + n], NaN as +inf, in the updates' own dtype (exact).
+
+    Rows are copied in long contiguous runs, which the hardware prefetches well.
+    """
+    inf = values.dtype.type(np.inf)
+    for i in range(pointers.shape[0]):
+        x = row(pointers, i, first)[j0:j0 + n]
+        y = values[i]
+        for j in range(n):
+            v = x[j]
+            y[j] = v if v == v else inf
+
+
+@njit(cache=True, nogil=True)
+def _insertion_sort(v, lo, hi):
+    for t in range(lo + 1, hi):
+        x = v[t]
+        s = t
+        while s > lo and v[s - 1] > x:
+            v[s] = v[s - 1]
+            s -= 1
+        v[s] = x
+
+
+@njit(cache=True, nogil=True)
+def _heapsort(v, lo, hi):
+    """Sort v[lo:hi] in O(n log n) whatever the input (numba's own sort is slow to compile)."""
+    n = hi - lo
+    for start in range(n // 2 - 1, -1, -1):
+        _sift_down(v, lo, start, n)
+    for end in range(n - 1, 0, -1):
+        x = v[lo]
+        v[lo] = v[lo + end]
+        v[lo + end] = x
+        _sift_down(v, lo, 0, end)
+
+
+@njit(cache=True, nogil=True)
+def _sift_down(v, lo, root, n):
+    x = v[lo + root]
+    child = 2 * root + 1
+    while child < n:
+        if child + 1 < n and v[lo + child + 1] > v[lo + child]:
+            child += 1
+        if not v[lo + child] > x:
+            break
+        v[lo + root] = v[lo + child]
+        root = child
+        child = 2 * root + 1
+    v[lo + root] = x
+
+
+@njit(cache=True, nogil=True)
+def _select(v, lo, hi, k):
+    """Reorder v[lo:hi] so that v[k] has rank k, with no larger value before it, no smaller after.
+
+    Quickselect with a median-of-3 pivot and a branch-free Lomuto partition (the
+    comparisons of random data are unpredictable, so branches would cost more than the
+    extra stores). When few values fall below the pivot, as with many ties, a second pass
+    splits off the values equal to it, so equal values cannot stall the loop. After about
+    2 log2(n) rounds the rest is sorted, bounding adversarial inputs at O(n log n).
+    """
+    budget = 8
+    n = hi - lo
+    while n > 1:
+        budget += 2
+        n >>= 1
+    while hi - lo > SMALL:
+        if k == lo or k == hi - 1:  # an extreme: one scan
+            best = k
+            if k == lo:
+                for t in range(lo + 1, hi):
+                    if v[t] < v[best]:
+                        best = t
+            else:
+                for t in range(lo, hi - 1):
+                    if v[t] > v[best]:
+                        best = t
+            x = v[k]
+            v[k] = v[best]
+            v[best] = x
+            return
+        budget -= 1
+        if budget == 0:
+            _heapsort(v, lo, hi)
+            return
+        a = v[lo]
+        b = v[(lo + hi) >> 1]
+        c = v[hi - 1]
+        pivot = max(min(a, b), min(max(a, b), c))
+        i = lo  # v[lo:i] < pivot <= v[i:t]
+        for t in range(lo, hi):
+            x = v[t]
+            v[t] = v[i]
+            v[i] = x
+            i += x < pivot
+        if k < i:
+            hi = i  # excludes the pivot's value, so the range shrinks
+        elif 4 * (hi - i) > 3 * (hi - lo):
+            m = i  # v[i:m] == pivot < v[m:t]; nonempty, so the range shrinks
+            for t in range(i, hi):
+                x = v[t]
+                v[t] = v[m]
+                v[m] = x
+                m += x <= pivot
+            if k < m:
+                return
+            lo = m
+        else:
+            lo = i
+    _insertion_sort(v, lo, hi)
+
+
+@njit(cache=True, nogil=True)
+def _sort_samples(values, n, rows, network, samples):
+    """samples[q, j] = q-th smallest of the sampled rows of column j (the last row is +inf)."""
+    for q in range(rows.shape[0]):
+        x = values[rows[q]]
+        y = samples[q]
+        for j in range(n):
+            y[j] = x[j]
+    samples[samples.shape[0] - 1, :n] = np.inf
+    _network_sort(samples, n, network)
+
+
+@njit(cache=True, nogil=True)
+def _count_below(values, n, pivot, count):
+    """count[j] = #(x_ij < pivot[j]) over i; four rows per sweep of the counts.
+
+    Counts are kept in the values' float type (exact below 2^24), as wide as the values,
+    so a vector of comparisons adds straight into a vector of counts.
+    """
+    k = values.shape[0]
+    one = values.dtype.type(1)
+    zero = values.dtype.type(0)
+    for j in range(n):
+        count[j] = zero
+    i = 0
+    while i + 4 <= k:
+        x0 = values[i]
+        x1 = values[i + 1]
+        x2 = values[i + 2]
+        x3 = values[i + 3]
+        for j in range(n):
+            p = pivot[j]
+            count[j] += (((one if x0[j] < p else zero) + (one if x1[j] < p else zero))
+                         + ((one if x2[j] < p else zero) + (one if x3[j] < p else zero)))
+        i += 4
+    while i < k:
+        x0 = values[i]
+        for j in range(n):
+            count[j] += one if x0[j] < pivot[j] else zero
+        i += 1
+
+
+@njit(cache=True, nogil=True)
+def _bracket(values, n, samples, r, lo, clo, chi, pivot, count):
+    """Per column j, adjacent sorted samples q_lo <= x_(r) < q_hi with hi = lo + 1.
+
+    Binary search over the samples (index -1 and S stand for -inf and +inf) keeping
+    clo = #(x < q_lo) <= r < chi = #(x < q_hi); each step is one counting pass over the
+    block, all columns at once.
+    """
+    for j in range(n):
+        lo[j] = -1
+        clo[j] = 0
+        chi[j] = values.shape[0]
+    span = samples.shape[0]  # hi - lo, a power of two
+    while span > 1:
+        span >>= 1
+        for j in range(n):
+            pivot[j] = samples[lo[j] + span, j]
+        _count_below(values, n, pivot, count)
+        for j in range(n):
+            c = np.int64(count[j])
+            below = c <= r
+            lo[j] = lo[j] + span if below else lo[j]
+            clo[j] = c if below else clo[j]
+            chi[j] = chi[j] if below else c
+
+
+@njit(cache=True, nogil=True)
+def _band_masks(values, n, samples, lo, lower, upper, masks):
+    """Bit i of masks[i // 32, j] is set when q_lo <= x_ij < q_hi (column j's band)."""
+    s = samples.shape[0] - 1
+    for j in range(n):
+        lower[j] = samples[lo[j], j] if lo[j] >= 0 else -np.inf
+        upper[j] = samples[lo[j] + 1, j] if lo[j] + 1 < s else np.nan  # NaN: no upper bound
+    masks[:, :n] = 0
+    for i in range(values.shape[0]):
+        x = values[i]
+        bits = masks[i >> 5]
+        shift = np.uint32(i & 31)
+        for j in range(n):
+            inside = (x[j] >= lower[j]) & (not (x[j] >= upper[j]))
+            bits[j] |= np.uint32(inside) << shift
+
+
+@njit(cache=True, nogil=True)
+def _network_sort(rows, n, network):
+    """Sort rows[:, j] for j < n: a sorting network, the same comparisons for every column."""
+    for t in range(network.shape[0]):
+        a = rows[network[t, 0]]
+        b = rows[network[t, 1]]
+        for j in range(n):
+            x = a[j]
+            z = b[j]
+            a[j] = min(x, z)
+            b[j] = max(x, z)
+
+
+@njit(cache=True, nogil=True)
+def _extract(values, j, masks, dest, col):
+    """dest[:m, col] = column j's band values (the set bits of masks[:, j]), +inf below."""
+    m = 0
+    for w in range(0, masks.shape[0], 2):  # 64 rows at a time
+        bits = np.uint64(masks[w, j])
+        if w + 1 < masks.shape[0]:
+            bits |= np.uint64(masks[w + 1, j]) << np.uint64(32)
+        while bits != 0:
+            dest[m, col] = values[w * 32 + np.int64(_trailing_zeros(bits)), j]
+            m += 1
+            bits &= bits - np.uint64(1)
+    for e in range(m, dest.shape[0]):
+        dest[e, col] = np.inf
+
+
+@njit(cache=True, nogil=True)
+def _ranks(values, n, samples, r1, r2, networks, work, first_out, second_out):
+    """first_out[j] = x_(r1) and second_out[j] = x_(r2) of column j, for r1 <= r2 <= r1 + 1.
+
+    Both lie in r1's band, or r2 is the first rank past it, whose value is the band's
+    upper sample (a sample is a value). Bands go by size into matrices of 16, 32 or 64
+    rows (padded with +inf), each sorted by one network for all its columns at once;
+    the rare larger band is selected on its own.
+    """
+    lo, clo, chi, pivot, count, lower, upper, masks, lanes, band, tiers = work
+    _bracket(values, n, samples, r1, lo, clo, chi, pivot, count)
+    _band_masks(values, n, samples, lo, lower, upper, masks)
+    used = np.zeros(3, np.int64)  # columns of each tier's matrix in use
+    for j in range(n):
+        m = chi[j] - clo[j]
+        tier = 0 if m <= 16 else 1 if m <= 32 else 2 if m <= 64 else 3
+        col = used[tier] if tier < 3 else 0
+        _extract(values, j, masks, tiers[tier] if tier < 3 else band, col)
+        if tier < 3:
+            lanes[tier * n + col] = j
+            used[tier] += 1
+            continue
+        v = band[:, 0]
+        _select(v, 0, m, r1 - clo[j])
+        if r2 > r1 and r2 - clo[j] < m:
+            _select(v, r1 - clo[j] + 1, m, r2 - clo[j])
+        first_out[j] = v[r1 - clo[j]]
+        second_out[j] = v[r2 - clo[j]] if r2 - clo[j] < m else upper[j]
+    for tier in range(3):
+        bands = tiers[tier]
+        _network_sort(bands, used[tier], networks[tier])
+        for c in range(used[tier]):
+            j = lanes[tier * n + c]
+            o2 = r2 - clo[j]
+            first_out[j] = bands[r1 - clo[j], c]
+            x = bands[min(o2, bands.shape[0] - 1), c]
+            second_out[j] = x if o2 < chi[j] - clo[j] else upper[j]
+
+
+def trimmed_mean(updates, lo: int, hi: int, out) -> None:
+    """out[j] = mean of the sorted values x_(lo) .. x_(hi-1) of coordinate j (also the median)."""
+    if updates.k <= SORT_ALL_MAX:
+        size, network, block = _sorting(updates)
+        _sorted_mean(updates.pointers, updates.first, lo, hi, block, network, size, out)
+        return
+    network = _sample_network(updates.k)
+    s = network.max()  # samples; the network's last input is +inf padding
+    rows = (np.arange(s) * 2 + 1) * updates.k // (2 * s)
+    _trimmed_mean(updates.pointers, updates.first, lo, hi, _block(updates), rows, network,
+                  (_NETWORKS[16], _NETWORKS[32], _NETWORKS[64]), out)
+
+
+@njit(**KERNEL)
+def _sorted_mean(pointers, first, lo, hi, block, network, size, out):
+    """For small K: sort a block's columns with one network and sum rows lo .. hi-1 in
+    ascending order, exactly as the reference does."""
+    k = pointers.shape[0]
+    d = first.shape[0]
+    for c in prange((d + block - 1) // block):
+        j0 = c * block
+        n = min(block, d - j0)
+        values = np.empty((size, block), first.dtype)
+        total = np.zeros(block)
+        _gather(pointers, first, j0, n, values)
+        values[k:, :n] = np.inf
+        _network_sort(values, n, network)
+        for t in range(lo, hi):
+            x = values[t]
+            for j in range(n):
+                total[j] += x[j]
+        for j in range(n):
+            out[j0 + j] = total[j] / (hi - lo)
+
+
+@njit(**KERNEL)
+def _trimmed_mean(pointers, first, lo, hi, block, rows, network, band_networks, out):
+    """Order statistics by sample, count and band, a block of coordinates at a time.
+
+    The K rows of a block are gathered contiguously. For all its coordinates at once, a
+    sorting network orders a fixed sample of the K values and counting passes find the
+    two adjacent samples around x_(lo) (and x_(hi-1)); only the few values between them
+    (about K/8) are then sorted, again by networks across coordinates. Kept
+    values strictly between x_(lo) and x_(hi-1) are summed in client order, then the
+    copies of those two.
+    """
+    d = first.shape[0]
+    for b in prange((d + block - 1) // block):
+        _trimmed_block(pointers, first, lo, hi, b * block, min(block, d - b * block), block, rows,
+                       network, band_networks, out)
+
+
+@njit(cache=True, nogil=True)
+def _trimmed_block(pointers, first, lo, hi, j0, n, block, rows, network, band_networks, out):
+    k = pointers.shape[0]
+    wide = hi - lo > 2  # else the kept values are x_(lo) and maybe x_(lo+1)
+    values = np.empty((k, block), first.dtype)
+    samples = np.empty((network.max() + 1, block), first.dtype)
+    low = np.empty(block, first.dtype)
+    high = np.empty(block, first.dtype)
+    work = (np.empty(block, np.int64), np.empty(block, np.int64), np.empty(block, np.int64),
+            np.empty(block, first.dtype), np.empty(block, first.dtype),
+            np.empty(block, first.dtype), np.empty(block, first.dtype),
+            np.empty(((k + 31) // 32, block), np.uint32), np.empty(3 * block, np.int64),
+            np.empty((k, 1), first.dtype),
+            (np.empty((16, block), first.dtype), np.empty((32, block), first.dtype),
+             np.empty((64, block), first.dtype)))
+    _gather(pointers, first, j0, n, values)
+    _sort_samples(values, n, rows, network, samples)
+    for step in range(2 if wide else 1):  # one call site: compiles once
+        r = lo if step == 0 else hi - 1
+        first_out = low if step == 0 else high
+        _ranks(values, n, samples, r, r if wide else hi - 1, band_networks, work, first_out,
+               first_out if wide else high)
+    if not wide:
+        for j in range(n):
+            out[j0 + j] = (np.float64(low[j]) + np.float64(high[j])) / 2 if hi - lo == 2 else low[j]
+        return
+    total = np.zeros(block)
+    below = np.zeros(block, np.int64)
+    under = np.zeros(block, np.int64)
+    for i in range(k):
+        x = values[i]
+        for j in range(n):
+            v = np.float64(x[j])
+            total[j] += v if (low[j] < v) & (v < high[j]) else 0.0
+    for i in range(k):
+        x = values[i]
+        for j in range(n):
+            below[j] += x[j] <= low[j]
+            under[j] += x[j] < high[j]
+    for j in range(n):
+        a = np.float64(low[j])
+        z = np.float64(high[j])
+        if a == z:
+            out[j0 + j] = a
+        else:
+            # copies of x_(lo) hold ranks lo .. below-1, of x_(hi-1) ranks under .. hi-1
+            out[j0 + j] = ((total[j] + a * (below[j] - lo)) + z * (hi - under[j])) / (hi - lo)
+
+
+def mean_around_median(updates, keep: int, out) -> None:
+    """out[j] = mean of the ``keep`` values of coordinate j closest to its median.
+
+    Makes exactly the reference's window comparisons (ties go to the lower value) and
+    sums the window in ascending order, so every backend picks the same window.
+    """
+    if updates.k > NETWORK_SORT_MAX:
+        _mean_around_median_each(updates.pointers, updates.first, keep, _block(updates), out)
+        return
+    size, network, block = _sorting(updates)
+    _mean_around_median(updates.pointers, updates.first, keep, block, network, size, out)
+
+
+@njit(**KERNEL)
+def _mean_around_median(pointers, first, keep, block, network, size, out):
+    """Sort a block's columns with one network (padded to ``size`` rows with +inf), then
+    grow every column's window and sum it in lockstep, as the reference does for all
+    coordinates at once: same clamped reads, same order, zeros outside the window."""
+    k = pointers.shape[0]
+    d = first.shape[0]
+    for c in prange((d + block - 1) // block):
+        j0 = c * block
+        n = min(block, d - j0)
+        values = np.empty((size, block), first.dtype)
+        a = np.empty(block, np.int64)
+        b = np.empty(block, np.int64)
+        median = np.empty(block)
+        total = np.zeros(block)
+        _gather(pointers, first, j0, n, values)
+        values[k:, :n] = np.inf
+        _network_sort(values, n, network)
+        for j in range(n):
+            a[j] = b[j] = k // 2
+            median[j] = 0.5 * (np.float64(values[(k - 1) // 2, j]) + np.float64(values[k // 2, j]))
+        for _ in range(keep):
+            for j in range(n):
+                below = np.float64(values[max(a[j] - 1, 0), j])
+                above = np.float64(values[min(b[j], k - 1), j])
+                lower = (a[j] > 0) & ((b[j] == k) | (median[j] - below <= above - median[j]))
+                a[j] -= lower
+                b[j] += not lower
+        for t in range(k):
+            x = values[t]
+            for j in range(n):
+                total[j] += np.float64(x[j]) if (a[j] <= t) & (t < b[j]) else 0.0
+        for j in range(n):
+            out[j0 + j] = total[j] / keep
+
+
+@njit(**KERNEL)
+def _mean_around_median_each(pointers, first, keep, block, out):
+    """For K > NETWORK_SORT_MAX: per coordinate, select ranks K//2 - keep .. K//2 + keep - 1
+    (the only ones the window reads) and sort them."""
+    k = pointers.shape[0]
+    d = first.shape[0]
+    first_rank = max(0, k // 2 - keep)
+    end_rank = min(k, k // 2 + keep)
+    for c in prange((d + block - 1) // block):
+        j0 = c * block
+        n = min(block, d - j0)
+        values = np.empty((k, block), first.dtype)
+        v = np.empty(k)
+        _gather(pointers, first, j0, n, values)
+        for j in range(n):
+            for i in range(k):
+                v[i] = values[i, j]
+            if first_rank > 0:
+                _select(v, 0, k, first_rank)
+            if end_rank < k:
+                _select(v, first_rank, k, end_rank - 1)
+            _heapsort(v, first_rank, end_rank)
+            median = 0.5 * (v[(k - 1) // 2] + v[k // 2])
+            a = b = k // 2
+            for _ in range(keep):
+                if a > 0 and (b == k or median - v[a - 1] <= v[b] - median):
+                    a -= 1
+                else:
+                    b += 1
+            total = 0.0
+            for t in range(a, min(b, k)):  # b > k only if keep > K
+                total += v[t]
+            out[j0 + j] = total / keep
+
+
+# -- distances -------------------------------------------------------------------------
+
+def gather_tile(updates, j0: int, center: bool, tile) -> None:
+    """tile[i] = x_i[j0 : j0 + n], minus x_0[j0 : j0 + n] in float64 if ``center``."""
+    _gather_tile(updates.pointers, updates.first, j0, center, tile)
+
+
+@njit(**KERNEL)
+def _gather_tile(pointers, first, j0, center, tile):
+    """Tasks are (row, chunk) pairs, so a tile of few long rows still splits over threads."""
+    k, n = tile.shape
+    nchunks = (n + TILE_CHUNK - 1) // TILE_CHUNK
+    for t in prange(k * nchunks):
+        i = t // nchunks
+        c0 = (t % nchunks) * TILE_CHUNK
+        c1 = min(c0 + TILE_CHUNK, n)
+        x = row(pointers, i, first)[j0 + c0:j0 + c1]
+        y = tile[i, c0:c1]
+        if center:
+            x0 = row(pointers, 0, first)[j0 + c0:j0 + c1]
+            for j in range(c1 - c0):
+                y[j] = np.float64(x[j]) - np.float64(x0[j])
+        else:
+            for j in range(c1 - c0):
+                y[j] = x[j]
+
+
+def exact_sq_distances(updates, out) -> None:
+    """out[i, l] = sum_j (x_ij - x_lj)^2 in float64, without the Gram form's cancellation."""
+    block = max(64, min(4096, PAIR_BYTES // (updates.dtype.itemsize * updates.k)) // 64 * 64)
+    _exact_sq_distances(updates.pointers, updates.first, block, out)
+
+
+@njit(**KERNEL)
+def _exact_sq_distances(pointers, first, block, out):
+    """Per block of coordinates, all rows go into a tile with a coordinate's K values
+    contiguous; row i's sums with every l < i then run in vector lanes over l.
+
+    The tile stays in cache while every pair reads it, so each update is read from
+    memory once. Each pair's block sum runs over j in order (four terms at a time) and
+    blocks are added in order, so the result does not depend on the thread count. Task
+    t takes rows t and K-1-t, K-1 pairs in all, so threads stay balanced, and fills the
+    same two rows of the next block's tile: one parallel region per block.
+    """
+    k = pointers.shape[0]
+    d = first.shape[0]
+    nblocks = (d + block - 1) // block
+    tiles = np.empty((2, block, k), first.dtype)  # exact: converted when read
+    partial = np.empty((k, k))
+    out[:, :] = 0.0
+    for i in range(k):
+        _tile_row(pointers, first, i, 0, min(block, d), tiles[0])
+    for b in range(nblocks):
+        j0 = b * block
+        n = min(block, d - j0)
+        n_next = min(block, d - j0 - block)
+        for t in prange((k + 1) // 2):
+            _row_pairs(tiles[b % 2], n, t, partial, out)
+            if n_next > 0:
+                _tile_row(pointers, first, t, j0 + block, n_next, tiles[(b + 1) % 2])
+            if k - 1 - t != t:
+                _row_pairs(tiles[b % 2], n, k - 1 - t, partial, out)
+                if n_next > 0:
+                    _tile_row(pointers, first, k - 1 - t, j0 + block, n_next, tiles[(b + 1) % 2])
+    for i in range(k):
+        out[i, i] = 0.0  # as the reference's, even for a row holding inf or NaN
+        for l in range(i):
+            out[l, i] = out[i, l]
+
+
+@njit(cache=True, nogil=True)
+def _tile_row(pointers, first, i, j0, n, tile):
+    """tile[j, i] = x_i[j0 + j]."""
+    x = row(pointers, i, first)[j0:j0 + n]
+    for j in range(n):
+        tile[j, i] = x[j]
+
+
+@njit(cache=True, nogil=True)
+def _row_pairs(tile, n, i, partial, out):
+    """out[i, :i] += sum over the tile's n coordinates of (x_i - x_l)^2, for every l < i."""
+    p = partial[i, :i]
+    for l in range(i):
+        p[l] = 0.0
+    j = 0
+    while j + 4 <= n:
+        t0 = tile[j]
+        t1 = tile[j + 1]
+        t2 = tile[j + 2]
+        t3 = tile[j + 3]
+        y0 = np.float64(t0[i])
+        y1 = np.float64(t1[i])
+        y2 = np.float64(t2[i])
+        y3 = np.float64(t3[i])
+        for l in range(i):
+            e0 = y0 - np.float64(t0[l])
+            e1 = y1 - np.float64(t1[l])
+            e2 = y2 - np.float64(t2[l])
+            e3 = y3 - np.float64(t3[l])
+            p[l] += (e0 * e0 + e1 * e1) + (e2 * e2 + e3 * e3)
+        j += 4
+    while j < n:
+        t0 = tile[j]
+        y0 = np.float64(t0[i])
+        for l in range(i):
+            e0 = y0 - np.float64(t0[l])
+            p[l] += e0 * e0
+        j += 1
+    o = out[i, :i]
+    for l in range(i):
+        o[l] += p[l]
+
+
+def sq_distances_to(updates, point, out) -> None:
+    """out[i] = sum_j (x_ij - point_j)^2 in float64: block partials in parallel, then in order."""
+    partials = np.empty((updates.k, (updates.d + NORM_BLOCK - 1) // NORM_BLOCK))
+    _sq_distance_partials(updates.pointers, updates.first, point, partials)
+    _sum_partials(partials, out)
+
+
+@njit(**KERNEL)
+def _sq_distance_partials(pointers, first, point, partials):
+    d = first.shape[0]
+    nblocks = partials.shape[1]
+    for t in prange(pointers.shape[0] * nblocks):
+        i = t // nblocks
+        j0 = (t % nblocks) * NORM_BLOCK
+        n = min(NORM_BLOCK, d - j0)
+        x = row(pointers, i, first)
+        s0 = s1 = s2 = s3 = 0.0
+        j = j0
+        while j + 4 <= j0 + n:
+            e0 = np.float64(x[j]) - point[j]
+            e1 = np.float64(x[j + 1]) - point[j + 1]
+            e2 = np.float64(x[j + 2]) - point[j + 2]
+            e3 = np.float64(x[j + 3]) - point[j + 3]
+            s0 += e0 * e0
+            s1 += e1 * e1
+            s2 += e2 * e2
+            s3 += e3 * e3
+            j += 4
+        while j < j0 + n:
+            e0 = np.float64(x[j]) - point[j]
+            s0 += e0 * e0
+            j += 1
+        partials[i, t % nblocks] = (s0 + s1) + (s2 + s3)
+
+
+@njit(cache=True, nogil=True)
+def _sum_partials(partials, out):
+    for i in range(partials.shape[0]):
+        total = 0.0
+        for b in range(partials.shape[1]):
+            total += partials[i, b]
+        out[i] = total
