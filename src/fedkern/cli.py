@@ -22,7 +22,8 @@ def info() -> str:
             detail = f"NOT available ({err.__cause__})"
         if name == "cython" and detail == "available":
             runtime = backends._load("cython", "_runtime")
-            detail += f", openmp {'on' if runtime.openmp_enabled() else 'off'}"
+            detail += (f", openmp {'on' if runtime.openmp_enabled() else 'off'}, built for "
+                       f"{'this CPU (-march=native)' if runtime.native_build() else 'a portable baseline'}")
         if name == "numba" and detail == "available":
             import numba
 
