@@ -41,8 +41,11 @@ def run_case(benchmark, case, backend):
     benchmark(_call(case), backend)
 
 
-def run_peer(benchmark, case):
-    """Benchmark the case's peer implementation (np.median, BLAS SYRK, ...) in its group."""
+def run_peer(benchmark, case, once=False):
+    """Benchmark the case's peer implementation (np.median, BLAS SYRK, Flower, ...) in its group."""
     benchmark.group = case.name
     benchmark.extra_info["bytes"] = case.nbytes
-    benchmark(_call(case).peer)
+    if once:
+        benchmark.pedantic(_call(case).peer, rounds=1, iterations=1)
+    else:
+        benchmark(_call(case).peer)

@@ -269,6 +269,14 @@ def test_gram_distances_are_accurate_far_from_the_origin(any_backend):
     assert np.abs(naive - exact).max() > 100 * np.abs(gram - exact).max()  # the fix is real
 
 
+def test_auto_method_is_exact_for_small_k_and_gram_above(any_backend):
+    rng = np.random.default_rng(16)
+    for k, method in ((fedkern.robust.EXACT_MAX_K, "exact"), (fedkern.robust.EXACT_MAX_K + 1, "gram")):
+        x = rng.standard_normal((k, 500)).astype(np.float32)
+        np.testing.assert_array_equal(fedkern.pairwise_sq_distances(x, backend=any_backend),
+                                      fedkern.pairwise_sq_distances(x, method, backend=any_backend))
+
+
 def brute_krum_scores(x, f):
     k = len(x)
     scores = []
@@ -508,7 +516,7 @@ BAD = [
     (lambda: fedkern.krum(X, 4), r"krum needs at least 11 updates to tolerate f=4"),
     (lambda: fedkern.krum(X, 1, m=0), r"m must be between 1 and 9"),
     (lambda: fedkern.krum(X, 1, m=10), r"m must be between 1 and 9"),
-    (lambda: fedkern.krum(X, 1, method="fast"), r"method must be one of \('gram', 'exact'\)"),
+    (lambda: fedkern.krum(X, 1, method="fast"), r"method must be one of \('auto', 'gram', 'exact'\)"),
     (lambda: fedkern.krum(X, 1, m=2, weights=[0, 0] + [1] * 8, return_indices=True), None),
     (lambda: fedkern.krum(X, 1, weights=[1] * 9), r"weights has length 9 but there are 10 updates"),
     (lambda: fedkern.bulyan(X, 2), r"bulyan needs at least 11 updates to tolerate f=2"),

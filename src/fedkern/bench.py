@@ -23,7 +23,7 @@ import numpy as np
 
 from . import aggregate, backends, optim, robust
 
-PROFILES = ("quick", "default", "full", "robust")
+PROFILES = ("quick", "default", "full", "robust", "flwr")
 #: Largest K x D float32 matrix the full grid builds (the rest is skipped, as DESIGN.md allows).
 FULL_GRID_BYTES = 8 << 30
 
@@ -149,6 +149,82 @@ ROBUST_OPS = ("median", "trimmed_mean", "meamed", "pairwise_gram", "pairwise_exa
               "geometric_median")
 
 
+def cnn_shapes(d: int) -> list[tuple[int, ...]]:
+    """Layer shapes of a small CNN (convolutions, biases, a dense layer sized to bring the
+    total to about ``d``, a 0-d scalar): what Flower clients send."""
+    convs = [(16, 3, 3, 3), (16,), (32, 16, 3, 3), (32,)]
+    if d >= 200_000:
+        convs += [(64, 32, 3, 3), (64,), (128, 64, 3, 3), (128,)]
+    head = [(10, 128), (10,), ()]
+    used = sum(int(np.prod(s)) for s in convs + head) + 128
+    return convs + [(max(1, (d - used) // 128), 128), (128,)] + head
+
+
+def flwr_results(k: int, d: int, seed: int = 0) -> list[tuple[list[np.ndarray], int]]:
+    """K clients' (float32 layer list, example count), as Flower's legacy helpers take them."""
+    rng = np.random.default_rng(seed)
+    shapes = cnn_shapes(d)
+    return [([rng.standard_normal(s, dtype=np.float32) for s in shapes], int(rng.integers(1, 500)))
+            for _ in range(k)]
+
+
+FLWR_OPS = ("flwr.aggregate", "flwr.aggregate_inplace", "flwr.aggregate_arrayrecords", "flwr.aggregate_median",
+            "flwr.aggregate_trimmed_avg", "flwr.aggregate_krum", "flwr.select_multikrum", "flwr.aggregate_bulyan")
+
+
+def flwr_case(op: str, k: int, d: int) -> Case:
+    """A helper of ``fedkern.compat.flwr`` on a CNN-like model; peer: Flower's own helper."""
+    import flwr.server.strategy.aggregate as flower
+    from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+    from flwr.serverapp.strategy import multikrum as flower_multikrum
+    from flwr.serverapp.strategy import strategy_utils as flower_utils
+
+    from .compat import flwr as fk
+
+    f = max(1, (k - 3) // 8)  # Bulyan needs K >= 4f + 3
+
+    def fit_results(results):
+        return [(None, FitRes(Status(Code.OK, ""), ndarrays_to_parameters(p), n, {})) for p, n in results]
+
+    def contents(results):
+        return [RecordDict({"arrays": ArrayRecord({f"l{j}": Array(a) for j, a in enumerate(p)}),
+                            "metrics": MetricRecord({"num-examples": n})}) for p, n in results]
+
+    def same(results):
+        return results
+
+    # op: (input builder, fedkern call, Flower call)
+    calls = {
+        "flwr.aggregate": (same, fk.aggregate, flower.aggregate),
+        "flwr.aggregate_inplace": (fit_results, fk.aggregate_inplace, flower.aggregate_inplace),
+        "flwr.aggregate_arrayrecords": (contents, lambda c: fk.aggregate_arrayrecords(c, "num-examples"),
+                                        lambda c: flower_utils.aggregate_arrayrecords(c, "num-examples")),
+        "flwr.aggregate_median": (same, fk.aggregate_median, flower.aggregate_median),
+        "flwr.aggregate_trimmed_avg": (same, lambda r: fk.aggregate_trimmed_avg(r, 0.2),
+                                       lambda r: flower.aggregate_trimmed_avg(r, 0.2)),
+        "flwr.aggregate_krum": (same, lambda r: fk.aggregate_krum(r, f, 0), lambda r: flower.aggregate_krum(r, f, 0)),
+        "flwr.select_multikrum": (contents, lambda c: fk.select_multikrum(c, f, k // 2),
+                                  lambda c: flower_multikrum.select_multikrum(c, f, k // 2)),
+        # Flower's Bulyan pops the selected clients out of its argument: a fresh list each call
+        "flwr.aggregate_bulyan": (same, lambda r: fk.aggregate_bulyan(r, f, fk.aggregate_krum),
+                                  lambda r: flower.aggregate_bulyan(list(r), f, flower.aggregate_krum, to_keep=0)),
+    }
+    build, ours, theirs = calls[op]
+
+    def make():
+        data = build(flwr_results(k, d))
+
+        def call(backend):
+            with backends.use_backend(backend):
+                return ours(data)
+
+        call.peer = lambda: theirs(data)
+        return call
+
+    return Case(op, _size(k, d), 4 * k * d, make, "flower")
+
+
 def cases(profile: str = "default") -> list[Case]:
     """The benchmark cases of a profile: "quick" (seconds), "default" (about a minute),
     "full" (the K x D grid of DESIGN.md, long) or "robust" (robust rules at their target sizes)."""
@@ -164,6 +240,8 @@ def cases(profile: str = "default") -> list[Case]:
         robust_sizes = matrices
     elif profile == "robust":
         return [_robust(op, k, d) for op in ROBUST_OPS for k, d in [(100, 1_000_000), (10, 10_000_000)]]
+    elif profile == "flwr":
+        return [flwr_case(op, k, 1_000_000) for op in FLWR_OPS for k in (10, 100)]
     else:
         raise ValueError(f"profile must be one of {PROFILES}; got {profile!r}")
     result = [_weighted_mean(k, d) for k, d in matrices]
@@ -178,17 +256,21 @@ def cases(profile: str = "default") -> list[Case]:
 
 
 def median_time(call: Callable[[], object], min_repeats: int = 3, max_repeats: int = 15,
-                budget: float = 1.0) -> float:
+                budget: float = 1.0, warm_up: bool = True) -> float:
     """Median wall time of ``call()`` after one warm-up call (which also compiles Numba).
 
     A call whose warm-up alone exceeds ``budget`` is timed once more and no further,
-    which keeps slow reference implementations from dominating the run.
+    which keeps slow reference implementations from dominating the run; without
+    ``warm_up`` (peers, which compile nothing) such a call is timed only once.
     """
     start = time.perf_counter()
     call()
-    if time.perf_counter() - start > budget:
+    first = time.perf_counter() - start
+    if first > budget:
+        if not warm_up:
+            return first
         min_repeats = 1
-    times: list[float] = []
+    times: list[float] = [] if warm_up else [first]
     while len(times) < min_repeats or (len(times) < max_repeats and sum(times) < budget):
         start = time.perf_counter()
         call()
@@ -263,7 +345,7 @@ def run(profile: str = "default", backend_names: tuple[str, ...] | None = None,
         call = case.make()
         timings = {name: median_time(lambda: call(name), budget=budget) for name in names}
         if case.peer:
-            timings[case.peer] = median_time(call.peer, budget=budget)
+            timings[case.peer] = median_time(call.peer, budget=budget, warm_up=False)
         for name, seconds in timings.items():
             gbps = case.nbytes / seconds / 1e9
             row = dict(op=case.op, size=case.size, backend=name, median_s=seconds, gb_per_s=gbps,

@@ -44,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     size.add_argument("--full", action="store_true", help="the whole K x D grid of DESIGN.md (long)")
     size.add_argument("--robust", action="store_true",
                       help="robust rules at K=100 x D=1e6 and K=10 x D=1e7, against their peers (minutes)")
+    size.add_argument("--flwr", action="store_true",
+                      help="fedkern.compat.flwr against Flower's own helpers, K in {10, 100} x D=1e6 (needs flwr; "
+                           "Flower's Bulyan alone takes minutes)")
     bench_parser.add_argument("--json", action="store_true", help="print machine-readable JSON only")
     bench_parser.add_argument("--threads", type=int, help="threads for the compiled backends")
     bench_parser.add_argument("--backends", nargs="+", choices=backends.NAMES, help="backends to time")
@@ -55,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.threads:
         backends.set_num_threads(args.threads)
-    profile = "quick" if args.quick else "full" if args.full else "robust" if args.robust else "default"
+    profile = next((name for name in ("quick", "full", "robust", "flwr") if getattr(args, name)), "default")
     result = bench.run(profile, tuple(args.backends) if args.backends else None,
                        with_cold_start=False if args.no_cold_start else None,
                        echo=None if args.json else print)

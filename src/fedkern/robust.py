@@ -19,7 +19,9 @@ with BLAS over coordinate tiles of the updates centred on one (finite) update, w
 tile's Gram matrix added into float64: centring removes the cancellation that makes the
 plain Gram form useless for models far from the origin, and the tiles avoid any K x D
 copy. ``method="exact"`` sums squared differences in float64. Gram results may vary in
-the last bits with BLAS's thread count; exact ones never do.
+the last bits with BLAS's thread count; exact ones never do. ``method="auto"`` (the
+default) is exact for K <= :data:`EXACT_MAX_K`, where it is also the faster of the two
+(memory-bound, while the Gram form pays for a copy of every tile), and Gram above.
 """
 from __future__ import annotations
 
@@ -31,7 +33,10 @@ from . import _validate as check
 from .aggregate import UpdatesLike, _weighted_sum
 from .backends import kernels
 
-METHODS = ("gram", "exact")
+METHODS = ("auto", "gram", "exact")
+#: Largest K for which ``method="auto"`` computes exact distances (measured crossover:
+#: exact 91 ms vs Gram 119 ms at K=8, D=1e7; Gram faster from K=16 on).
+EXACT_MAX_K = 12
 #: Bytes of one tile of coordinates read for the Gram and mixing products: it stays in
 #: cache between the gather and the BLAS call.
 TILE_BYTES = 4 << 20
@@ -54,9 +59,11 @@ def _byzantine(f, k: int, minimum_k, rule: str) -> int:
     return f
 
 
-def _method(method: str) -> str:
+def _method(method: str, k: int) -> str:
     if method not in METHODS:
         raise check.FedkernValueError(f"method must be one of {METHODS}; got {method!r}")
+    if method == "auto":
+        return "exact" if k <= EXACT_MAX_K else "gram"
     return method
 
 
@@ -210,13 +217,14 @@ def meamed(updates: UpdatesLike, f: int, *, out: np.ndarray | None = None, dtype
 
 
 # --------------------------------------------------------------------------- distance-based rules
-def pairwise_sq_distances(updates: UpdatesLike, method: str = "gram", *,
+def pairwise_sq_distances(updates: UpdatesLike, method: str = "auto", *,
                           backend: str | None = None) -> np.ndarray:
     r"""Squared Euclidean distances between every two updates, :math:`d_{il} = \lVert x_i - x_l\rVert^2`.
 
     Returns a symmetric (K, K) float64 matrix with a zero diagonal. ``method="gram"``
-    (fast, BLAS) or ``"exact"`` (float64 differences); see the module docstring. A
-    distance that is not finite (an update holding NaN or inf) is +inf.
+    (BLAS), ``"exact"`` (float64 differences) or ``"auto"`` (exact for small K, else
+    Gram); see the module docstring. A distance that is not finite (an update holding
+    NaN or inf) is +inf.
 
     Examples
     --------
@@ -225,10 +233,10 @@ def pairwise_sq_distances(updates: UpdatesLike, method: str = "gram", *,
            [25.,  0.]])
     """
     rows = check.updates(updates)
-    return _sq_distances(rows, _method(method), backend)[0]
+    return _sq_distances(rows, _method(method, rows.k), backend)[0]
 
 
-def krum(updates: UpdatesLike, f: int, m: int = 1, weights=None, *, method: str = "gram",
+def krum(updates: UpdatesLike, f: int, m: int = 1, weights=None, *, method: str = "auto",
          return_indices: bool = False, out: np.ndarray | None = None, dtype=None,
          check_finite: bool = True, backend: str | None = None):
     r"""Krum and Multi-Krum (Blanchard et al., NeurIPS 2017).
@@ -253,7 +261,7 @@ def krum(updates: UpdatesLike, f: int, m: int = 1, weights=None, *, method: str 
     f = _byzantine(f, rows.k, lambda f: 2 * f + 3, "krum")
     m = check.count(m, "m", low=1, high=rows.k - f, why=f" (K - f = {rows.k - f})")
     w = np.ones(rows.k) if weights is None else check.weights(weights, rows.k)
-    scores = _krum_scores(_sq_distances(rows, _method(method), backend)[0], rows.k - f - 2)
+    scores = _krum_scores(_sq_distances(rows, _method(method, rows.k), backend)[0], rows.k - f - 2)
     selected = np.argsort(scores, kind="stable")[:m]
     # Krum's single pick is returned as it is, whatever its weight
     w = w[selected] if m > 1 else np.ones(1)
@@ -263,7 +271,7 @@ def krum(updates: UpdatesLike, f: int, m: int = 1, weights=None, *, method: str 
     return (result, selected) if return_indices else result
 
 
-def bulyan(updates: UpdatesLike, f: int, *, method: str = "gram", return_indices: bool = False,
+def bulyan(updates: UpdatesLike, f: int, *, method: str = "auto", return_indices: bool = False,
            out: np.ndarray | None = None, dtype=None, check_finite: bool = True,
            backend: str | None = None):
     r"""Bulyan (El Mhamdi et al., ICML 2018) over Krum.
@@ -280,7 +288,7 @@ def bulyan(updates: UpdatesLike, f: int, *, method: str = "gram", return_indices
     """
     rows = check.updates(updates)
     f = _byzantine(f, rows.k, lambda f: 4 * f + 3, "bulyan")
-    distances = _sq_distances(rows, _method(method), backend)[0]
+    distances = _sq_distances(rows, _method(method, rows.k), backend)[0]
     remaining = list(range(rows.k))
     selected = []
     for _ in range(rows.k - 2 * f):
@@ -400,7 +408,7 @@ def centered_clipping(updates: UpdatesLike, center: np.ndarray, tau: float, iter
 
 
 # --------------------------------------------------------------------------- pre-aggregators
-def nearest_neighbor_mixing(updates: UpdatesLike, f: int, *, method: str = "gram",
+def nearest_neighbor_mixing(updates: UpdatesLike, f: int, *, method: str = "auto",
                             out=None, backend: str | None = None):
     r"""Nearest neighbour mixing, NNM (Allouah et al., AISTATS 2023).
 
@@ -416,7 +424,7 @@ def nearest_neighbor_mixing(updates: UpdatesLike, f: int, *, method: str = "gram
     rows = check.updates(updates)
     f = _byzantine(f, rows.k, lambda f: 2 * f + 1, "nearest_neighbor_mixing")
     target = check.out_updates(out, rows)
-    distances, finite = _sq_distances(rows, _method(method), backend)
+    distances, finite = _sq_distances(rows, _method(method, rows.k), backend)
     mixing = np.zeros((rows.k, rows.k))
     for i in range(rows.k):
         mixing[i, np.argsort(distances[i], kind="stable")[:rows.k - f]] = 1.0 / (rows.k - f)
