@@ -11,15 +11,9 @@ from libc.math cimport isfinite, sqrt
 from libc.stdint cimport uintptr_t
 from libc.stdlib cimport free, malloc
 
+from _fused cimport in_t, out_t
 from _openmp cimport fk_max_threads
 
-ctypedef fused in_t:
-    float
-    double
-
-ctypedef fused out_t:
-    float
-    double
 
 cdef enum:
     CHUNK = 2048          # coordinates per task of weighted_sum: float64 sums stay in L1

@@ -15,15 +15,9 @@ from libc.stdint cimport uintptr_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
 
+from _fused cimport in_t, out_t
 from _openmp cimport fk_max_threads
 
-ctypedef fused in_t:
-    float
-    double
-
-ctypedef fused out_t:
-    float
-    double
 
 ctypedef fused ref_t:
     float

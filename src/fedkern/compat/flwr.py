@@ -217,56 +217,50 @@ def _decode_record(record) -> list[np.ndarray]:
 # Robust-family building blocks
 # --------------------------------------------------------------------------------------
 
-def _robust(name: str):
-    op = getattr(fedkern, name, None)
-    if op is None:
-        raise NotImplementedError(f"fedkern.{name} is not available in this build of fedkern")
-    return op
+def _coordinatewise_layer(arrays: list[np.ndarray], rule, numpy_rule=None) -> np.ndarray:
+    """A coordinate-wise rule on one layer, in Flower's result dtype.
+
+    ``rule(rows)`` runs on fedkern's kernels for float and integer layers; complex and
+    extended-precision layers go to ``numpy_rule(stacked)``, or are computed in float64
+    when there is none.
+    """
+    shape, dtype = arrays[0].shape, np.result_type(*arrays)
+    result_dtype = _float_result(dtype)
+    if arrays[0].size == 0:
+        return np.zeros(shape, result_dtype)
+    compute = _compute_dtype(dtype)
+    if compute is None and numpy_rule is not None:
+        return np.asarray(numpy_rule(np.stack(arrays))).astype(result_dtype)
+    return _cast(rule(_rows(arrays, compute or _F64)), result_dtype, shape)
 
 
 def _median_layer(arrays: list[np.ndarray]) -> np.ndarray:
     """Coordinate-wise median of one layer (midpoint for even K; NaN ordered as +inf)."""
-    shape, dtype = arrays[0].shape, np.result_type(*arrays)
-    result_dtype = _float_result(dtype)
-    if arrays[0].size == 0:
-        return np.zeros(shape, result_dtype)
-    compute = _compute_dtype(dtype)
-    if compute is None:
-        return np.asarray(np.median(np.stack(arrays), axis=0)).astype(result_dtype)
-    return _cast(_robust("median")(_rows(arrays, compute), check_finite=False), result_dtype, shape)
+    return _coordinatewise_layer(arrays, lambda rows: fedkern.median(rows, check_finite=False),
+                                 lambda stacked: np.median(stacked, axis=0))
 
 
 def _trimmed_layer(arrays, f: int) -> np.ndarray:
     """Mean after dropping the ``f`` smallest and ``f`` largest values of each coordinate."""
-    shape, dtype = arrays[0].shape, np.result_type(*arrays)
-    result_dtype = _float_result(dtype)
-    if arrays[0].size == 0:
-        return np.zeros(shape, result_dtype)
-    compute = _compute_dtype(dtype)
-    if compute is None:
-        ordered = np.sort(np.stack(arrays), axis=0)
-        return np.asarray(ordered[f:len(arrays) - f].mean(axis=0)).astype(result_dtype)
-    return _cast(_robust("trimmed_mean")(_rows(arrays, compute), f=f, check_finite=False), result_dtype, shape)
+    return _coordinatewise_layer(arrays, lambda rows: fedkern.trimmed_mean(rows, f=f, check_finite=False),
+                                 lambda stacked: np.sort(stacked, axis=0)[f:len(stacked) - f].mean(axis=0))
 
 
 def _mean_around_median_layer(arrays: list[np.ndarray], keep: int) -> np.ndarray:
     """Per coordinate, the mean of the ``keep`` values closest to the median (Bulyan)."""
-    shape, dtype = arrays[0].shape, np.result_type(*arrays)
-    result_dtype = _float_result(dtype)
-    if arrays[0].size == 0:
-        return np.zeros(shape, result_dtype)
-    compute = _compute_dtype(dtype) or _F64
-    rows = _rows(arrays, compute)
-    drop = len(rows) - keep
-    if len(rows) >= 2 * drop + 1:
-        result = _robust("meamed")(rows, drop, check_finite=False)
-    else:  # fewer than half kept: meamed refuses, its kernel does not
+    def rule(rows):
+        drop = len(rows) - keep
+        if len(rows) >= 2 * drop + 1:
+            return fedkern.meamed(rows, drop, check_finite=False)
+        # fewer than half kept (Flower's Bulyan allows it): meamed refuses, its kernel does not
         from ..backends import kernels
 
         valid = check.updates(rows)
-        result = np.empty(valid.d, compute)
+        result = np.empty(valid.d, valid.dtype)
         kernels("robust").mean_around_median(valid, keep, result)
-    return _cast(result, result_dtype, shape)
+        return result
+
+    return _coordinatewise_layer(arrays, rule)
 
 
 def _sq_distances(layers: list[list[np.ndarray]]) -> np.ndarray:
@@ -282,7 +276,7 @@ def _sq_distances(layers: list[list[np.ndarray]]) -> np.ndarray:
         if arrays[0].size == 0:
             continue
         compute = _compute_dtype(np.result_type(*arrays)) or _F64
-        total += _robust("pairwise_sq_distances")(_rows(arrays, compute), method="exact")
+        total += fedkern.pairwise_sq_distances(_rows(arrays, compute), method="exact")
     return total
 
 
