@@ -182,6 +182,15 @@ def test_auto_picks_the_first_available_in_auto_order(family):
     assert backends.AUTO_ORDER[family][-1] == "reference"  # the fallback that always works
 
 
+def test_auto_order_can_differ_for_one_kernel():
+    """meamed's kernel has its own "auto" order (Numba measured faster for it)."""
+    order = backends.AUTO_ORDER["robust.mean_around_median"]
+    first = next(name for name in order if backends.is_available(name, "robust"))
+    assert backends.resolve("robust", "auto", "mean_around_median") == first
+    assert backends.resolve("robust", "auto", "trimmed_mean") == backends.resolve("robust", "auto")
+    assert backends.resolve("robust", "cython", "mean_around_median") == "cython"  # explicit wins
+
+
 def test_auto_runs_the_resolved_backend(ran):
     assert ran(backend="auto") == backends.resolve("aggregate", "auto")
 

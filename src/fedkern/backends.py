@@ -19,11 +19,13 @@ from ._validate import BackendUnavailableError, FedkernTypeError, FedkernValueEr
 NAMES = ("reference", "cython", "numba")
 _PACKAGES = {"reference": "fedkern._reference", "cython": "fedkern._cython", "numba": "fedkern._numba"}
 
-#: Backend tried first by ``"auto"``, per op family (fastest measured first, see README).
+#: Backend tried first by ``"auto"``, per op family, or per ``"family.kernel"`` where one
+#: kernel of a family is fastest elsewhere (fastest measured first, see README).
 AUTO_ORDER = {
     "aggregate": ("cython", "numba", "reference"),
     "optim": ("cython", "numba", "reference"),
     "robust": ("cython", "numba", "reference"),
+    "robust.mean_around_median": ("numba", "cython", "reference"),
 }
 
 _global_backend = os.environ.get("FEDKERN_BACKEND", "auto")
@@ -125,17 +127,19 @@ def is_available(backend: str, family: str = "aggregate") -> bool:
     return True
 
 
-def resolve(family: str, backend: str | None = None) -> str:
-    """Name of the concrete backend that will run an op of ``family``."""
+def resolve(family: str, backend: str | None = None, kernel: str | None = None) -> str:
+    """Name of the concrete backend that will run ``kernel`` (or any kernel) of ``family``."""
     name = _check_name(backend if backend is not None else get_backend())
     if name != "auto":
         return name
-    return next(b for b in AUTO_ORDER[family] if is_available(b, family))
+    order = AUTO_ORDER.get(f"{family}.{kernel}", AUTO_ORDER[family])
+    return next(b for b in order if is_available(b, family))
 
 
-def kernels(family: str, backend: str | None = None) -> ModuleType:
-    """The kernel module of ``family`` for ``backend``, ready to run on the set threads."""
-    name = resolve(family, backend)
+def kernels(family: str, backend: str | None = None, kernel: str | None = None) -> ModuleType:
+    """The kernel module of ``family`` for ``backend`` (``kernel``: the one kernel the caller
+    will run, for a per-kernel ``"auto"`` order), ready to run on the set threads."""
+    name = resolve(family, backend, kernel)
     module = _load(name, family)
     if name != "reference":
         _load(name, "_runtime").use_threads(_num_threads)

@@ -212,7 +212,7 @@ def meamed(updates: UpdatesLike, f: int, *, out: np.ndarray | None = None, dtype
     rows = check.updates(updates)
     f = _byzantine(f, rows.k, lambda f: 2 * f + 1, "meamed")
     result = check.out(out, (rows.d,), rows.dtype, dtype)
-    kernels("robust", backend).mean_around_median(rows, rows.k - f, result)
+    kernels("robust", backend, "mean_around_median").mean_around_median(rows, rows.k - f, result)
     return _finish("meamed", rows, result, check_finite)
 
 
@@ -297,7 +297,7 @@ def bulyan(updates: UpdatesLike, f: int, *, method: str = "auto", return_indices
         selected.append(remaining.pop(int(np.argmin(scores))))  # argmin: first of ties
     selected = np.array(selected)
     result = check.out(out, (rows.d,), rows.dtype, dtype)
-    kernels("robust", backend).mean_around_median(rows.subset(selected), len(selected) - 2 * f, result)
+    kernels("robust", backend, "mean_around_median").mean_around_median(rows.subset(selected), len(selected) - 2 * f, result)
     _finish("bulyan", rows, result, check_finite)
     return (result, selected) if return_indices else result
 

@@ -257,7 +257,7 @@ def _mean_around_median_layer(arrays: list[np.ndarray], keep: int) -> np.ndarray
 
         valid = check.updates(rows)
         result = np.empty(valid.d, valid.dtype)
-        kernels("robust").mean_around_median(valid, keep, result)
+        kernels("robust", kernel="mean_around_median").mean_around_median(valid, keep, result)
         return result
 
     return _coordinatewise_layer(arrays, rule)
