@@ -109,10 +109,13 @@ def _sq_distances(rows: check.Updates, method: str, backend: str | None) -> tupl
     +inf; the diagonal is 0.
     """
     if method == "exact":
-        distances, norms = np.empty((rows.k, rows.k)), np.empty(rows.k)
+        distances = np.empty((rows.k, rows.k))
         kernels("robust", backend).exact_sq_distances(rows, distances)
-        kernels("aggregate", backend).l2_norms(rows, norms)
-        finite = np.isfinite(norms)
+        finite = np.ones(rows.k, bool)
+        if not np.isfinite(distances).all():  # only then a norm pass to tell which updates are bad
+            norms = np.empty(rows.k)
+            kernels("aggregate", backend).l2_norms(rows, norms)
+            finite = np.isfinite(norms)
     else:
         gram = _gram(rows, backend)
         sq = np.diag(gram)
