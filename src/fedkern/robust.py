@@ -67,10 +67,10 @@ def _method(method: str, k: int) -> str:
     return method
 
 
-def _tiles(rows: check.Updates, dtype: np.dtype):
+def _tiles(rows: check.Updates):
     """(j0, (K, n) C-contiguous tile buffer) over the coordinates, reusing one buffer."""
-    width = int(min(rows.d, max(256, TILE_BYTES // (rows.k * np.dtype(dtype).itemsize))))
-    buffer = np.empty(rows.k * width, dtype)
+    width = int(min(rows.d, max(256, TILE_BYTES // (rows.k * rows.dtype.itemsize))))
+    buffer = np.empty(rows.k * width, rows.dtype)
     for j0 in range(0, rows.d, width):
         n = min(width, rows.d - j0)
         yield j0, buffer[:rows.k * n].reshape(rows.k, n)
@@ -93,7 +93,7 @@ def _gram(rows: check.Updates, backend: str | None) -> np.ndarray:
         rows = rows.subset(order)
     gram = np.zeros((rows.k, rows.k))
     with np.errstate(invalid="ignore", over="ignore"):  # non-finite updates are handled by the caller
-        for j0, tile in _tiles(rows, rows.dtype):
+        for j0, tile in _tiles(rows):
             module.gather_tile(rows, j0, True, tile)
             gram += tile @ tile.T  # numpy calls BLAS SYRK for this product
     if order is not None:
@@ -300,7 +300,8 @@ def bulyan(updates: UpdatesLike, f: int, *, method: str = "auto", return_indices
         selected.append(remaining.pop(int(np.argmin(scores))))  # argmin: first of ties
     selected = np.array(selected)
     result = check.out(out, (rows.d,), rows.dtype, dtype)
-    kernels("robust", backend, "mean_around_median").mean_around_median(rows.subset(selected), len(selected) - 2 * f, result)
+    module = kernels("robust", backend, "mean_around_median")
+    module.mean_around_median(rows.subset(selected), len(selected) - 2 * f, result)
     _finish("bulyan", rows, result, check_finite)
     return (result, selected) if return_indices else result
 
@@ -317,7 +318,7 @@ def geometric_median(updates: UpdatesLike, weights=None, *, nu: float = 1e-6, ma
               \beta_i = \frac{\alpha_i}{\max(\nu, \lVert z - x_i \rVert)}
 
     and stops after ``maxiter`` iterations or when
-    :math:`|g_{\text{prev}} - g| < \text{tol} \cdot g`. Each iteration is two passes over
+    :math:`|g_{\text{prev}} - g| \le \text{tol} \cdot g`. Each iteration is two passes over
     the updates (a weighted sum and the distances); z is kept in float64. Updates holding
     NaN or inf are infinitely far from every point and are left out.
 
@@ -402,7 +403,7 @@ def centered_clipping(updates: UpdatesLike, center: np.ndarray, tau: float, iter
     for _ in range(iterations):
         module.sq_distances_to(rows, v, sq)
         good = np.flatnonzero(np.isfinite(sq))
-        scale = np.minimum(1.0, tau / np.maximum(np.sqrt(sq[good]), tau)) / rows.k
+        scale = tau / np.maximum(np.sqrt(sq[good]), tau) / rows.k  # min(1, tau / ||x_i - v||) / K
         if good.size:
             aggregate_kernels.weighted_sum(rows.subset(good), scale, step)
             v = step + (1.0 - scale.sum()) * v  # v + sum_i c_i (x_i - v) / K
@@ -441,7 +442,7 @@ def nearest_neighbor_mixing(updates: UpdatesLike, f: int, *, method: str = "auto
 def _mix(rows: check.Updates, mixing: np.ndarray, target: check.Updates, backend) -> None:
     """target_i = sum_l mixing[i, l] rows_l, tile by tile (BLAS in float64)."""
     module = kernels("robust", backend)
-    for j0, tile in _tiles(rows, rows.dtype):
+    for j0, tile in _tiles(rows):
         module.gather_tile(rows, j0, False, tile)
         mixed = mixing @ tile.astype(np.float64)
         if target.matrix is not None:
