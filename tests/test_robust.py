@@ -1,7 +1,6 @@
 """Robust aggregation: every backend against the reference, the reference against
 independent oracles (numpy, scipy, brute force written plainly here), bad input, and
 robustness under attack."""
-import itertools
 
 import numpy as np
 import pytest
@@ -9,7 +8,6 @@ import scipy.stats
 from hypothesis import given, strategies as st
 
 import fedkern
-from conftest import ALL_BACKENDS, FAST_BACKENDS
 
 F32, F64 = np.dtype(np.float32), np.dtype(np.float64)
 

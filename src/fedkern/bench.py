@@ -126,6 +126,12 @@ def _robust(op: str, k: int, d: int) -> Case:
         # a fixed number of iterations, so every backend does the same work
         "geometric_median": (lambda rows, b: robust.geometric_median(rows, maxiter=10, tol=0.0, backend=b),
                              None, None),
+        # from the origin, with a radius that clips about half the (unit-variance) updates
+        "centered_clipping": (lambda rows, b: robust.centered_clipping(rows, np.zeros(d, np.float32), np.sqrt(d),
+                                                                       iterations=3, backend=b), None, None),
+        "nearest_neighbor_mixing": (lambda rows, b: robust.nearest_neighbor_mixing(rows, f, backend=b), None, None),
+        "bucketing": (lambda rows, b: robust.bucketing(rows, 2, seed=0, backend=b), None, None),
+        "adaptive_clipping": (lambda rows, b: robust.adaptive_clipping(rows, f, backend=b), None, None),
     }
     run, peer, make_peer = calls[op]
 
@@ -146,7 +152,7 @@ def _trim_mean_peer(stack: np.ndarray) -> Callable[[], object]:
 
 
 ROBUST_OPS = ("median", "trimmed_mean", "meamed", "pairwise_gram", "pairwise_exact", "krum", "bulyan",
-              "geometric_median")
+              "geometric_median", "centered_clipping", "nearest_neighbor_mixing", "bucketing", "adaptive_clipping")
 
 
 def cnn_shapes(d: int) -> list[tuple[int, ...]]:
@@ -337,7 +343,7 @@ def run(profile: str = "default", backend_names: tuple[str, ...] | None = None,
     bandwidth = read_bandwidth(64 << 20 if profile == "quick" else 512 << 20)
     say(f"fedkern bench ({profile}): {platform.machine()}, {backends.get_num_threads()} threads, "
         f"measured read bandwidth {bandwidth:.1f} GB/s")
-    say(f"{'op':<18} {'size':<14} {'backend':<16} {'median ms':>10} {'GB/s':>7} {'% bw':>6} {'x ref':>7} "
+    say(f"{'op':<24} {'size':<14} {'backend':<16} {'median ms':>10} {'GB/s':>7} {'% bw':>6} {'x ref':>7} "
         f"{'x peer':>7}")
     rows = []
     budget = 0.3 if profile == "quick" else 1.0
@@ -353,7 +359,7 @@ def run(profile: str = "default", backend_names: tuple[str, ...] | None = None,
                        speedup_vs_peer=timings[case.peer] / seconds if case.peer else None)
             rows.append(row)
             vs_peer = f"{row['speedup_vs_peer']:>7.2f}" if case.peer else f"{'':>7}"
-            say(f"{case.op:<18} {case.size:<14} {name:<16} {1e3 * seconds:>10.3f} {gbps:>7.2f} "
+            say(f"{case.op:<24} {case.size:<14} {name:<16} {1e3 * seconds:>10.3f} {gbps:>7.2f} "
                 f"{row['percent_bandwidth']:>6.1f} {row['speedup']:>7.2f} {vs_peer}")
         del call
     result = dict(profile=profile, machine=platform.machine(), processor=platform.processor(),

@@ -25,7 +25,6 @@ default) is exact for K <= :data:`EXACT_MAX_K`, where it is also the faster of t
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
 
 import numpy as np
 
