@@ -29,9 +29,9 @@ cdef void* _scratch(Py_ssize_t nbytes) except NULL:
     return buffer
 
 
-def weighted_sum(updates, const double[::1] weights, out) -> int:
-    """out = sum_i weights[i] * updates[i]; return the number of non-finite outputs."""
-    return _weighted_sum(updates.pointers, updates.first, weights, out)
+def weighted_sum(updates, const double[::1] weights, double divisor, out) -> int:
+    """out = (sum_i weights[i] * updates[i]) / divisor; return the number of non-finite outputs."""
+    return _weighted_sum(updates.pointers, updates.first, weights, divisor, out)
 
 
 cdef inline void _add_rows4(double* acc, const in_t* r0, const in_t* r1, const in_t* r2,
@@ -51,7 +51,7 @@ cdef inline void _add_row(double* acc, const in_t* row, double w, Py_ssize_t n) 
 
 
 def _weighted_sum(const uintptr_t[::1] pointers, const in_t[::1] first,
-                  const double[::1] weights, out_t[::1] out):
+                  const double[::1] weights, double divisor, out_t[::1] out):
     cdef const in_t** rows = <const in_t**> &pointers[0]
     cdef Py_ssize_t k = pointers.shape[0], d = first.shape[0]
     cdef Py_ssize_t nchunks = (d + CHUNK - 1) // CHUNK
@@ -76,7 +76,7 @@ def _weighted_sum(const uintptr_t[::1] pointers, const in_t[::1] first,
                 _add_row(acc, rows[i] + j0, weights[i], n)
                 i = i + 1
             for j in range(n):
-                value = <out_t> acc[j]
+                value = <out_t> (acc[j] / divisor)  # the float64 sum is divided, then rounded once
                 out[j0 + j] = value
                 if not isfinite(value):
                     nonfinite += 1

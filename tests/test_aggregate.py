@@ -2,6 +2,7 @@
 independent oracles, exact small examples, dtypes and ``out=``, thread-count
 independence, no input mutation, and non-finite detection."""
 import warnings
+from fractions import Fraction
 from dataclasses import dataclass
 
 import numpy as np
@@ -281,8 +282,8 @@ def test_accumulator_sum_and_mean_match_weighted_sum_and_mean(any_backend, dtype
     assert acc.total_weight == pytest.approx(float(np.sum(np.asarray(weights, np.float64))), rel=1e-12)
     # Documented: the sum is exactly the one weighted_sum computes.
     assert np.array_equal(acc.sum(), fedkern.weighted_sum(updates, weights, backend=any_backend))
-    # The mean is sum * (1 / total) while weighted_mean sums (w_i / total) x_i: equal to
-    # a few float64 ulps of the terms, not bit for bit.
+    # Both divide the same float64 sum once, but by totals summed in different orders (a
+    # running total here, numpy's pairwise sum there): equal to an ulp, not bit for bit.
     mean = acc.mean()
     assert mean.dtype == dtype
     expected = fedkern.weighted_mean(updates, weights, backend=any_backend)
@@ -292,6 +293,23 @@ def test_accumulator_sum_and_mean_match_weighted_sum_and_mean(any_backend, dtype
 # ---------------------------------------------------------------------------------------
 # Small examples with exact answers (every backend)
 # ---------------------------------------------------------------------------------------
+
+@given(k=st.integers(1, 40), d=st.integers(1, 70), seed=st.integers(0, 2**32 - 1))
+def test_weighted_mean_divides_the_exact_sum_once(any_backend, dtype, k, d, seed):
+    """Integer updates and weights small enough that every float64 product and partial sum
+    is exact: the result must be the correctly rounded quotient sum / total, rounded once
+    more into the output dtype. Multiplying by pre-normalised weights w_i / W rounds every
+    term and fails this (e.g. the mean of two 7s weighted 1 and 2 came out 6.999999999999999)."""
+    rng = np.random.default_rng(seed)
+    x = rng.integers(-(2**20), 2**20, size=(k, d)).astype(dtype)
+    w = rng.integers(0, 1000, size=k)
+    w[rng.integers(k)] += 1  # not all zero
+    total = int(w.sum())
+    exact = [float(Fraction(int(w @ x[:, j].astype(np.int64)), total)) for j in range(d)]
+    result = fedkern.weighted_mean(list(x), w, backend=any_backend)
+    np.testing.assert_array_equal(result, np.array(exact).astype(dtype))
+    same = np.full((k, d), 7.0, dtype)
+    np.testing.assert_array_equal(fedkern.weighted_mean(same, w, backend=any_backend), same[0])
 
 def test_exact_small_examples(any_backend, dtype):
     x = np.array([[1.0, 2.0], [3.0, 4.0]], dtype)

@@ -42,7 +42,7 @@ def weighted_sum(updates: UpdatesLike, weights, *, out: np.ndarray | None = None
     """
     rows = check.updates(updates)
     w = check.weights(weights, rows.k)
-    return _weighted_sum("weighted_sum", rows, w, out, dtype, check_finite, backend)
+    return _weighted_sum("weighted_sum", rows, w, 1.0, out, dtype, check_finite, backend)
 
 
 def weighted_mean(updates: UpdatesLike, weights=None, *, out: np.ndarray | None = None, dtype=None,
@@ -65,12 +65,13 @@ def weighted_mean(updates: UpdatesLike, weights=None, *, out: np.ndarray | None 
         weights = updates.weights
     rows = check.updates(updates)
     w = np.ones(rows.k) if weights is None else check.weights(weights, rows.k)
-    return _weighted_sum("weighted_mean", rows, w / w.sum(), out, dtype, check_finite, backend)
+    return _weighted_sum("weighted_mean", rows, w, w.sum(), out, dtype, check_finite, backend)
 
 
-def _weighted_sum(op, rows, w, out, dtype, check_finite, backend):
+def _weighted_sum(op, rows, w, divisor, out, dtype, check_finite, backend):
+    """(sum_i w_i x_i) / divisor into ``out``: the float64 sum is divided once, then rounded."""
     result = check.out(out, (rows.d,), rows.dtype, dtype)
-    nonfinite = kernels("aggregate", backend).weighted_sum(rows, w, result)
+    nonfinite = kernels("aggregate", backend).weighted_sum(rows, w, divisor, result)
     if check_finite and nonfinite:
         check.raise_nonfinite(op, rows, result)
     return result
@@ -164,7 +165,7 @@ class Accumulator:
         if self.total_weight <= 0:
             raise check.FedkernValueError("Accumulator.mean: no update with positive weight was added")
         result = check.out(out, (self.d,), self.dtype)
-        np.multiply(self._sum, 1.0 / self.total_weight, out=result, casting="unsafe")
+        np.divide(self._sum, self.total_weight, out=result, casting="unsafe")
         return result
 
     def reset(self) -> None:

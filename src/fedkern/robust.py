@@ -255,9 +255,9 @@ def krum(updates: UpdatesLike, f: int, m: int = 1, weights=None, *, method: str 
 
     Examples
     --------
-    >>> updates = np.array([[0.0], [0.1], [0.2], [0.3], [9.0]])
-    >>> fedkern.krum(updates, f=1, return_indices=True)
-    (array([0.1]), array([1]))
+    >>> updates = np.array([[0.0], [0.25], [0.5], [0.75], [9.0]])
+    >>> fedkern.krum(updates, f=1, return_indices=True)  # updates 1 and 2 tie: the lower index wins
+    (array([0.25]), array([1]))
     """
     rows = check.updates(updates)
     f = _byzantine(f, rows.k, lambda f: 2 * f + 3, "krum")
@@ -269,7 +269,7 @@ def krum(updates: UpdatesLike, f: int, m: int = 1, weights=None, *, method: str 
     w = w[selected] if m > 1 else np.ones(1)
     if not w.any():
         raise check.FedkernValueError(f"krum: every selected client {selected.tolist()} has weight 0")
-    result = _weighted_sum("krum", rows.subset(selected), w / w.sum(), out, dtype, check_finite, backend)
+    result = _weighted_sum("krum", rows.subset(selected), w, w.sum(), out, dtype, check_finite, backend)
     return (result, selected) if return_indices else result
 
 
@@ -340,14 +340,14 @@ def geometric_median(updates: UpdatesLike, weights=None, *, nu: float = 1e-6, ma
     result = check.out(out, (rows.d,), rows.dtype, dtype)
 
     kept, z = rows, np.empty(rows.d)
-    if aggregate_kernels.weighted_sum(rows, alpha / alpha.sum(), z):  # the start is not finite:
+    if aggregate_kernels.weighted_sum(rows, alpha, alpha.sum(), z):  # the start is not finite:
         sq = np.empty(rows.k)                                        # leave the bad updates out
         module.sq_distances_to(rows, np.zeros(rows.d), sq)
         good = np.flatnonzero(np.isfinite(sq) & (alpha > 0))
         if good.size == 0:
             check.raise_nonfinite("geometric_median", rows)
         kept, alpha = rows.subset(good), alpha[good]
-        aggregate_kernels.weighted_sum(kept, alpha / alpha.sum(), z)
+        aggregate_kernels.weighted_sum(kept, alpha, alpha.sum(), z)
     alpha = alpha / alpha.sum()
     distances = np.empty(kept.k)
 
@@ -359,7 +359,7 @@ def geometric_median(updates: UpdatesLike, weights=None, *, nu: float = 1e-6, ma
     current, iterations, converged = objective(), 0, False
     while iterations < maxiter and not converged:
         beta = alpha / np.maximum(nu, distances)
-        aggregate_kernels.weighted_sum(kept, beta / beta.sum(), z)
+        aggregate_kernels.weighted_sum(kept, beta, beta.sum(), z)
         previous, current = current, objective()
         iterations += 1
         converged = abs(previous - current) <= tol * current
@@ -404,7 +404,7 @@ def centered_clipping(updates: UpdatesLike, center: np.ndarray, tau: float, iter
         good = np.flatnonzero(np.isfinite(sq))
         scale = tau / np.maximum(np.sqrt(sq[good]), tau) / rows.k  # min(1, tau / ||x_i - v||) / K
         if good.size:
-            aggregate_kernels.weighted_sum(rows.subset(good), scale, step)
+            aggregate_kernels.weighted_sum(rows.subset(good), scale, 1.0, step)
             v = step + (1.0 - scale.sum()) * v  # v + sum_i c_i (x_i - v) / K
     result[...] = v
     return _finish("centered_clipping", rows, result, check_finite)
@@ -420,7 +420,17 @@ def nearest_neighbor_mixing(updates: UpdatesLike, f: int, *, method: str = "auto
     before a robust rule (e.g. ``krum(nearest_neighbor_mixing(x, f), f)``). Needs
     K >= 2f + 1. Computed as a (K, K) mixing matrix applied with BLAS over coordinate
     tiles. An update holding NaN or inf is nobody's neighbour and its own row comes out
-    as NaN, for the rule that follows to discard.
+    as NaN, for the rule that follows to discard; when more than f updates are
+    non-finite, a row is the mean of the finite ones among its K - f nearest.
+
+    Examples
+    --------
+    >>> fedkern.nearest_neighbor_mixing(np.array([[1.0], [2.0], [3.0], [np.inf], [np.inf]]), f=1)
+    array([[ 2.],
+           [ 2.],
+           [ 2.],
+           [nan],
+           [nan]])
 
     Returns a (K, D) array of the updates' dtype, or ``out`` (an array or K rows).
     """
@@ -430,7 +440,11 @@ def nearest_neighbor_mixing(updates: UpdatesLike, f: int, *, method: str = "auto
     distances, finite = _sq_distances(rows, _method(method, rows.k), backend)
     mixing = np.zeros((rows.k, rows.k))
     for i in range(rows.k):
-        mixing[i, np.argsort(distances[i], kind="stable")[:rows.k - f]] = 1.0 / (rows.k - f)
+        nearest = np.argsort(distances[i], kind="stable")[:rows.k - f]
+        # with more than f non-finite updates a finite row has fewer than K - f finite
+        # neighbours: it is the mean of those it has, never a sum divided by K - f
+        nearest = nearest[finite[nearest]]
+        mixing[i, nearest] = 1.0 / max(nearest.size, 1)
     good = np.flatnonzero(finite)
     _mix(rows.subset(good) if good.size < rows.k else rows, mixing[:, good], target, backend)
     for i in np.flatnonzero(~finite):
@@ -465,7 +479,7 @@ def bucketing(updates: UpdatesLike, s: int, seed=None, *, backend: str | None = 
     buckets = [order[b:b + s] for b in range(0, rows.k, s)]
     result = np.empty((len(buckets), rows.d), rows.dtype)
     for out_row, bucket in zip(result, buckets):
-        _weighted_sum("bucketing", rows.subset(bucket), np.full(bucket.size, 1.0 / bucket.size),
+        _weighted_sum("bucketing", rows.subset(bucket), np.ones(bucket.size), bucket.size,
                       out_row, None, False, backend)
     return result
 

@@ -15,13 +15,13 @@ NORM_LANES = 16
 CLIP_GROUP_BYTES = 8 << 20
 
 
-def weighted_sum(updates, weights, out) -> int:
-    """out = sum_i weights[i] * updates[i]; return the number of non-finite outputs."""
-    return _weighted_sum(updates.pointers, updates.first, weights, out)
+def weighted_sum(updates, weights, divisor, out) -> int:
+    """out = (sum_i weights[i] * updates[i]) / divisor; return the number of non-finite outputs."""
+    return _weighted_sum(updates.pointers, updates.first, weights, np.float64(divisor), out)
 
 
 @njit(**KERNEL)
-def _weighted_sum(pointers, first, weights, out):
+def _weighted_sum(pointers, first, weights, divisor, out):
     d = first.shape[0]
     nonfinite = 0
     for c in prange((d + CHUNK - 1) // CHUNK):
@@ -46,7 +46,7 @@ def _weighted_sum(pointers, first, weights, out):
                 acc[j] += w * x[j]
             i += 1
         for j in range(n):
-            out[j0 + j] = acc[j]
+            out[j0 + j] = acc[j] / divisor
             if not np.isfinite(out[j0 + j]):
                 nonfinite += 1
     return nonfinite

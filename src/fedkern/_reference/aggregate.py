@@ -11,12 +11,12 @@ def _count_nonfinite(values: np.ndarray) -> int:
     return int(np.count_nonzero(~np.isfinite(values)))
 
 
-def weighted_sum(updates, weights: np.ndarray, out: np.ndarray) -> int:
-    """out = sum_i weights[i] * updates[i]; return the number of non-finite outputs."""
+def weighted_sum(updates, weights: np.ndarray, divisor: float, out: np.ndarray) -> int:
+    """out = (sum_i weights[i] * updates[i]) / divisor; return the number of non-finite outputs."""
     total = np.zeros(updates.d)
     for weight, row in zip(weights, updates):
         total += weight * row
-    out[...] = total
+    out[...] = total / divisor
     return _count_nonfinite(out)
 
 
