@@ -43,9 +43,12 @@ def run_case(benchmark, case, backend):
 
 def run_peer(benchmark, case, once=False):
     """Benchmark the case's peer implementation (np.median, BLAS SYRK, Flower, ...) in its group."""
+    call = _call(case)
+    if not hasattr(call, "peer"):
+        pytest.skip(f"peer {case.peer} needs {case.peer_package} ({bench.INSTALL_HINTS[case.peer_package]})")
     benchmark.group = case.name
     benchmark.extra_info["bytes"] = case.nbytes
     if once:
-        benchmark.pedantic(_call(case).peer, rounds=1, iterations=1)
+        benchmark.pedantic(call.peer, rounds=1, iterations=1)
     else:
-        benchmark(_call(case).peer)
+        benchmark(call.peer)

@@ -10,6 +10,7 @@ cases under pytest-benchmark.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import platform
 import statistics
@@ -33,7 +34,9 @@ class Case:
     """One op at one size: ``make()`` builds its data and returns ``call(backend)``.
 
     ``call.peer``, when set, is a no-argument call of the peer implementation named
-    ``peer`` on the same data.
+    ``peer`` on the same data. ``peer_package`` is the optional package the peer comes
+    from and ``package`` one the whole case needs: when it is not installed, the peer
+    (or the case) is skipped with a note saying how to add it.
     """
 
     op: str
@@ -41,10 +44,36 @@ class Case:
     nbytes: int
     make: Callable[[], Callable[[str], object]]
     peer: str | None = None
+    peer_package: str | None = None
+    package: str | None = None
 
     @property
     def name(self) -> str:
         return f"{self.op}[{self.size}]"
+
+
+#: How a user adds each optional package a case or a peer needs.
+INSTALL_HINTS = {"scipy": "pip install scipy", "flwr": 'pip install "fedkern[flwr]"'}
+
+
+def installed(package: str) -> bool:
+    """Whether ``package`` can be imported, without importing it."""
+    try:
+        return importlib.util.find_spec(package) is not None
+    except (ImportError, ValueError):  # blocked, or a broken install
+        return False
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _rows(k: int, d: int, seed: int = 0) -> list[np.ndarray]:
@@ -134,15 +163,16 @@ def _robust(op: str, k: int, d: int) -> Case:
         "adaptive_clipping": (lambda rows, b: robust.adaptive_clipping(rows, f, backend=b), None, None),
     }
     run, peer, make_peer = calls[op]
+    peer_package = "scipy" if op == "trimmed_mean" else None
 
     def make():
         rows = _rows(k, d)
         call = lambda b: run(rows, b)  # noqa: E731
-        if make_peer is not None:
+        if make_peer is not None and (peer_package is None or installed(peer_package)):
             call.peer = make_peer(np.stack(rows))
         return call
 
-    return Case(op, _size(k, d), 4 * k * d, make, peer)
+    return Case(op, _size(k, d), 4 * k * d, make, peer, peer_package)
 
 
 def _trim_mean_peer(stack: np.ndarray) -> Callable[[], object]:
@@ -179,7 +209,27 @@ FLWR_OPS = ("flwr.aggregate", "flwr.aggregate_inplace", "flwr.aggregate_arrayrec
 
 
 def flwr_case(op: str, k: int, d: int) -> Case:
-    """A helper of ``fedkern.compat.flwr`` on a CNN-like model; peer: Flower's own helper."""
+    """A helper of ``fedkern.compat.flwr`` on a CNN-like model; peer: Flower's own helper.
+
+    Flower is imported only when the case is made, so listing the cases needs no Flower.
+    """
+
+    def make():
+        build, ours, theirs = _flwr_calls(k)[op]
+        data = build(flwr_results(k, d))
+
+        def call(backend):
+            with backends.use_backend(backend):
+                return ours(data)
+
+        call.peer = lambda: theirs(data)
+        return call
+
+    return Case(op, _size(k, d), 4 * k * d, make, "flower", package="flwr")
+
+
+def _flwr_calls(k: int) -> dict:
+    """op: (input builder, fedkern call, Flower call), for K clients."""
     import flwr.server.strategy.aggregate as flower
     from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
     from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
@@ -200,8 +250,7 @@ def flwr_case(op: str, k: int, d: int) -> Case:
     def same(results):
         return results
 
-    # op: (input builder, fedkern call, Flower call)
-    calls = {
+    return {
         "flwr.aggregate": (same, fk.aggregate, flower.aggregate),
         "flwr.aggregate_inplace": (fit_results, fk.aggregate_inplace, flower.aggregate_inplace),
         "flwr.aggregate_arrayrecords": (contents, lambda c: fk.aggregate_arrayrecords(c, "num-examples"),
@@ -216,19 +265,6 @@ def flwr_case(op: str, k: int, d: int) -> Case:
         "flwr.aggregate_bulyan": (same, lambda r: fk.aggregate_bulyan(r, f, fk.aggregate_krum),
                                   lambda r: flower.aggregate_bulyan(list(r), f, flower.aggregate_krum, to_keep=0)),
     }
-    build, ours, theirs = calls[op]
-
-    def make():
-        data = build(flwr_results(k, d))
-
-        def call(backend):
-            with backends.use_backend(backend):
-                return ours(data)
-
-        call.peer = lambda: theirs(data)
-        return call
-
-    return Case(op, _size(k, d), 4 * k * d, make, "flower")
 
 
 def cases(profile: str = "default") -> list[Case]:
@@ -341,28 +377,39 @@ def run(profile: str = "default", backend_names: tuple[str, ...] | None = None,
         names.insert(0, "reference")
     say = echo or (lambda line: None)
     bandwidth = read_bandwidth(64 << 20 if profile == "quick" else 512 << 20)
-    say(f"fedkern bench ({profile}): {platform.machine()}, {backends.get_num_threads()} threads, "
+    say(f"fedkern bench ({profile}): {cpu_name()} ({platform.machine()}), {backends.get_num_threads()} threads, "
         f"measured read bandwidth {bandwidth:.1f} GB/s")
     say(f"{'op':<24} {'size':<14} {'backend':<16} {'median ms':>10} {'GB/s':>7} {'% bw':>6} {'x ref':>7} "
         f"{'x peer':>7}")
-    rows = []
+    rows, skipped = [], set()
+
+    def skip(package: str, what: str) -> None:
+        if package not in skipped:
+            skipped.add(package)
+            say(f"skipped {what}: {package} is not installed ({INSTALL_HINTS[package]} adds it)")
+
     budget = 0.3 if profile == "quick" else 1.0
     for case in cases(profile):
+        if case.package and not installed(case.package):
+            skip(case.package, f"the cases that need {case.package}")
+            continue
         call = case.make()
         timings = {name: median_time(lambda: call(name), budget=budget) for name in names}
-        if case.peer:
+        if case.peer and not hasattr(call, "peer"):
+            skip(case.peer_package, f"peer {case.peer}")
+        elif case.peer:
             timings[case.peer] = median_time(call.peer, budget=budget, warm_up=False)
         for name, seconds in timings.items():
             gbps = case.nbytes / seconds / 1e9
             row = dict(op=case.op, size=case.size, backend=name, median_s=seconds, gb_per_s=gbps,
                        percent_bandwidth=100 * gbps / bandwidth, speedup=timings["reference"] / seconds,
-                       speedup_vs_peer=timings[case.peer] / seconds if case.peer else None)
+                       speedup_vs_peer=timings[case.peer] / seconds if case.peer in timings else None)
             rows.append(row)
-            vs_peer = f"{row['speedup_vs_peer']:>7.2f}" if case.peer else f"{'':>7}"
+            vs_peer = f"{row['speedup_vs_peer']:>7.2f}" if case.peer in timings else f"{'':>7}"
             say(f"{case.op:<24} {case.size:<14} {name:<16} {1e3 * seconds:>10.3f} {gbps:>7.2f} "
                 f"{row['percent_bandwidth']:>6.1f} {row['speedup']:>7.2f} {vs_peer}")
         del call
-    result = dict(profile=profile, machine=platform.machine(), processor=platform.processor(),
+    result = dict(profile=profile, machine=platform.machine(), processor=cpu_name(),
                   threads=backends.get_num_threads(), read_bandwidth_gb_per_s=bandwidth, results=rows)
     if with_cold_start is None:
         with_cold_start = profile != "quick"

@@ -13,7 +13,7 @@ from . import __version__, backends, bench
 def info() -> str:
     """Versions, which backends import, OpenMP on/off, threads, and the default backend."""
     lines = [f"fedkern {__version__}", f"python {platform.python_version()} ({platform.machine()})",
-             f"numpy {np.__version__}"]
+             f"numpy {np.__version__}", f"cpu: {bench.cpu_name()}"]
     for name in backends.NAMES:
         try:
             backends._load(name, "aggregate")
@@ -21,9 +21,10 @@ def info() -> str:
         except backends.BackendUnavailableError as err:
             detail = f"NOT available ({err.__cause__})"
         if name == "cython" and detail == "available":
-            runtime = backends._load("cython", "_runtime")
+            runtime, build = backends._load("cython", "_runtime"), backends._load("cython", "_build")
+            target = f"the building CPU (-march=native: {' '.join(build.ISA) or 'no x86 extensions'})"
             detail += (f", openmp {'on' if runtime.openmp_enabled() else 'off'}, built for "
-                       f"{'this CPU (-march=native)' if runtime.native_build() else 'a portable baseline'}")
+                       f"{target if build.NATIVE else 'a portable baseline'}")
         if name == "numba" and detail == "available":
             import numba
 

@@ -1,0 +1,96 @@
+"""``fedkern bench`` and ``fedkern info`` on a plain install: no optional package is
+imported where a plain ``pip install .`` reaches, and a missing peer is skipped with a
+line saying what adds it."""
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from fedkern import bench, cli
+
+#: Every optional package fedkern knows of (extras and test-only peers).
+OPTIONAL = ("scipy", "flwr", "sklearn", "mlxtend", "matplotlib", "ray", "tqdm", "cryptography",
+            "dp_accounting", "torch")
+
+#: Run first in a subprocess: makes every optional package unimportable, as on a plain install.
+BLOCK_OPTIONAL = textwrap.dedent(f"""
+    import importlib.abc, sys
+
+    class Blocked(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in {OPTIONAL!r}:
+                raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+
+    sys.meta_path.insert(0, Blocked())
+""")
+
+
+def run_plain(code: str) -> str:
+    """Run ``code`` in a new interpreter where no optional package can be imported."""
+    done = subprocess.run([sys.executable, "-c", BLOCK_OPTIONAL + textwrap.dedent(code)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_every_module_imports_without_optional_packages():
+    out = run_plain("""
+        import pkgutil, sys
+        import fedkern
+        for module in pkgutil.walk_packages(fedkern.__path__, "fedkern."):
+            __import__(module.name)
+        from fedkern import cli
+        print(cli.info())
+        print(sorted(name for name in sys.modules if name.split(".")[0] in OPTIONAL))
+    """.replace("OPTIONAL", repr(OPTIONAL)))
+    assert "backend reference: available" in out
+    assert out.strip().splitlines()[-1] == "[]"
+
+
+def test_bench_runs_to_the_end_without_optional_packages():
+    out = run_plain("""
+        from fedkern import bench
+        result = bench.run("quick", ("reference",), with_cold_start=False)
+        assert any(row["op"] == "trimmed_mean" for row in result["results"])
+        assert not any(row["backend"] == "scipy.trim_mean" for row in result["results"])
+        flwr = bench.run("flwr", ("reference",), with_cold_start=False)
+        assert flwr["results"] == []
+        print("done")
+    """)
+    assert out.count("skipped peer scipy.trim_mean: scipy is not installed (pip install scipy adds it)") == 1
+    assert "flwr is not installed (pip install \"fedkern[flwr]\" adds it)" in out
+    assert out.strip().endswith("done")
+
+
+def test_installed_reports_missing_and_present_packages():
+    assert bench.installed("numpy")
+    assert not bench.installed("fedkern_no_such_package")
+
+
+def test_cpu_name_is_a_non_empty_string():
+    assert isinstance(bench.cpu_name(), str) and bench.cpu_name()
+
+
+def test_info_names_every_backend_and_the_threads(capsys):
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    for name in ("reference", "cython", "numba"):
+        assert f"backend {name}: " in out
+    assert "threads: " in out
+
+
+def test_bench_json_holds_every_backend_of_every_case(capsys):
+    assert cli.main(["bench", "--quick", "--no-cold-start", "--json", "--backends", "reference"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    ops = {case.op for case in bench.cases("quick")}
+    assert {row["op"] for row in result["results"]} == ops
+    assert result["processor"] == bench.cpu_name()
+    for row in result["results"]:
+        assert row["median_s"] > 0 and row["gb_per_s"] > 0
+
+
+def test_unknown_profile_is_rejected():
+    with pytest.raises(ValueError, match="profile must be one of"):
+        bench.cases("huge")
