@@ -6,9 +6,17 @@ ordinary loop, and ``fedkern info`` reports ``openmp: off``.
 The kernels are compiled for the building machine's CPU (``-march=native``), as Numba
 compiles its kernels: the vector instructions it allows make the sorting networks of the
 robust rules about twice as fast. Set ``FEDKERN_PORTABLE=1`` to build for the compiler's
-baseline instead, e.g. for a wheel meant for other machines.
+baseline instead, e.g. for a wheel meant for other machines. The instruction sets such a
+build uses are recorded in ``fedkern._cython._build`` (itself built for the baseline), and
+``fedkern.backends`` refuses the Cython backend on a CPU that lacks one of them, rather
+than letting a kernel die of an illegal instruction.
+
+Without a working C compiler the Cython kernels are skipped with a warning and the
+package still installs: the Numba and numpy backends run every op.
 """
 import os
+import re
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -49,24 +57,51 @@ def openmp_flags() -> list[str]:
 
 
 def native_flags() -> list[str]:
-    """-march=native (and a macro ``fedkern info`` reports) unless FEDKERN_PORTABLE is set."""
+    """-march=native unless FEDKERN_PORTABLE is set."""
     if os.environ.get("FEDKERN_PORTABLE") or sys.platform == "win32":
         return []
     if compiles("-march=native", "int main(void) { return 0; }\n"):
         # no contraction into FMA: it would change results, as fastmath would in Numba
-        return ["-march=native", "-ffp-contract=off", "-DFEDKERN_NATIVE=1"]
+        return ["-march=native", "-ffp-contract=off"]
     return []
 
 
+#: Instruction sets -march=native may use in vector code, as the compiler's macros and as
+#: /proc/cpuinfo names them (which is what fedkern.backends compares at import).
+ISA_MACROS = {"SSE4_1": "sse4_1", "SSE4_2": "sse4_2", "AVX": "avx", "AVX2": "avx2", "FMA": "fma",
+              "F16C": "f16c", "BMI": "bmi1", "BMI2": "bmi2", "AVX512F": "avx512f", "AVX512DQ": "avx512dq",
+              "AVX512CD": "avx512cd", "AVX512BW": "avx512bw", "AVX512VL": "avx512vl"}
+
+
+def native_isa(flags: list[str]) -> list[str]:
+    """The instruction sets ``flags`` let the compiler use, from its predefined macros."""
+    if not flags:
+        return []
+    compiler = new_compiler()
+    customize_compiler(compiler)
+    try:
+        macros = subprocess.run([compiler.compiler_so[0], *flags, "-dM", "-E", "-"], input="",
+                                capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return []
+    defined = set(re.findall(r"#define __(\w+)__ 1", macros))
+    return [name for macro, name in ISA_MACROS.items() if macro in defined]
+
+
 omp = openmp_flags()
+native = native_flags()
 # -fno-math-errno lets sqrt vectorise; it changes no result (kernels never take sqrt of a negative).
-optimise = ["/O2"] if sys.platform == "win32" else ["-O3", "-fno-math-errno"] + native_flags()
+optimise = ["/O2"] if sys.platform == "win32" else ["-O3", "-fno-math-errno"] + native
+build_info = [("FEDKERN_ISA", '"' + " ".join(native_isa(native)) + '"')] + ([("FEDKERN_NATIVE", "1")] if native else [])
 extensions = [
     Extension(
         f"fedkern._cython.{pyx.stem}",
         [str(pyx.relative_to(HERE))],
-        extra_compile_args=optimise + omp,
-        extra_link_args=omp,
+        # _build says how the others were built, so it must run on any CPU
+        extra_compile_args=(["-O2"] if pyx.stem == "_build" else optimise + omp),
+        extra_link_args=[] if pyx.stem == "_build" else omp,
+        define_macros=build_info if pyx.stem == "_build" else [],
+        optional=True,  # no compiler: a warning, and the Numba and numpy backends
     )
     for pyx in sorted((HERE / "ext").glob("*.pyx"))
 ]

@@ -7,22 +7,6 @@ cdef enum:
     BLOCK = 65536
 
 
-cdef extern from *:
-    """
-    #ifdef FEDKERN_NATIVE
-    static int fk_native_build(void) { return 1; }
-    #else
-    static int fk_native_build(void) { return 0; }
-    #endif
-    """
-    int fk_native_build() noexcept nogil
-
-
-def native_build() -> bool:
-    """Whether the extension was compiled for the building CPU (-march=native)."""
-    return bool(fk_native_build())
-
-
 def openmp_enabled() -> bool:
     """Whether the extension was built with OpenMP."""
     return bool(fk_openmp_enabled())

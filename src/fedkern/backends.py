@@ -76,8 +76,10 @@ def set_backend(name: str) -> None:
 def use_backend(name: str):
     """Use ``name`` as the default backend inside a ``with`` block (thread- and task-local).
 
+    >>> updates = [np.ones(3), np.zeros(3)]
     >>> with fedkern.use_backend("numba"):
-    ...     mean = fedkern.weighted_mean(updates)
+    ...     fedkern.weighted_mean(updates)
+    array([0.5, 0.5, 0.5])
     """
     token = _scoped_backend.set(_check_name(name))
     try:
@@ -103,12 +105,44 @@ def set_num_threads(n: int) -> None:
     _num_threads = n
 
 
+def cpu_flags() -> frozenset[str] | None:
+    """The running CPU's feature flags as /proc/cpuinfo names them (None: not known here)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return None
+
+
+def _check_cython_build() -> None:
+    """Refuse Cython kernels compiled for instructions this CPU lacks (e.g. a build made on
+    an AVX-512 machine, then used on one without): they would die of SIGILL, not raise."""
+    build = importlib.import_module("fedkern._cython._build")
+    flags = cpu_flags()
+    missing = [name for name in build.ISA if flags is not None and name not in flags]
+    if missing:
+        raise ImportError(
+            f"its kernels were compiled (-march=native) for a CPU with {', '.join(missing)}, which this CPU "
+            f"lacks; reinstall fedkern on this machine (pip install --force-reinstall --no-cache-dir ...) "
+            f"or build it with FEDKERN_PORTABLE=1"
+        )
+
+
 def _load(backend: str, family: str) -> ModuleType:
     key = (backend, family)
     if key not in _modules:
         try:
+            if backend == "cython":
+                _check_cython_build()
             _modules[key] = importlib.import_module(f"{_PACKAGES[backend]}.{family}")
-        except Exception as err:  # a missing compiler or numba shows up here, once
+        except ModuleNotFoundError as err:
+            if backend == "cython" and err.name and err.name.startswith("fedkern._cython"):
+                err = ImportError(f"{err.name} was not built (was there a C compiler when fedkern was installed?)")
+            _modules[key] = err
+        except Exception as err:  # numba missing or broken shows up here, once
             _modules[key] = err
     module = _modules[key]
     if isinstance(module, BaseException):
