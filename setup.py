@@ -101,23 +101,23 @@ extensions = [
         extra_compile_args=(["-O2"] if pyx.stem == "_build" else optimise + omp),
         extra_link_args=[] if pyx.stem == "_build" else omp,
         define_macros=build_info if pyx.stem == "_build" else [],
-        optional=True,  # no compiler: a warning, and the Numba and numpy backends
     )
     for pyx in sorted((HERE / "ext").glob("*.pyx"))
 ]
-
-setup(
-    ext_modules=cythonize(
-        extensions,
-        language_level=3,
-        include_path=["ext"],
-        compiler_directives={
-            # Bounds and wraparound checks are off because _validate.py guarantees every
-            # index a kernel touches is in range before any compiled code runs.
-            "boundscheck": False,
-            "wraparound": False,
-            "cdivision": True,
-            "initializedcheck": False,
-        },
-    )
+compiled = cythonize(
+    extensions,
+    language_level=3,
+    include_path=["ext"],
+    compiler_directives={
+        # Bounds and wraparound checks are off because _validate.py guarantees every
+        # index a kernel touches is in range before any compiled code runs.
+        "boundscheck": False,
+        "wraparound": False,
+        "cdivision": True,
+        "initializedcheck": False,
+    },
 )
+for extension in compiled:  # set after cythonize, which does not carry it over
+    extension.optional = True  # no compiler: a warning, and the Numba and numpy backends
+
+setup(ext_modules=compiled)
