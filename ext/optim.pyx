@@ -52,9 +52,10 @@ def adaptive_step(params, delta, m, v, double lr, double beta1, double beta2, do
                   double c1, double c2, int rule) -> None:
     """Reddi et al. (2021) adaptive step; rule 0 = Adagrad, 1 = Adam, 2 = Yogi.
 
-    v = a v + b g^2 - s g^2 sign(v - g^2) covers the three rules without a branch in the
-    loop (which would stop vectorisation); with finite inputs every term that is not part
-    of a rule is an exact zero, so the rounding equals the per-rule formulas.
+    v = a v + (b - s sign(v - g^2)) g^2 covers the three rules without a branch in the loop
+    (which would stop vectorisation); the coefficient of g^2 is exact, so the rounding
+    equals the per-rule formulas, and no term multiplies g^2 by zero (which would turn an
+    overflowed g^2 into NaN where the reference keeps inf).
     """
     cdef double a = beta2 if rule == ADAM else 1.0
     cdef double b = 1.0 if rule == ADAGRAD else (1.0 - beta2 if rule == ADAM else 0.0)
@@ -73,7 +74,7 @@ cdef inline void _adaptive_block(param_t* x, const delta_t* delta, param_t* m, p
         vold = v[j]
         mj = beta1 * m[j] + (1.0 - beta1) * g
         # sign(vold - g2) as doubles: an int-valued comparison would stop vectorisation
-        vj = a * vold + b * g2 - s * g2 * ((1.0 if vold > g2 else 0.0) - (1.0 if vold < g2 else 0.0))
+        vj = a * vold + (b - s * ((1.0 if vold > g2 else 0.0) - (1.0 if vold < g2 else 0.0))) * g2
         m[j] = <param_t> mj
         v[j] = <param_t> vj
         x[j] = <param_t> (x[j] + lr * (c1 * mj) / (sqrt(c2 * vj) + tau))
