@@ -3,7 +3,7 @@
 Numpy arrays in, numpy arrays out; each op runs on the numpy ``"reference"``, the
 ``"cython"`` (OpenMP) or the ``"numba"`` backend (see :mod:`fedkern.backends`).
 """
-from ._validate import (
+from ._errors import (
     BackendUnavailableError,
     FedkernError,
     FedkernTypeError,

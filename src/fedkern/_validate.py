@@ -1,8 +1,9 @@
 """The one place where fedkern checks and normalises its inputs.
 
 Every public op calls these helpers before any kernel runs, so compiled code only ever
-sees contiguous, correctly typed buffers of the lengths it expects. The exception types
-are defined here too and re-exported by :mod:`fedkern`.
+sees contiguous, correctly typed buffers of the lengths it expects. The exceptions they
+raise live in :mod:`fedkern._errors`, the kernel-input view they return in
+:mod:`fedkern._updates`.
 """
 from __future__ import annotations
 
@@ -11,82 +12,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ._errors import FedkernTypeError, FedkernValueError, NonFiniteError
+from ._updates import Updates, UpdatesSource
+
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-
-
-class FedkernError(Exception):
-    """Base class of every error fedkern raises on purpose."""
-
-
-class FedkernValueError(FedkernError, ValueError):
-    """An argument has the right type but a bad value, shape or length."""
-
-
-class FedkernTypeError(FedkernError, TypeError):
-    """An argument has the wrong type or dtype."""
-
-
-class NonFiniteError(FedkernValueError):
-    """A NaN or infinity was met in a client's update, or a result overflowed.
-
-    Attributes
-    ----------
-    client : int or None
-        Index of the offending update, or None when every input was finite and the
-        result itself overflowed its dtype.
-    position : int or None
-        First offending coordinate within that update (or within the result).
-    """
-
-    def __init__(self, message: str, client: int | None = None, position: int | None = None):
-        super().__init__(message)
-        self.client = client
-        self.position = position
-
-
-class BackendUnavailableError(FedkernError, ImportError):
-    """The requested backend cannot be imported on this machine."""
-
-
-class Updates:
-    """K client updates of D coordinates, validated.
-
-    Holds either a (K, D) C-contiguous matrix or K separate 1-D contiguous rows, never a
-    stacked copy of the rows. ``pointers`` holds the address of each row, so compiled
-    kernels can read a sequence exactly as they read a matrix; the object keeps every
-    row alive while a kernel runs.
-    """
-
-    __slots__ = ("rows", "matrix", "k", "d", "dtype", "pointers", "first")
-
-    def __init__(self, rows: Sequence[np.ndarray] | None, matrix: np.ndarray | None):
-        self.rows = rows
-        self.matrix = matrix
-        if matrix is not None:
-            self.k, self.d = matrix.shape
-            self.first = matrix[0]
-            # Not matrix.strides[0]: numpy calls a one-row matrix C-contiguous whatever that
-            # stride is (even negative); a contiguous row is always d * itemsize apart.
-            stride = np.uintp(self.d * matrix.itemsize)
-            self.pointers = np.uintp(matrix.ctypes.data) + np.arange(self.k, dtype=np.uintp) * stride
-        else:
-            self.k, self.d = len(rows), rows[0].shape[0]
-            self.first = rows[0]
-            self.pointers = np.fromiter((row.ctypes.data for row in rows), np.uintp, self.k)
-        self.dtype = self.first.dtype
-
-    def __len__(self) -> int:
-        return self.k
-
-    def __getitem__(self, i: int) -> np.ndarray:
-        return self.matrix[i] if self.matrix is not None else self.rows[i]
-
-    def __iter__(self):
-        return iter(self.matrix if self.matrix is not None else self.rows)
-
-    def subset(self, indices) -> "Updates":
-        """The rows at ``indices`` (in that order), read in place like the others."""
-        return Updates([self[int(i)] for i in indices], None)
 
 
 def _dtype_name(dtype: np.dtype) -> str:
@@ -117,9 +46,7 @@ def updates(obj, name: str = "updates") -> Updates:
     every row of the same length D. A :class:`fedkern.UpdateMatrix` is accepted as its
     matrix.
     """
-    from .buffers import UpdateMatrix  # buffers imports this module
-
-    if isinstance(obj, UpdateMatrix):
+    if isinstance(obj, UpdatesSource):
         obj = obj.array
     if isinstance(obj, np.ndarray):
         if obj.ndim != 2:

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from . import _validate as check
+from ._updates import UpdatesSource
 from .backends import kernels
 
 UpdatesLike = np.ndarray | Sequence[np.ndarray]
@@ -59,9 +60,7 @@ def weighted_mean(updates: UpdatesLike, weights=None, *, out: np.ndarray | None 
     >>> fedkern.weighted_mean(updates, weights=[30, 10])
     array([1.75, 1.75, 1.75, 1.75], dtype=float32)
     """
-    from .buffers import UpdateMatrix
-
-    if weights is None and isinstance(updates, UpdateMatrix):
+    if weights is None and isinstance(updates, UpdatesSource):
         weights = updates.weights
     rows = check.updates(updates)
     w = np.ones(rows.k) if weights is None else check.weights(weights, rows.k)

@@ -14,7 +14,7 @@ import importlib
 import os
 from types import ModuleType
 
-from ._validate import BackendUnavailableError, FedkernTypeError, FedkernValueError
+from ._errors import BackendUnavailableError, FedkernTypeError, FedkernValueError
 
 NAMES = ("reference", "cython", "numba")
 _PACKAGES = {"reference": "fedkern._reference", "cython": "fedkern._cython", "numba": "fedkern._numba"}

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from . import _validate as check
+from ._updates import UpdatesSource
 
 
 class Layout:
@@ -82,7 +83,7 @@ class Layout:
         return UpdateMatrix(k, self.size, self.dtype)
 
 
-class UpdateMatrix:
+class UpdateMatrix(UpdatesSource):
     """A preallocated K x D update matrix with per-client row views and weights.
 
     Pass it anywhere updates are accepted; ``weighted_mean(matrix)`` uses its weights.

@@ -29,6 +29,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _validate as check
+from ._updates import Updates
 from .aggregate import UpdatesLike, _weighted_sum
 from .backends import kernels
 
@@ -42,7 +43,7 @@ TILE_BYTES = 4 << 20
 
 
 # --------------------------------------------------------------------------- helpers
-def _finish(op: str, rows: check.Updates, result: np.ndarray, check_finite: bool) -> np.ndarray:
+def _finish(op: str, rows: Updates, result: np.ndarray, check_finite: bool) -> np.ndarray:
     if check_finite and not np.isfinite(result).all():
         check.raise_nonfinite(op, rows, result)
     return result
@@ -66,7 +67,7 @@ def _method(method: str, k: int) -> str:
     return method
 
 
-def _tiles(rows: check.Updates):
+def _tiles(rows: Updates):
     """(j0, (K, n) C-contiguous tile buffer) over the coordinates, reusing one buffer."""
     width = int(min(rows.d, max(256, TILE_BYTES // (rows.k * rows.dtype.itemsize))))
     buffer = np.empty(rows.k * width, rows.dtype)
@@ -75,14 +76,14 @@ def _tiles(rows: check.Updates):
         yield j0, buffer[:rows.k * n].reshape(rows.k, n)
 
 
-def _first_finite_row(rows: check.Updates, module) -> int | None:
+def _first_finite_row(rows: Updates, module) -> int | None:
     for i, row in enumerate(rows):
         if not module.count_nonfinite(row):
             return i
     return None
 
 
-def _gram(rows: check.Updates, backend: str | None) -> np.ndarray:
+def _gram(rows: Updates, backend: str | None) -> np.ndarray:
     """Gram matrix of the updates centred on the first finite one, in float64."""
     module = kernels("robust", backend)
     center = _first_finite_row(rows, kernels("aggregate", backend))
@@ -101,7 +102,7 @@ def _gram(rows: check.Updates, backend: str | None) -> np.ndarray:
     return gram
 
 
-def _sq_distances(rows: check.Updates, method: str, backend: str | None) -> tuple[np.ndarray, np.ndarray]:
+def _sq_distances(rows: Updates, method: str, backend: str | None) -> tuple[np.ndarray, np.ndarray]:
     """(K x K squared distances, mask of the updates whose squared norm is finite).
 
     Distances from or to an update that is not finite, and distances that overflow, are
@@ -452,7 +453,7 @@ def nearest_neighbor_mixing(updates: UpdatesLike, f: int, *, method: str = "auto
     return out if out is not None else target.matrix
 
 
-def _mix(rows: check.Updates, mixing: np.ndarray, target: check.Updates, backend) -> None:
+def _mix(rows: Updates, mixing: np.ndarray, target: Updates, backend) -> None:
     """target_i = sum_l mixing[i, l] rows_l, tile by tile (BLAS in float64)."""
     module = kernels("robust", backend)
     for j0, tile in _tiles(rows):
