@@ -355,7 +355,7 @@ def geometric_median(updates: UpdatesLike, weights=None, *, nu: float = 1e-6, ma
     def objective():
         module.sq_distances_to(kept, z, distances)
         np.sqrt(distances, out=distances)
-        return float(alpha @ distances)
+        return float(np.sum(alpha * distances))  # numpy's own fixed-order sum, not BLAS
 
     current, iterations, converged = objective(), 0, False
     while iterations < maxiter and not converged:

@@ -74,4 +74,4 @@ def sq_distances_to(updates, point: np.ndarray, out: np.ndarray) -> None:
     with np.errstate(invalid="ignore", over="ignore"):
         for i, row in enumerate(updates):
             diff = np.asarray(row, np.float64) - point
-            out[i] = diff @ diff
+            out[i] = np.sum(diff * diff)  # numpy's fixed-order sum: BLAS's dot may differ by machine

@@ -612,20 +612,41 @@ def trim_mean(array: NDArray, cut_fraction: float) -> NDArray:
     """
     array = np.asarray(array)
     f = _cut_count(cut_fraction, array.shape[0])
-    return _trimmed_layer(list(array), f)
+    return _trimmed_layer(_split_clients(array), f)
 
 
 # --------------------------------------------------------------------------------------
 # np.median as Flower's Message-API strategies call it
 # --------------------------------------------------------------------------------------
 
+def _split_clients(a) -> list[np.ndarray] | None:
+    """The K per-client arrays of what Flower hands ``np.median`` / ``trim_mean`` along axis 0.
+
+    A stacked ``(K, *shape)`` array gives K zero-copy views ``a[i, ...]``: arrays of shape
+    ``shape``, so a stack of 0-d layers gives 0-d arrays (``list(a)`` would give numpy
+    scalars). A list or tuple gives its items, numpy scalars turned into 0-d arrays. None
+    when ``a`` is neither (or is 0-d), or holds something else: numpy's own path then.
+    """
+    if isinstance(a, np.ndarray):
+        return [a[i, ...] for i in range(a.shape[0])] if a.ndim else None
+    if not isinstance(a, (list, tuple)):
+        return None
+    arrays = [x if isinstance(x, np.ndarray) else np.asarray(x) if isinstance(x, np.generic) else None for x in a]
+    return None if any(x is None for x in arrays) else arrays
+
+
 def _median_like_numpy(a, axis=None, out=None, overwrite_input=False, keepdims=False):
-    """``np.median`` with a fedkern fast path for ``axis=0`` over K same-shaped arrays."""
+    """``np.median`` with a fedkern fast path for ``axis=0`` over K same-shaped arrays.
+
+    Every layer shape takes the fast path, 0-d layers included (stacked, they are a 1-D
+    array), so NaN is ordered as +inf in every layer alike. As ``np.median``, a 0-d
+    result is returned as a numpy scalar.
+    """
     if axis == 0 and out is None and not keepdims:
-        arrays = list(a) if isinstance(a, (list, tuple)) else (list(a) if isinstance(a, np.ndarray) and a.ndim else None)
-        if arrays and all(isinstance(x, np.ndarray) for x in arrays) \
-                and len({x.shape for x in arrays}) == 1 and _compute_dtype(np.result_type(*arrays)) is not None:
-            return _median_layer(arrays)
+        arrays = _split_clients(a)
+        if arrays and len({x.shape for x in arrays}) == 1 and _compute_dtype(np.result_type(*arrays)) is not None:
+            result = _median_layer(arrays)
+            return result[()] if result.ndim == 0 else result
     return np.median(a, axis=axis, out=out, overwrite_input=overwrite_input, keepdims=keepdims)
 
 
