@@ -543,6 +543,26 @@ def test_nonfinite_updates_are_tolerated_up_to_the_breakdown_point(any_backend):
     assert np.isfinite(np.delete(mixed, [1, 6, 8], axis=0)).all() and np.isnan(mixed[[1, 6, 8]]).all()
 
 
+@pytest.mark.parametrize("rows, f, finite_mean", [
+    ([[1.0], [1.0], [1.0], [1.0], [np.inf]], 0, 1.0),  # K - f = 5 neighbours wanted, 4 finite
+    ([[1.0], [2.0], [3.0], [np.inf], [np.inf]], 1, 2.0),  # more than f non-finite
+    ([[1.0], [2.0], [3.0], [4.0], [np.nan]], 1, None),  # at most f: the K - f nearest are finite
+])
+def test_nnm_with_more_than_f_nonfinite_updates_averages_the_finite_neighbours(rows, f, finite_mean, any_backend):
+    """Reported: the finite neighbours were summed but divided by K - f, shrinking the
+    result toward zero ([0.8, 0.8, 0.8, 0.8] and 1.5 for the first two cases)."""
+    x = np.array(rows)
+    mixed = fedkern.nearest_neighbor_mixing(x, f, backend=any_backend)
+    finite = np.isfinite(x).all(axis=1)
+    assert np.isnan(mixed[~finite]).all()
+    for i in np.flatnonzero(finite):
+        others = np.flatnonzero(finite)
+        nearest = sorted(others, key=lambda l: (abs(x[i, 0] - x[l, 0]), l))[:len(x) - f]
+        assert mixed[i, 0] == x[nearest, 0].mean()
+        if finite_mean is not None:
+            assert mixed[i, 0] == finite_mean
+
+
 def test_nonfinite_result_raises_naming_a_client(any_backend):
     x = np.ones((5, 4))
     x[2:, 1] = np.nan  # 3 of 5 values: past the median's breakdown point
