@@ -31,11 +31,9 @@ from . import attacks
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "Accumulator", "BackendUnavailableError", "FedAdagrad", "FedAdam", "FedAvg", "FedAvgM", "FedYogi",
-    "FedkernError", "FedkernTypeError", "FedkernValueError", "Layout", "NonFiniteError", "ServerOptimizer",
-    "UpdateMatrix", "accumulate", "clip_by_norm", "get_backend", "get_num_threads", "l2_norms",
-    "set_backend", "set_num_threads", "use_backend", "weighted_mean", "weighted_sum",
-    "adaptive_clipping", "attacks", "bucketing", "bulyan", "centered_clipping", "geometric_median", "krum",
-    "meamed", "median", "nearest_neighbor_mixing", "pairwise_sq_distances", "trimmed_mean",
-]
+from ._registry import public_names as _op_names
+
+#: The ops of the registry (one row each) and the names around them.
+__all__ = sorted({*_op_names(), "Accumulator", "ServerOptimizer", "Layout", "UpdateMatrix", "attacks",
+                  "FedkernError", "FedkernTypeError", "FedkernValueError", "NonFiniteError", "BackendUnavailableError",
+                  "get_backend", "set_backend", "use_backend", "get_num_threads", "set_num_threads"})

@@ -1,0 +1,213 @@
+"""One row per public op: what every test, benchmark and README table loops over.
+
+A row names the op, its kernel family and the kernels it runs, builds example inputs for
+any K, D and dtype, says how many bytes the op must move and which established
+implementation (if any) it is measured against. From these rows come ``fedkern.__all__``,
+the registry-driven tests (parity with the reference, no input mutated, thread-count
+independence, ``out=``/``dtype=``, no bad input reaching a kernel), the cases of
+``fedkern bench`` and ``benchmarks/``, and the README's benchmark tables.
+
+Adding an op is its kernels in each backend, one public function, and one row here.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from . import aggregate, optim, robust
+
+#: An op's example inputs: positional and keyword arguments, without ``backend``.
+Example = tuple[tuple, dict]
+
+
+@dataclass(frozen=True)
+class Peer:
+    """An established implementation the op is measured against, on the same data.
+
+    ``make(stack)`` gets the float updates stacked into one (K, D) array (done before
+    timing) and returns a no-argument call; ``package`` is the optional package it needs.
+    """
+
+    name: str
+    make: Callable[[np.ndarray], Callable[[], Any]]
+    package: str | None = None
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """One public op.
+
+    Attributes
+    ----------
+    name : the public name (``fedkern.<name>``)
+    family : kernel family (``fedkern._<backend>.<family>``)
+    kernels : the family's kernels the op runs
+    example : ``example(rng, k, d, dtype)`` -> (args, kwargs), inputs with K updates of D
+        coordinates (or one D-vector, for ops on one vector)
+    run : ``run(backend, *args, **kwargs)`` -> the op's result (default: call
+        ``fedkern.<name>`` with ``backend=``)
+    min_k : the smallest K the example accepts
+    nbytes : ``nbytes(k, d)`` bytes of float32 data the op must move at least
+    peer : the implementation ``fedkern bench`` compares with, if any
+    mutates : argument positions the op documents to update in place
+    out : the shape kind ``out=`` takes: "vector" (D,), "matrix" (K, D), or None
+    ulps : agreement with the reference in units of the result dtype's eps, relative to
+        the inputs' magnitude (0: bit-identical)
+    per_update : whether the op takes K updates (False: one D-vector)
+    variants : named keyword arguments that ``fedkern bench`` runs, each as a case of its
+        own, instead of the example's
+    """
+
+    name: str
+    family: str
+    kernels: tuple[str, ...]
+    example: Callable[[np.random.Generator, int, int, np.dtype], Example]
+    run: Callable[..., Any] | None = None
+    min_k: int = 1
+    nbytes: Callable[[int, int], int] = lambda k, d: 4 * k * d + 4 * d
+    peer: Peer | None = None
+    mutates: tuple[int, ...] = ()
+    out: str | None = "vector"
+    ulps: float = 8.0
+    per_update: bool = True
+    variants: dict[str, dict] = field(default_factory=dict)
+
+    def __call__(self, backend: str | None, *args, **kwargs):
+        if self.run is not None:
+            return self.run(backend, *args, **kwargs)
+        return _public(self.name)(*args, backend=backend, **kwargs)
+
+
+def _public(name: str):
+    for module in (aggregate, optim, robust):
+        if hasattr(module, name):
+            return getattr(module, name)
+    raise LookupError(name)
+
+
+# --------------------------------------------------------------------------- examples
+def updates(rng: np.random.Generator, k: int, d: int, dtype) -> list[np.ndarray]:
+    """K client updates as separate rows (what clients send), unit normal."""
+    return [rng.standard_normal(d).astype(dtype) for _ in range(k)]
+
+
+def _with_updates(**kwargs) -> Callable[[np.random.Generator, int, int, np.dtype], Example]:
+    """An example of K updates plus fixed keyword arguments (values may be callables of K, D)."""
+
+    def example(rng, k, d, dtype):
+        return (updates(rng, k, d, dtype),), {key: value(k, d) if callable(value) else value
+                                               for key, value in kwargs.items()}
+
+    return example
+
+
+def _byzantine(k: int, d: int) -> int:
+    """f for a rule on K updates: a tenth of them, at least one where K allows."""
+    return max(1, k // 10)
+
+
+def _vector(rng, k, d, dtype):
+    (row,) = updates(rng, 1, d, dtype)
+    return row
+
+
+def _accumulate_example(rng, k, d, dtype):
+    return (np.zeros(d), _vector(rng, k, d, dtype), 0.5), {}
+
+
+def _stream(backend, rows, weights) -> np.ndarray:
+    """Accumulator: the updates added one at a time, then their weighted mean."""
+    acc = aggregate.Accumulator(rows[0].shape[0], rows[0].dtype, backend=backend)
+    for row, weight in zip(rows, weights):
+        acc.add(row, weight)
+    return acc.mean()
+
+
+def _optimizer(cls: type) -> Callable[..., Any]:
+    def run(backend, params, delta):
+        return cls(backend=backend).step(params, delta)
+
+    return run
+
+
+def _optimizer_example(rng, k, d, dtype):
+    return (np.zeros(d, dtype), 1e-3 * _vector(rng, k, d, dtype)), {}
+
+
+def _stack_syrk(stack: np.ndarray) -> Callable[[], Any]:
+    return lambda: stack @ stack.T
+
+
+def _trim_mean(stack: np.ndarray) -> Callable[[], Any]:
+    from scipy.stats import trim_mean  # only this peer needs scipy
+
+    return lambda: trim_mean(stack, 0.1, axis=0)
+
+
+SYRK = Peer("BLAS syrk", _stack_syrk)
+
+
+def _optimizer_spec(cls: type, vectors: int) -> OpSpec:
+    """A server optimizer's step; ``vectors``: D-vectors read plus written per step."""
+    kernel = {optim.FedAvg: "accumulate", optim.FedAvgM: "momentum_step"}.get(cls, "adaptive_step")
+    return OpSpec(f"{cls.__name__}.step", "aggregate" if cls is optim.FedAvg else "optim", (kernel,),
+                  _optimizer_example, run=_optimizer(cls), nbytes=lambda k, d: 4 * vectors * d,
+                  mutates=(0,), out=None, ulps=0.0, per_update=False)
+
+
+OPS: tuple[OpSpec, ...] = (
+    OpSpec("weighted_sum", "aggregate", ("weighted_sum",),
+           lambda rng, k, d, dtype: ((updates(rng, k, d, dtype), np.arange(1.0, k + 1)), {})),
+    OpSpec("weighted_mean", "aggregate", ("weighted_sum",),
+           lambda rng, k, d, dtype: ((updates(rng, k, d, dtype), np.arange(1.0, k + 1)), {})),
+    OpSpec("accumulate", "aggregate", ("count_nonfinite", "accumulate"), _accumulate_example,
+           nbytes=lambda k, d: 4 * d + 2 * 8 * d, mutates=(0,), out=None, per_update=False),
+    OpSpec("l2_norms", "aggregate", ("l2_norms",), _with_updates(), nbytes=lambda k, d: 4 * k * d, out=None),
+    OpSpec("clip_by_norm", "aggregate", ("clip_by_norm",),
+           _with_updates(max_norm=lambda k, d: 0.5 * float(np.sqrt(d))),  # about half the rows clipped
+           nbytes=lambda k, d: 2 * 4 * k * d, out="matrix"),
+    OpSpec("Accumulator", "aggregate", ("count_nonfinite", "accumulate"),
+           lambda rng, k, d, dtype: ((updates(rng, k, d, dtype), np.arange(1.0, k + 1)), {}),
+           run=lambda backend, rows, weights: _stream(backend, rows, weights), out=None,
+           per_update=False),  # fed one vector at a time: its validation is that of accumulate
+    _optimizer_spec(optim.FedAvg, 3),
+    _optimizer_spec(optim.FedAvgM, 5),
+    _optimizer_spec(optim.FedAdagrad, 7),
+    _optimizer_spec(optim.FedAdam, 7),
+    _optimizer_spec(optim.FedYogi, 7),
+    OpSpec("median", "robust", ("trimmed_mean",), _with_updates(),
+           peer=Peer("np.median", lambda stack: lambda: np.median(stack, axis=0)), ulps=0.0),
+    OpSpec("trimmed_mean", "robust", ("trimmed_mean",), _with_updates(beta=0.1),
+           peer=Peer("scipy.trim_mean", _trim_mean, "scipy")),
+    OpSpec("meamed", "robust", ("mean_around_median",), _with_updates(f=_byzantine), min_k=3),
+    OpSpec("pairwise_sq_distances", "robust", ("exact_sq_distances", "gather_tile"), _with_updates(),
+           nbytes=lambda k, d: 4 * k * d, peer=SYRK, out=None,
+           variants={"gram": dict(method="gram"), "exact": dict(method="exact")}),
+    OpSpec("krum", "robust", ("exact_sq_distances", "gather_tile", "weighted_sum"), _with_updates(f=_byzantine),
+           min_k=5, peer=SYRK),
+    OpSpec("bulyan", "robust", ("exact_sq_distances", "gather_tile", "mean_around_median"),
+           _with_updates(f=_byzantine), min_k=7, peer=SYRK),
+    # a fixed number of iterations, so every backend does the same work; three in the tests,
+    # before Weiszfeld nears an update, where 1 / distance amplifies any rounding difference
+    OpSpec("geometric_median", "robust", ("weighted_sum", "sq_distances_to"),
+           _with_updates(maxiter=3, tol=0.0), ulps=64.0, variants={"maxiter=10": dict(maxiter=10)}),
+    # from the origin, with a radius that clips about half the (unit-variance) updates
+    OpSpec("centered_clipping", "robust", ("sq_distances_to", "weighted_sum"),
+           lambda rng, k, d, dtype: ((updates(rng, k, d, dtype), np.zeros(d, dtype), float(np.sqrt(d))),
+                                     dict(iterations=3))),
+    OpSpec("nearest_neighbor_mixing", "robust", ("exact_sq_distances", "gather_tile"),
+           _with_updates(f=_byzantine), min_k=3, out="matrix"),
+    OpSpec("bucketing", "robust", ("weighted_sum",), _with_updates(s=2, seed=0), out=None),
+    OpSpec("adaptive_clipping", "robust", ("l2_norms", "clip_by_norm"), _with_updates(f=_byzantine),
+           min_k=3, out="matrix"),
+)
+
+BY_NAME = {spec.name: spec for spec in OPS}
+
+
+def public_names() -> list[str]:
+    """The public ops' names as ``fedkern`` exports them (a class for an optimizer's step)."""
+    return sorted({spec.name.split(".")[0] for spec in OPS})
