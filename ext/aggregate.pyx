@@ -9,24 +9,12 @@ results do not depend on the number of threads.
 from cython.parallel cimport prange, threadid
 from libc.math cimport isfinite, sqrt
 from libc.stdint cimport uintptr_t
-from libc.stdlib cimport free, malloc
+from libc.stdlib cimport free
 
+from _blocks cimport CHUNK, CLIP_GROUP_BYTES, NORM_BLOCK, NORM_LANES  # sizes, and why: src/fedkern/_blocks.py
 from _fused cimport in_t, out_t
 from _openmp cimport fk_max_threads
-
-
-cdef enum:
-    CHUNK = 2048          # coordinates per task of weighted_sum: float64 sums stay in L1
-    NORM_BLOCK = 8192     # coordinates per partial sum of a squared norm
-    NORM_LANES = 16       # interleaved partial sums within a block
-    CLIP_GROUP_BYTES = 8 << 20  # rows clipped together stay in L3 between the two passes
-
-
-cdef void* _scratch(Py_ssize_t nbytes) except NULL:
-    cdef void* buffer = malloc(nbytes if nbytes > 0 else 1)
-    if buffer == NULL:
-        raise MemoryError()
-    return buffer
+from _scratch cimport scratch
 
 
 def weighted_sum(updates, const double[::1] weights, double divisor, out) -> int:
@@ -56,13 +44,13 @@ def _weighted_sum(const uintptr_t[::1] pointers, const in_t[::1] first,
     cdef Py_ssize_t k = pointers.shape[0], d = first.shape[0]
     cdef Py_ssize_t nchunks = (d + CHUNK - 1) // CHUNK
     cdef int nthreads = fk_max_threads()
-    cdef double* scratch = <double*> _scratch(nthreads * CHUNK * sizeof(double))
+    cdef double* accumulators = <double*> scratch(nthreads * CHUNK * sizeof(double))
     cdef double* acc
     cdef out_t value
     cdef Py_ssize_t c, i, j, j0, n, nonfinite = 0
     with nogil:
         for c in prange(nchunks, schedule="static", num_threads=nthreads):
-            acc = scratch + threadid() * CHUNK
+            acc = accumulators + threadid() * CHUNK
             j0 = c * CHUNK
             n = min(<Py_ssize_t> CHUNK, d - j0)
             for j in range(n):
@@ -80,7 +68,7 @@ def _weighted_sum(const uintptr_t[::1] pointers, const in_t[::1] first,
                 out[j0 + j] = value
                 if not isfinite(value):
                     nonfinite += 1
-    free(scratch)
+    free(accumulators)
     return nonfinite
 
 
@@ -160,7 +148,7 @@ def l2_norms(updates, double[::1] norms) -> None:
 def _l2_norms(const uintptr_t[::1] pointers, const in_t[::1] first, double[::1] norms):
     cdef Py_ssize_t k = pointers.shape[0], d = first.shape[0]
     cdef Py_ssize_t nblocks = (d + NORM_BLOCK - 1) // NORM_BLOCK
-    cdef double* partials = <double*> _scratch(k * nblocks * sizeof(double))
+    cdef double* partials = <double*> scratch(k * nblocks * sizeof(double))
     with nogil:
         _sq_norm_partials(<const in_t**> &pointers[0], k, d, partials)
         _norms_from_partials(partials, k, nblocks, &norms[0])
@@ -183,8 +171,8 @@ def _clip_by_norm(const uintptr_t[::1] pointers, const in_t[::1] first, double m
     cdef Py_ssize_t k = pointers.shape[0], d = first.shape[0]
     cdef Py_ssize_t nblocks = (d + NORM_BLOCK - 1) // NORM_BLOCK
     cdef Py_ssize_t group = max(1, CLIP_GROUP_BYTES // (d * <Py_ssize_t> sizeof(in_t)))
-    cdef double* partials = <double*> _scratch(min(group, k) * nblocks * sizeof(double))
-    cdef double* scales = <double*> _scratch(min(group, k) * sizeof(double))
+    cdef double* partials = <double*> scratch(min(group, k) * nblocks * sizeof(double))
+    cdef double* scales = <double*> scratch(min(group, k) * sizeof(double))
     cdef Py_ssize_t g0, g, i, t, j, j0, n
     cdef double scale
     with nogil:

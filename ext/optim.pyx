@@ -9,19 +9,13 @@ and each block is a plain loop in an inline function, which the C compiler vecto
 from cython.parallel cimport prange
 from libc.math cimport sqrt
 
-ctypedef fused param_t:
-    float
-    double
-
-ctypedef fused delta_t:
-    float
-    double
+from _blocks cimport OPTIM_BLOCK  # sizes, and why: src/fedkern/_blocks.py
+from _fused cimport in_t, out_t  # out_t: parameters and optimizer state; in_t: the delta
 
 cdef enum:
     ADAGRAD = 0
     ADAM = 1
     YOGI = 2
-    BLOCK = 4096
 
 
 def momentum_step(params, delta, momentum_buffer, double lr, double momentum) -> None:
@@ -29,23 +23,23 @@ def momentum_step(params, delta, momentum_buffer, double lr, double momentum) ->
     _momentum_step(params, delta, momentum_buffer, lr, momentum)
 
 
-cdef inline void _momentum_block(param_t* x, const delta_t* g, param_t* m, Py_ssize_t n,
+cdef inline void _momentum_block(out_t* x, const in_t* g, out_t* m, Py_ssize_t n,
                                  double lr, double momentum) noexcept nogil:
     cdef Py_ssize_t j
     cdef double mj
     for j in range(n):
         mj = momentum * m[j] + g[j]
-        m[j] = <param_t> mj
-        x[j] = <param_t> (x[j] + lr * mj)
+        m[j] = <out_t> mj
+        x[j] = <out_t> (x[j] + lr * mj)
 
 
-def _momentum_step(param_t[::1] params, const delta_t[::1] delta, param_t[::1] m,
+def _momentum_step(out_t[::1] params, const in_t[::1] delta, out_t[::1] m,
                    double lr, double momentum):
     cdef Py_ssize_t b, j0, d = params.shape[0]
     with nogil:
-        for b in prange((d + BLOCK - 1) // BLOCK, schedule="static"):
-            j0 = b * BLOCK
-            _momentum_block(&params[j0], &delta[j0], &m[j0], min(<Py_ssize_t> BLOCK, d - j0), lr, momentum)
+        for b in prange((d + OPTIM_BLOCK - 1) // OPTIM_BLOCK, schedule="static"):
+            j0 = b * OPTIM_BLOCK
+            _momentum_block(&params[j0], &delta[j0], &m[j0], min(<Py_ssize_t> OPTIM_BLOCK, d - j0), lr, momentum)
 
 
 def adaptive_step(params, delta, m, v, double lr, double beta1, double beta2, double tau,
@@ -63,7 +57,7 @@ def adaptive_step(params, delta, m, v, double lr, double beta1, double beta2, do
     _adaptive_step(params, delta, m, v, lr, beta1, tau, c1, c2, a, b, s)
 
 
-cdef inline void _adaptive_block(param_t* x, const delta_t* delta, param_t* m, param_t* v,
+cdef inline void _adaptive_block(out_t* x, const in_t* delta, out_t* m, out_t* v,
                                  Py_ssize_t n, double lr, double beta1, double tau, double c1,
                                  double c2, double a, double b, double s) noexcept nogil:
     cdef Py_ssize_t j
@@ -75,17 +69,17 @@ cdef inline void _adaptive_block(param_t* x, const delta_t* delta, param_t* m, p
         mj = beta1 * m[j] + (1.0 - beta1) * g
         # sign(vold - g2) as doubles: an int-valued comparison would stop vectorisation
         vj = a * vold + (b - s * ((1.0 if vold > g2 else 0.0) - (1.0 if vold < g2 else 0.0))) * g2
-        m[j] = <param_t> mj
-        v[j] = <param_t> vj
-        x[j] = <param_t> (x[j] + lr * (c1 * mj) / (sqrt(c2 * vj) + tau))
+        m[j] = <out_t> mj
+        v[j] = <out_t> vj
+        x[j] = <out_t> (x[j] + lr * (c1 * mj) / (sqrt(c2 * vj) + tau))
 
 
-def _adaptive_step(param_t[::1] params, const delta_t[::1] delta, param_t[::1] m, param_t[::1] v,
+def _adaptive_step(out_t[::1] params, const in_t[::1] delta, out_t[::1] m, out_t[::1] v,
                    double lr, double beta1, double tau, double c1, double c2,
                    double a, double b, double s):
     cdef Py_ssize_t blk, j0, d = params.shape[0]
     with nogil:
-        for blk in prange((d + BLOCK - 1) // BLOCK, schedule="static"):
-            j0 = blk * BLOCK
-            _adaptive_block(&params[j0], &delta[j0], &m[j0], &v[j0], min(<Py_ssize_t> BLOCK, d - j0),
+        for blk in prange((d + OPTIM_BLOCK - 1) // OPTIM_BLOCK, schedule="static"):
+            j0 = blk * OPTIM_BLOCK
+            _adaptive_block(&params[j0], &delta[j0], &m[j0], &v[j0], min(<Py_ssize_t> OPTIM_BLOCK, d - j0),
                             lr, beta1, tau, c1, c2, a, b, s)

@@ -8,37 +8,24 @@ long runs, then sort the block with a pruned sorting network, many coordinates p
 instruction (quickselect per coordinate for very large K). Each coordinate's result, and
 each sum over a row, is computed in an order fixed by the data alone, so results do not
 depend on the number of threads.
+
+Words used in names: a *window* is a range of ranks lo .. hi-1 of one coordinate's sorted
+values, and a *window mean* its mean (trimmed_mean and the median are window means with a
+fixed window). *meamed* is the whole mean-around-the-median rule: grow the window from the
+median, ``keep`` values, then take its mean. ``_column_*`` helpers work on one coordinate
+copied out as float64 (quickselect), ``_tile_*`` ones on a tile sorted by network.
 """
 from cython.parallel cimport prange, threadid
 from libc.math cimport INFINITY, NAN
 from libc.stdint cimport uintptr_t
-from libc.stdlib cimport free, malloc
-from libc.string cimport memcpy, memset
+from libc.stdlib cimport free
+from libc.string cimport memcpy, memmove, memset
 
-from _fused cimport in_t, out_t
+from _blocks cimport (CACHE_LINE, DIST_BLOCK, DIST_LANES, NET_LANES, NET_MAX_BYTES,  # sizes, and why:
+                      NET_RUN_BYTES, NET_TILE_BYTES, NORM_BLOCK, SELECT_SMALL)  # src/fedkern/_blocks.py
+from _fused cimport in_t, out_t, ref_t
 from _openmp cimport fk_max_threads
-
-
-ctypedef fused ref_t:
-    float
-    double
-
-cdef enum:
-    SMALL = 16             # ranges this short are finished by insertion sort
-    NET_LANES = 32         # coordinates sorted together by one pass of a sorting network
-    NET_MAX_BYTES = 8192   # networks up to K = 2048 float32 / 1024 float64 clients
-    MAX_TILE_BYTES = 1 << 19  # per-thread tile: stays in L2 while the network runs over it
-    MAX_RUN_BYTES = 2048   # bytes of a row read per tile (long runs keep prefetchers busy)
-    DIST_BLOCK = 2048      # coordinates per block of exact_sq_distances: the block's rows stay in L2
-    NORM_BLOCK = 8192      # coordinates per partial sum of sq_distances_to
-    LANES = 8              # independent partial sums: the compiler keeps them in vector registers
-
-
-cdef void* _scratch(Py_ssize_t nbytes) except NULL:
-    cdef void* buffer = malloc(nbytes if nbytes > 0 else 1)
-    if buffer == NULL:
-        raise MemoryError()
-    return buffer
+from _scratch cimport scratch
 
 
 # ---------------------------------------------------------------------------------------
@@ -100,7 +87,7 @@ cdef inline int _budget(Py_ssize_t n) noexcept nogil:
 
 
 cdef inline double _pivot(const double* v, Py_ssize_t n, Py_ssize_t rank) noexcept nogil:
-    """The value of a 5-sample nearest in relative rank to ``rank`` (n > SMALL).
+    """The value of a 5-sample nearest in relative rank to ``rank`` (n > SELECT_SMALL).
 
     Aiming at the wanted rank, rather than at the middle, leaves the wanted value close to
     an end of the remaining range, which the min / max scan of _select then finishes.
@@ -158,7 +145,7 @@ cdef void _select(double* v, double* tmp, Py_ssize_t lo, Py_ssize_t hi, Py_ssize
             v[kth] = v[best]
             v[best] = x
             return
-        if hi - lo <= SMALL:
+        if hi - lo <= SELECT_SMALL:
             _insertion_sort(v + lo, hi - lo)
             return
         if budget == 0:
@@ -177,7 +164,7 @@ cdef void _select(double* v, double* tmp, Py_ssize_t lo, Py_ssize_t hi, Py_ssize
 cdef void _sort(double* v, double* tmp, Py_ssize_t n, int budget) noexcept nogil:
     """Sort v[0:n] ascending (introsort; recursion only into the smaller side)."""
     cdef Py_ssize_t nl, ng
-    while n > SMALL:
+    while n > SELECT_SMALL:
         if budget == 0:
             _heapsort(v, n)
             return
@@ -193,9 +180,10 @@ cdef void _sort(double* v, double* tmp, Py_ssize_t n, int budget) noexcept nogil
     _insertion_sort(v, n)
 
 
-cdef inline double _window_mean(double* v, double* tmp, Py_ssize_t k, Py_ssize_t lo,
-                                Py_ssize_t hi) noexcept nogil:
-    """Mean of the sorted values lo .. hi-1 of v[0:k]; v is reordered."""
+
+cdef inline double _column_window_mean(double* v, double* tmp, Py_ssize_t k, Py_ssize_t lo,
+                                       Py_ssize_t hi) noexcept nogil:
+    """Window mean of the column v[0:k]: the mean of its sorted values lo .. hi-1; v is reordered."""
     cdef Py_ssize_t i
     cdef double total = 0.0
     _select(v, tmp, 0, k, lo)
@@ -207,10 +195,11 @@ cdef inline double _window_mean(double* v, double* tmp, Py_ssize_t k, Py_ssize_t
     return total / (hi - lo)
 
 
-cdef inline double _near_median_sorted(const in_t* x, Py_ssize_t stride, Py_ssize_t k,
-                                      Py_ssize_t keep) noexcept nogil:
-    """The reference's window around the median, where x[i * stride] holds the sorted value i
-    for every rank the window can read (k//2 - keep .. k//2 + keep - 1).
+cdef inline double _meamed_sorted(const in_t* x, Py_ssize_t stride, Py_ssize_t k,
+                                  Py_ssize_t keep) noexcept nogil:
+    """The meamed rule (the reference's window grown from the median, then its mean), where
+    x[i * stride] holds the sorted value i for every rank the window can read
+    (k//2 - keep .. k//2 + keep - 1).
 
     The comparisons are exactly the reference's; the clamped reads let the step be
     branch-free. The sum runs in ascending order from 0.0, as the reference's does.
@@ -230,17 +219,24 @@ cdef inline double _near_median_sorted(const in_t* x, Py_ssize_t stride, Py_ssiz
     return total / keep
 
 
-cdef inline double _mean_near_median(double* v, double* tmp, Py_ssize_t k,
-                                     Py_ssize_t keep) noexcept nogil:
-    """_near_median_sorted on v[0:k] after selecting and sorting the ranks it can read."""
+cdef inline double _meamed_column(double* v, double* tmp, Py_ssize_t k,
+                                  Py_ssize_t keep) noexcept nogil:
+    """The meamed rule on the column v[0:k]: select and sort the ranks the window can read,
+    then _meamed_sorted; v is reordered."""
     cdef Py_ssize_t lo = max(<Py_ssize_t> 0, k // 2 - keep), hi = min(k, k // 2 + keep)
     if lo > 0:
         _select(v, tmp, 0, k, lo)
     if hi < k:
         _select(v, tmp, lo, k, hi - 1)
     _sort(v + lo, tmp, hi - lo, _budget(hi - lo))
-    return _near_median_sorted(v, 1, k, keep)
+    return _meamed_sorted(v, 1, k, keep)
 
+
+cdef inline void _copy_column(const in_t* x, Py_ssize_t stride, Py_ssize_t k, double* column) noexcept nogil:
+    """column[i] = x[i * stride] for i < k: one coordinate of a tile, as float64."""
+    cdef Py_ssize_t i
+    for i in range(k):
+        column[i] = x[i * stride]
 
 # ---------------------------------------------------------------------------------------
 # Sorting networks over a tile: NET_LANES coordinates at once, in SIMD registers
@@ -304,26 +300,6 @@ cdef inline void _sort_lanes(in_t* tile, const Py_ssize_t* pairs, Py_ssize_t npa
         _compare_swap(tile + pairs[2 * c], tile + pairs[2 * c + 1])
 
 
-cdef inline void _window_means(const in_t* tile, Py_ssize_t stride, Py_ssize_t lo, Py_ssize_t hi,
-                               Py_ssize_t n, out_t* out) noexcept nogil:
-    """out[j] = mean of sorted wires lo .. hi-1 of lane j, added in ascending order."""
-    cdef double acc[NET_LANES]
-    cdef const in_t* wire
-    cdef Py_ssize_t s, i, j
-    s = 0
-    while s < n:
-        wire = tile + lo * stride + s
-        for j in range(NET_LANES):
-            acc[j] = wire[j]
-        for i in range(lo + 1, hi):
-            wire = tile + i * stride + s
-            for j in range(NET_LANES):
-                acc[j] = acc[j] + wire[j]
-        for j in range(min(<Py_ssize_t> NET_LANES, n - s)):
-            out[s + j] = <out_t> (acc[j] / (hi - lo))
-        s = s + NET_LANES
-
-
 cdef inline void _gather(const in_t** rows, Py_ssize_t k, Py_ssize_t j0, Py_ssize_t n,
                          Py_ssize_t stride, in_t* tile) noexcept nogil:
     """tile[i * stride + j] = rows[i][j0 + j], NaN as +inf; lanes up to the next multiple
@@ -342,25 +318,91 @@ cdef inline void _gather(const in_t** rows, Py_ssize_t k, Py_ssize_t j0, Py_ssiz
             wire[j] = 0
 
 
+cdef Py_ssize_t* _pruned_network(Py_ssize_t k, Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t stride,
+                                 Py_ssize_t* npairs) except NULL:
+    """Batcher's network on k wires, pruned to the comparators that feed wires lo .. hi-1,
+    as pairs of tile offsets: a new buffer (free it) of 2 * npairs[0] entries."""
+    cdef Py_ssize_t m = _batcher(k, NULL), first
+    cdef Py_ssize_t* pairs = <Py_ssize_t*> scratch(2 * m * sizeof(Py_ssize_t))
+    cdef char* live = <char*> scratch(k)
+    _batcher(k, pairs)
+    first = _prune(pairs, m, k, lo, hi, stride, live)
+    free(live)
+    npairs[0] = m - first
+    memmove(pairs, pairs + 2 * first, 2 * npairs[0] * sizeof(Py_ssize_t))
+    return pairs
+
+
+cdef inline void _sort_tile(in_t* tile, Py_ssize_t n, const Py_ssize_t* pairs,
+                            Py_ssize_t npairs) noexcept nogil:
+    """Run the network over the tile's first n coordinates, NET_LANES at a time."""
+    cdef Py_ssize_t jj = 0
+    while jj < n:
+        _sort_lanes(tile + jj, pairs, npairs)
+        jj = jj + NET_LANES
+
+
+cdef inline void _tile_window_means(const in_t* tile, Py_ssize_t stride, Py_ssize_t lo, Py_ssize_t hi,
+                                    Py_ssize_t n, out_t* out) noexcept nogil:
+    """out[j] = window mean of lane j of a sorted tile: the mean of its wires lo .. hi-1,
+    added in ascending order."""
+    cdef double acc[NET_LANES]
+    cdef const in_t* wire
+    cdef Py_ssize_t s, i, j
+    s = 0
+    while s < n:
+        wire = tile + lo * stride + s
+        for j in range(NET_LANES):
+            acc[j] = wire[j]
+        for i in range(lo + 1, hi):
+            wire = tile + i * stride + s
+            for j in range(NET_LANES):
+                acc[j] = acc[j] + wire[j]
+        for j in range(min(<Py_ssize_t> NET_LANES, n - s)):
+            out[s + j] = <out_t> (acc[j] / (hi - lo))
+        s = s + NET_LANES
+
+
+# ---------------------------------------------------------------------------------------
+# The order-statistic kernels: trimmed_mean (and median) and meamed
+
+cdef struct Tiling:
+    Py_ssize_t width       # coordinates per block and tile: a multiple of NET_LANES
+    Py_ssize_t stride      # elements from one wire (client) of a tile to the next
+    Py_ssize_t nblocks     # blocks of width coordinates covering D
+    Py_ssize_t per_thread  # bytes per thread: its tile, then a float64 column and the column's scratch
+
+
+cdef inline Tiling _tiling(Py_ssize_t k, Py_ssize_t d, Py_ssize_t itemsize) noexcept nogil:
+    """How K rows of D values of ``itemsize`` bytes are cut into tiles: each row read in
+    runs of up to NET_RUN_BYTES, a tile within NET_TILE_BYTES, and a stride one cache line
+    longer than the width so that the wires do not all map to the same L1 sets."""
+    cdef Tiling t
+    t.width = min(<Py_ssize_t> NET_TILE_BYTES // (k * itemsize), <Py_ssize_t> NET_RUN_BYTES // itemsize)
+    t.width = max(<Py_ssize_t> NET_LANES, t.width // NET_LANES * NET_LANES)
+    t.stride = t.width + CACHE_LINE // itemsize
+    t.nblocks = (d + t.width - 1) // t.width
+    t.per_thread = k * t.stride * itemsize + 2 * k * <Py_ssize_t> sizeof(double)
+    return t
+
+
 def trimmed_mean(updates, int lo, int hi, out) -> None:
-    """out[j] = mean of the sorted values lo .. hi-1 of coordinate j (the median when
-    lo = (K-1)//2, hi = K//2 + 1), summed in float64 and rounded once."""
-    _order_statistic(updates.pointers, updates.first, lo, hi, 0, out)
+    """out[j] = window mean of coordinate j: the mean of its sorted values lo .. hi-1 (the
+    median when lo = (K-1)//2, hi = K//2 + 1), summed in float64 and rounded once."""
+    _trimmed_mean(updates.pointers, updates.first, lo, hi, out)
 
 
-def mean_around_median(updates, int keep, out) -> None:
+def meamed(updates, int keep, out) -> None:
     """out[j] = mean of the ``keep`` values of coordinate j closest to its median, with
     exactly the reference's window-growing comparisons (ties go to the lower value)."""
-    _order_statistic(updates.pointers, updates.first, 0, 0, keep, out)
+    _meamed(updates.pointers, updates.first, keep, out)
 
 
-def _order_statistic(const uintptr_t[::1] pointers, const in_t[::1] first, Py_ssize_t lo,
-                     Py_ssize_t hi, Py_ssize_t keep, out_t[::1] out):
-    """Shared driver: keep > 0 means mean_around_median, else trimmed_mean(lo, hi).
-
-    A block of coordinates is gathered into a per-thread tile, one wire (client) per
+def _trimmed_mean(const uintptr_t[::1] pointers, const in_t[::1] first, Py_ssize_t lo,
+                  Py_ssize_t hi, out_t[::1] out):
+    """A block of coordinates is gathered into a per-thread tile, one wire (client) per
     row, in the input dtype (min and max are exact in it). Up to NET_MAX_BYTES per
-    coordinate, a sorting network pruned to the wires the result reads sorts NET_LANES
+    coordinate, a sorting network pruned to the wires lo .. hi-1 sorts NET_LANES
     coordinates at once in SIMD registers: no branches, no worst case, ties cost nothing,
     and the window comes out sorted, so sums run in the reference's order. For more
     clients the network's K log^2 K work loses to quickselect on each coordinate's column.
@@ -368,67 +410,78 @@ def _order_statistic(const uintptr_t[::1] pointers, const in_t[::1] first, Py_ss
     cdef const in_t** rows = <const in_t**> &pointers[0]
     cdef Py_ssize_t k = pointers.shape[0], d = first.shape[0]
     cdef bint network = k * <Py_ssize_t> sizeof(in_t) <= NET_MAX_BYTES
-    # tile width: a multiple of NET_LANES, rows read in runs of up to 2 KB; the stride adds
-    # a cache line so that wires do not all map to the same L1 sets
-    cdef Py_ssize_t width = min(<Py_ssize_t> MAX_TILE_BYTES // (k * <Py_ssize_t> sizeof(in_t)),
-                                <Py_ssize_t> MAX_RUN_BYTES // <Py_ssize_t> sizeof(in_t))
-    width = max(<Py_ssize_t> NET_LANES, width // NET_LANES * NET_LANES)
-    cdef Py_ssize_t stride = width + 64 // <Py_ssize_t> sizeof(in_t)
-    cdef Py_ssize_t nblocks = (d + width - 1) // width
-    cdef Py_ssize_t wlo = lo, whi = hi, m, first_pair = 0, npairs = 0
+    cdef Tiling tiling = _tiling(k, d, sizeof(in_t))
+    cdef Py_ssize_t width = tiling.width, stride = tiling.stride, per_thread = tiling.per_thread
+    cdef Py_ssize_t npairs = 0
     cdef Py_ssize_t* pairs = NULL
-    cdef char* live
     cdef int nthreads = fk_max_threads()
-    # per thread: the tile (a multiple of 64 bytes), then a column and its scratch
-    cdef Py_ssize_t per_thread = k * stride * sizeof(in_t) + 2 * k * sizeof(double)
-    cdef char* scratch
+    cdef char* tiles
     cdef in_t* tile
     cdef double* column
-    cdef double value
-    cdef Py_ssize_t b, j0, n, jj, i
-    if keep > 0:
-        wlo = max(<Py_ssize_t> 0, k // 2 - keep)
-        whi = min(k, k // 2 + keep)
-    if hi <= lo and keep <= 0:  # an empty window: the reference's mean is NaN
+    cdef Py_ssize_t b, j0, n, jj
+    if hi <= lo:  # an empty window: the reference's mean is NaN
         out[:] = <out_t> NAN
         return
     if network:
-        m = _batcher(k, NULL)
-        pairs = <Py_ssize_t*> _scratch(2 * m * sizeof(Py_ssize_t))
-        live = <char*> _scratch(k)
-        _batcher(k, pairs)
-        first_pair = _prune(pairs, m, k, wlo, whi, stride, live)
-        npairs = m - first_pair
-        free(live)
-    scratch = <char*> _scratch(nthreads * per_thread + 64)
+        pairs = _pruned_network(k, lo, hi, stride, &npairs)
+    tiles = <char*> scratch(nthreads * per_thread + CACHE_LINE)
     with nogil:
         # dynamic: quickselect's time depends on the data, and a block is ~0.1 ms of work
-        for b in prange(nblocks, schedule="dynamic", num_threads=nthreads):
-            tile = <in_t*> (scratch + threadid() * per_thread)
+        for b in prange(tiling.nblocks, schedule="dynamic", num_threads=nthreads):
+            tile = <in_t*> (tiles + threadid() * per_thread)
             column = <double*> (<char*> tile + k * stride * sizeof(in_t))
             j0 = b * width
             n = min(width, d - j0)
             _gather(rows, k, j0, n, stride, tile)
             if network:
-                jj = 0
-                while jj < n:
-                    _sort_lanes(tile + jj, pairs + 2 * first_pair, npairs)
-                    jj = jj + NET_LANES
-                if keep > 0:
-                    for jj in range(n):
-                        out[j0 + jj] = <out_t> _near_median_sorted(tile + jj, stride, k, keep)
-                else:
-                    _window_means(tile, stride, lo, hi, n, &out[j0])
+                _sort_tile(tile, n, pairs, npairs)
+                _tile_window_means(tile, stride, lo, hi, n, &out[j0])
             else:
                 for jj in range(n):
-                    for i in range(k):
-                        column[i] = tile[i * stride + jj]
-                    if keep > 0:
-                        value = _mean_near_median(column, column + k, k, keep)
-                    else:
-                        value = _window_mean(column, column + k, k, lo, hi)
-                    out[j0 + jj] = <out_t> value
-    free(scratch)
+                    _copy_column(tile + jj, stride, k, column)
+                    out[j0 + jj] = <out_t> _column_window_mean(column, column + k, k, lo, hi)
+    free(tiles)
+    free(pairs)
+
+
+def _meamed(const uintptr_t[::1] pointers, const in_t[::1] first, Py_ssize_t keep, out_t[::1] out):
+    """Tiles, networks and quickselect as in _trimmed_mean; the network is pruned to the
+    ranks the window can read (K//2 - keep .. K//2 + keep - 1), which come out sorted, and
+    the window is then grown from the median with the reference's comparisons."""
+    cdef const in_t** rows = <const in_t**> &pointers[0]
+    cdef Py_ssize_t k = pointers.shape[0], d = first.shape[0]
+    cdef bint network = k * <Py_ssize_t> sizeof(in_t) <= NET_MAX_BYTES
+    cdef Tiling tiling = _tiling(k, d, sizeof(in_t))
+    cdef Py_ssize_t width = tiling.width, stride = tiling.stride, per_thread = tiling.per_thread
+    cdef Py_ssize_t npairs = 0
+    cdef Py_ssize_t* pairs = NULL
+    cdef int nthreads = fk_max_threads()
+    cdef char* tiles
+    cdef in_t* tile
+    cdef double* column
+    cdef Py_ssize_t b, j0, n, jj
+    if keep <= 0:  # an empty window: the reference's mean is NaN
+        out[:] = <out_t> NAN
+        return
+    if network:
+        pairs = _pruned_network(k, max(<Py_ssize_t> 0, k // 2 - keep), min(k, k // 2 + keep), stride, &npairs)
+    tiles = <char*> scratch(nthreads * per_thread + CACHE_LINE)
+    with nogil:
+        for b in prange(tiling.nblocks, schedule="dynamic", num_threads=nthreads):
+            tile = <in_t*> (tiles + threadid() * per_thread)
+            column = <double*> (<char*> tile + k * stride * sizeof(in_t))
+            j0 = b * width
+            n = min(width, d - j0)
+            _gather(rows, k, j0, n, stride, tile)
+            if network:
+                _sort_tile(tile, n, pairs, npairs)
+                for jj in range(n):
+                    out[j0 + jj] = <out_t> _meamed_sorted(tile + jj, stride, k, keep)
+            else:
+                for jj in range(n):
+                    _copy_column(tile + jj, stride, k, column)
+                    out[j0 + jj] = <out_t> _meamed_column(column, column + k, k, keep)
+    free(tiles)
     free(pairs)
 
 
@@ -466,23 +519,23 @@ def _gather_tile(const uintptr_t[::1] pointers, const in_t[::1] first, Py_ssize_
 
 
 cdef inline double _sq_diff(const in_t* x, const ref_t* y, Py_ssize_t n) noexcept nogil:
-    """sum_j (x_j - y_j)^2 in float64, in LANES interleaved partial sums (a fixed order)."""
-    cdef double s[LANES]
+    """sum_j (x_j - y_j)^2 in float64, in DIST_LANES interleaved partial sums (a fixed order)."""
+    cdef double s[DIST_LANES]
     cdef double t
     cdef Py_ssize_t j, u
-    for u in range(LANES):
+    for u in range(DIST_LANES):
         s[u] = 0.0
     j = 0
-    while j + LANES <= n:
-        for u in range(LANES):
+    while j + DIST_LANES <= n:
+        for u in range(DIST_LANES):
             t = <double> x[j + u] - <double> y[j + u]
             s[u] = s[u] + t * t
-        j = j + LANES
+        j = j + DIST_LANES
     while j < n:
         t = <double> x[j] - <double> y[j]
         s[0] = s[0] + t * t
         j = j + 1
-    return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]))
+    return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]))  # DIST_LANES = 8
 
 
 cdef void _pairs_block(const in_t** rows, Py_ssize_t i, Py_ssize_t j0, Py_ssize_t n,
@@ -533,7 +586,7 @@ def _sq_distances_to(const uintptr_t[::1] pointers, const in_t[::1] first,
     cdef const in_t** rows = <const in_t**> &pointers[0]
     cdef Py_ssize_t k = pointers.shape[0], d = first.shape[0]
     cdef Py_ssize_t nblocks = (d + NORM_BLOCK - 1) // NORM_BLOCK
-    cdef double* partials = <double*> _scratch(k * nblocks * sizeof(double))
+    cdef double* partials = <double*> scratch(k * nblocks * sizeof(double))
     cdef Py_ssize_t t, i, b, j0
     cdef double total
     with nogil:

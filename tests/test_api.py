@@ -183,11 +183,11 @@ def test_auto_picks_the_first_available_in_auto_order(family):
 
 def test_auto_order_can_differ_for_one_kernel():
     """meamed's kernel has its own "auto" order (Numba measured faster for it)."""
-    order = backends.AUTO_ORDER["robust.mean_around_median"]
+    order = backends.AUTO_ORDER["robust.meamed"]
     first = next(name for name in order if backends.is_available(name, "robust"))
-    assert backends.resolve("robust", "auto", "mean_around_median") == first
+    assert backends.resolve("robust", "auto", "meamed") == first
     assert backends.resolve("robust", "auto", "trimmed_mean") == backends.resolve("robust", "auto")
-    assert backends.resolve("robust", "cython", "mean_around_median") == "cython"  # explicit wins
+    assert backends.resolve("robust", "cython", "meamed") == "cython"  # explicit wins
 
 
 def test_auto_runs_the_resolved_backend(ran):
@@ -235,6 +235,29 @@ def test_a_cython_module_that_was_not_built_says_so(monkeypatch):
     monkeypatch.setattr(backends, "_modules", {})
     with pytest.raises(fedkern.BackendUnavailableError, match="fedkern._cython.no_such_family was not built"):
         backends._load("cython", "no_such_family")
+
+
+def test_a_kernel_missing_from_a_backend_falls_back_to_the_next_then_the_reference(monkeypatch, ran):
+    """A kernel not (yet) written for one engine runs on the next backend of the family's
+    order, and finally on the reference; the other kernels stay on the chosen backend."""
+    assert ran(backend="cython") == "cython"
+    monkeypatch.delattr(AGGREGATE["cython"], "weighted_sum")
+    assert ran(backend="cython") == "numba"
+    assert backends.kernels("aggregate", "cython").l2_norms is AGGREGATE["cython"].l2_norms
+    monkeypatch.delattr(AGGREGATE["numba"], "weighted_sum")
+    assert ran(backend="cython") == "reference"
+    assert ran(backend="auto") == "reference"
+
+
+def test_a_family_without_an_auto_order_of_its_own_uses_the_default_order():
+    assert "random" not in backends.AUTO_ORDER
+    expected = next(b for b in backends.DEFAULT_ORDER if backends.is_available(b, "random"))
+    assert backends.resolve("random", "auto") == expected
+    out = np.empty(8, np.uint32)
+    backends.kernels("random").random_bits(1, 2, 3, out)
+    reference = np.empty(8, np.uint32)
+    backends.kernels("random", "reference").random_bits(1, 2, 3, reference)
+    np.testing.assert_array_equal(out, reference)
 
 
 ENV_PROBE = """

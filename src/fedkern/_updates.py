@@ -4,6 +4,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import numpy.typing as npt
 
 
 class UpdatesSource:
@@ -53,3 +54,15 @@ class Updates:
     def subset(self, indices) -> "Updates":
         """The rows at ``indices`` (in that order), read in place like the others."""
         return Updates([self[int(i)] for i in indices], None)
+
+
+#: What every op accepts as K client updates.
+UpdatesLike = np.ndarray | Sequence[np.ndarray] | UpdatesSource
+#: K finite weights >= 0, not all zero (a list, an array, ...).
+WeightsLike = npt.ArrayLike
+#: A result dtype: float32 or float64 (None: the updates' dtype).
+DTypeLike = npt.DTypeLike
+#: A seed: an int, None (fresh entropy) or a numpy Generator.
+SeedLike = int | np.random.Generator | None
+#: An ``out=`` for a (K, D) result: an array, K writable rows, or None.
+OutUpdates = np.ndarray | Sequence[np.ndarray] | None

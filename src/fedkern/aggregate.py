@@ -7,18 +7,16 @@ accumulate in float64 and are rounded once.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
 
 import numpy as np
 
 from . import _validate as check
-from ._updates import UpdatesSource
+from ._updates import DTypeLike, OutUpdates, UpdatesLike, UpdatesSource, WeightsLike
 from .backends import kernels
 
-UpdatesLike = np.ndarray | Sequence[np.ndarray]
 
 
-def weighted_sum(updates: UpdatesLike, weights, *, out: np.ndarray | None = None, dtype=None,
+def weighted_sum(updates: UpdatesLike, weights: WeightsLike, *, out: np.ndarray | None = None, dtype: DTypeLike = None,
                  check_finite: bool = True, backend: str | None = None) -> np.ndarray:
     r"""Weighted sum of client updates, :math:`s_j = \sum_i w_i x_{ij}`.
 
@@ -46,7 +44,8 @@ def weighted_sum(updates: UpdatesLike, weights, *, out: np.ndarray | None = None
     return _weighted_sum("weighted_sum", rows, w, 1.0, out, dtype, check_finite, backend)
 
 
-def weighted_mean(updates: UpdatesLike, weights=None, *, out: np.ndarray | None = None, dtype=None,
+def weighted_mean(updates: UpdatesLike, weights: WeightsLike | None = None, *, out: np.ndarray | None = None,
+                  dtype: DTypeLike = None,
                   check_finite: bool = True, backend: str | None = None) -> np.ndarray:
     r"""Weighted mean of client updates (FedAvg), :math:`m_j = \sum_i w_i x_{ij} / \sum_i w_i`.
 
@@ -131,7 +130,7 @@ class Accumulator:
     array([0.75, 0.75, 0.75, 0.75], dtype=float32)
     """
 
-    def __init__(self, d: int, dtype=np.float32, *, backend: str | None = None):
+    def __init__(self, d: int, dtype: DTypeLike = np.float32, *, backend: str | None = None):
         if isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 1:
             raise check.FedkernValueError(f"d must be a positive integer; got {d!r}")
         self.dtype = check.result_dtype(dtype, np.dtype(np.float32))
@@ -174,7 +173,7 @@ class Accumulator:
         self.count = 0
 
 
-def l2_norms(updates: UpdatesLike, *, out: np.ndarray | None = None, dtype=None,
+def l2_norms(updates: UpdatesLike, *, out: np.ndarray | None = None, dtype: DTypeLike = None,
              check_finite: bool = True, backend: str | None = None) -> np.ndarray:
     r"""Euclidean norm of each client's update, :math:`n_i = \sqrt{\sum_j x_{ij}^2}`.
 
@@ -198,8 +197,8 @@ def l2_norms(updates: UpdatesLike, *, out: np.ndarray | None = None, dtype=None,
     return result
 
 
-def clip_by_norm(updates: UpdatesLike, max_norm: float, *, out=None, return_norms: bool = False,
-                 check_finite: bool = True, backend: str | None = None):
+def clip_by_norm(updates: UpdatesLike, max_norm: float, *, out: OutUpdates = None, return_norms: bool = False,
+                 check_finite: bool = True, backend: str | None = None) -> np.ndarray | list[np.ndarray] | tuple:
     r"""Scale each update whose L2 norm exceeds ``max_norm`` down to that norm.
 
     :math:`y_i = x_i \min(1, c / \lVert x_i \rVert_2)` (as in DP-FedAvg and norm-bounding

@@ -12,6 +12,7 @@ import contextlib
 import contextvars
 import importlib
 import os
+from collections.abc import Iterator
 from types import ModuleType
 
 from ._errors import BackendUnavailableError, FedkernTypeError, FedkernValueError
@@ -19,13 +20,15 @@ from ._errors import BackendUnavailableError, FedkernTypeError, FedkernValueErro
 NAMES = ("reference", "cython", "numba")
 _PACKAGES = {"reference": "fedkern._reference", "cython": "fedkern._cython", "numba": "fedkern._numba"}
 
+#: The order ``"auto"`` tries for a family with no entry of its own (a new family).
+DEFAULT_ORDER = ("cython", "numba", "reference")
 #: Backend tried first by ``"auto"``, per op family, or per ``"family.kernel"`` where one
 #: kernel of a family is fastest elsewhere (fastest measured first, see README).
 AUTO_ORDER = {
     "aggregate": ("cython", "numba", "reference"),
     "optim": ("cython", "numba", "reference"),
     "robust": ("cython", "numba", "reference"),
-    "robust.mean_around_median": ("numba", "cython", "reference"),
+    "robust.meamed": ("numba", "cython", "reference"),
 }
 
 _global_backend = os.environ.get("FEDKERN_BACKEND", "auto")
@@ -73,7 +76,7 @@ def set_backend(name: str) -> None:
 
 
 @contextlib.contextmanager
-def use_backend(name: str):
+def use_backend(name: str) -> Iterator[None]:
     """Use ``name`` as the default backend inside a ``with`` block (thread- and task-local).
 
     >>> updates = [np.ones(3), np.zeros(3)]
@@ -161,20 +164,51 @@ def is_available(backend: str, family: str = "aggregate") -> bool:
     return True
 
 
+def _order(family: str, kernel: str | None) -> tuple[str, ...]:
+    return AUTO_ORDER.get(f"{family}.{kernel}", AUTO_ORDER.get(family, DEFAULT_ORDER))
+
+
 def resolve(family: str, backend: str | None = None, kernel: str | None = None) -> str:
     """Name of the concrete backend that will run ``kernel`` (or any kernel) of ``family``."""
     name = _check_name(backend if backend is not None else get_backend())
     if name != "auto":
         return name
-    order = AUTO_ORDER.get(f"{family}.{kernel}", AUTO_ORDER[family])
-    return next(b for b in order if is_available(b, family))
+    return next(b for b in _order(family, kernel) if is_available(b, family))
 
 
-def kernels(family: str, backend: str | None = None, kernel: str | None = None) -> ModuleType:
-    """The kernel module of ``family`` for ``backend`` (``kernel``: the one kernel the caller
-    will run, for a per-kernel ``"auto"`` order), ready to run on the set threads."""
+class Kernels:
+    """The kernels of one family as a backend runs them.
+
+    Each kernel comes from the chosen backend's module or, where that module lacks it (a
+    kernel not yet written for that engine), from the next backend of the family's order
+    that has it, and finally from the numpy reference, which has them all.
+    """
+
+    def __init__(self, family: str, chain: list[str]):
+        self.family = family
+        self.backend = chain[0]
+        self._chain = chain
+
+    def __getattr__(self, kernel: str):
+        for name in self._chain:
+            function = getattr(_load(name, self.family), kernel, None)
+            if function is not None:
+                return function
+        raise AttributeError(f"no backend of the {self.family} family has a kernel {kernel!r}")
+
+    def __repr__(self) -> str:
+        return f"<fedkern kernels {self.family} on {' > '.join(self._chain)}>"
+
+
+def kernels(family: str, backend: str | None = None, kernel: str | None = None) -> Kernels:
+    """The kernels of ``family`` for ``backend`` (``kernel``: the one kernel the caller will
+    run, for a per-kernel ``"auto"`` order), with a per-kernel fallback, ready to run on the
+    set threads."""
     name = resolve(family, backend, kernel)
-    module = _load(name, family)
-    if name != "reference":
-        _load(name, "_runtime").use_threads(_num_threads)
-    return module
+    _load(name, family)  # an explicitly chosen backend that does not import raises here
+    chain = [name] + [b for b in _order(family, kernel) if b not in (name, "reference") and is_available(b, family)]
+    chain.append("reference")
+    for compiled in chain[:-1]:
+        if compiled != "reference":
+            _load(compiled, "_runtime").use_threads(_num_threads)
+    return Kernels(family, chain)

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from . import _validate as check
-from ._updates import UpdatesSource
+from ._updates import DTypeLike, UpdatesSource
 
 
 class Layout:
@@ -34,7 +34,7 @@ class Layout:
     >>> w, b = layout.unflatten(flat)                 # views into flat, shapes (2, 3) and (4,)
     """
 
-    def __init__(self, arrays: Sequence[np.ndarray], dtype=None):
+    def __init__(self, arrays: Sequence[np.ndarray], dtype: DTypeLike = None):
         if isinstance(arrays, np.ndarray) or not isinstance(arrays, Sequence) or not arrays:
             raise check.FedkernTypeError("arrays must be a non-empty list of numpy arrays (a model's layers)")
         for i, array in enumerate(arrays):
@@ -108,7 +108,7 @@ class UpdateMatrix(UpdatesSource):
     array([3.25, 3.25, 3.25], dtype=float32)
     """
 
-    def __init__(self, k: int, d: int, dtype=np.float32):
+    def __init__(self, k: int, d: int, dtype: DTypeLike = np.float32):
         for name, value in (("k", k), ("d", d)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise check.FedkernValueError(f"{name} must be a positive integer; got {value!r}")

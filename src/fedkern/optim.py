@@ -128,7 +128,7 @@ class FedAvg(ServerOptimizer):
     array([1., 1., 1.], dtype=float32)
     """
 
-    def __init__(self, lr: float = 1.0, *, check_finite: bool = True, backend: str | None = None, **unknown):
+    def __init__(self, lr: float = 1.0, *, check_finite: bool = True, backend: str | None = None, **unknown: object):
         self._reject(unknown, momentum="server momentum is FedAvgM")
         super().__init__(lr, check_finite=check_finite, backend=backend)
 
@@ -160,7 +160,7 @@ class FedAvgM(ServerOptimizer):
     state_names = ("momentum",)
 
     def __init__(self, lr: float = 1.0, momentum: float = 0.9, *, check_finite: bool = True,
-                 backend: str | None = None, **unknown):
+                 backend: str | None = None, **unknown: object):
         self._reject(unknown)
         super().__init__(lr, check_finite=check_finite, backend=backend)
         self.momentum = check.real(momentum, "momentum", low=0.0, high=1.0, high_inclusive=False)
@@ -210,7 +210,7 @@ class FedAdagrad(_AdaptiveOptimizer):
 
     def __init__(self, lr: float = 0.1, beta1: float = 0.0, tau: float = 1e-3, *, bias_correction: bool = False,
                  initial_v: float | None = None, check_finite: bool = True, backend: str | None = None,
-                 **unknown):
+                 **unknown: object):
         self._reject(unknown, beta2="its second moment is a running sum of squares, with no decay rate")
         super().__init__(lr, beta1, 0.0, tau, bias_correction=bias_correction, initial_v=initial_v,
                          check_finite=check_finite, backend=backend)
@@ -254,7 +254,7 @@ class FedAdam(_AdaptiveOptimizer):
 
     def __init__(self, lr: float = 0.1, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3, *,
                  bias_correction: bool = False, initial_v: float | None = None, check_finite: bool = True,
-                 backend: str | None = None, **unknown):
+                 backend: str | None = None, **unknown: object):
         self._reject(unknown)
         super().__init__(lr, beta1, beta2, tau, bias_correction=bias_correction, initial_v=initial_v,
                          check_finite=check_finite, backend=backend)
@@ -271,7 +271,7 @@ class FedYogi(_AdaptiveOptimizer):
 
     def __init__(self, lr: float = 0.01, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3, *,
                  bias_correction: bool = False, initial_v: float | None = None, check_finite: bool = True,
-                 backend: str | None = None, **unknown):
+                 backend: str | None = None, **unknown: object):
         self._reject(unknown)
         super().__init__(lr, beta1, beta2, tau, bias_correction=bias_correction, initial_v=initial_v,
                          check_finite=check_finite, backend=backend)

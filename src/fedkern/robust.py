@@ -29,8 +29,8 @@ from __future__ import annotations
 import numpy as np
 
 from . import _validate as check
-from ._updates import Updates
-from .aggregate import UpdatesLike, _weighted_sum
+from ._updates import DTypeLike, OutUpdates, SeedLike, Updates, UpdatesLike, WeightsLike
+from .aggregate import _weighted_sum
 from .backends import kernels
 
 METHODS = ("auto", "gram", "exact")
@@ -138,7 +138,7 @@ def _krum_scores(distances: np.ndarray, neighbours: int) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- coordinate-wise rules
-def median(updates: UpdatesLike, *, out: np.ndarray | None = None, dtype=None,
+def median(updates: UpdatesLike, *, out: np.ndarray | None = None, dtype: DTypeLike = None,
            check_finite: bool = True, backend: str | None = None) -> np.ndarray:
     r"""Coordinate-wise median, :math:`m_j = \mathrm{median}_i\, x_{ij}`.
 
@@ -163,7 +163,7 @@ def median(updates: UpdatesLike, *, out: np.ndarray | None = None, dtype=None,
 
 
 def trimmed_mean(updates: UpdatesLike, beta: float | None = None, *, f: int | None = None,
-                 out: np.ndarray | None = None, dtype=None, check_finite: bool = True,
+                 out: np.ndarray | None = None, dtype: DTypeLike = None, check_finite: bool = True,
                  backend: str | None = None) -> np.ndarray:
     r"""Coordinate-wise trimmed mean: drop the t smallest and t largest values, average the rest.
 
@@ -198,7 +198,7 @@ def _trimmed(op, rows, lo, hi, out, dtype, check_finite, backend):
     return _finish(op, rows, result, check_finite)
 
 
-def meamed(updates: UpdatesLike, f: int, *, out: np.ndarray | None = None, dtype=None,
+def meamed(updates: UpdatesLike, f: int, *, out: np.ndarray | None = None, dtype: DTypeLike = None,
            check_finite: bool = True, backend: str | None = None) -> np.ndarray:
     r"""Mean around the median: per coordinate, the mean of the K - f values closest to the median.
 
@@ -215,7 +215,7 @@ def meamed(updates: UpdatesLike, f: int, *, out: np.ndarray | None = None, dtype
     rows = check.updates(updates)
     f = _byzantine(f, rows.k, lambda f: 2 * f + 1, "meamed")
     result = check.out(out, (rows.d,), rows.dtype, dtype)
-    kernels("robust", backend, "mean_around_median").mean_around_median(rows, rows.k - f, result)
+    kernels("robust", backend, "meamed").meamed(rows, rows.k - f, result)
     return _finish("meamed", rows, result, check_finite)
 
 
@@ -239,9 +239,9 @@ def pairwise_sq_distances(updates: UpdatesLike, method: str = "auto", *,
     return _sq_distances(rows, _method(method, rows.k), backend)[0]
 
 
-def krum(updates: UpdatesLike, f: int, m: int = 1, weights=None, *, method: str = "auto",
-         return_indices: bool = False, out: np.ndarray | None = None, dtype=None,
-         check_finite: bool = True, backend: str | None = None):
+def krum(updates: UpdatesLike, f: int, m: int = 1, weights: WeightsLike | None = None, *, method: str = "auto",
+         return_indices: bool = False, out: np.ndarray | None = None, dtype: DTypeLike = None,
+         check_finite: bool = True, backend: str | None = None) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     r"""Krum and Multi-Krum (Blanchard et al., NeurIPS 2017).
 
     Each update's score is the sum of its squared distances to its K - f - 2 nearest
@@ -275,8 +275,8 @@ def krum(updates: UpdatesLike, f: int, m: int = 1, weights=None, *, method: str 
 
 
 def bulyan(updates: UpdatesLike, f: int, *, method: str = "auto", return_indices: bool = False,
-           out: np.ndarray | None = None, dtype=None, check_finite: bool = True,
-           backend: str | None = None):
+           out: np.ndarray | None = None, dtype: DTypeLike = None, check_finite: bool = True,
+           backend: str | None = None) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     r"""Bulyan (El Mhamdi et al., ICML 2018) over Krum.
 
     1. Selection: :math:`\theta = K - 2f` rounds; each picks, among the updates not yet
@@ -300,15 +300,15 @@ def bulyan(updates: UpdatesLike, f: int, *, method: str = "auto", return_indices
         selected.append(remaining.pop(int(np.argmin(scores))))  # argmin: first of ties
     selected = np.array(selected)
     result = check.out(out, (rows.d,), rows.dtype, dtype)
-    module = kernels("robust", backend, "mean_around_median")
-    module.mean_around_median(rows.subset(selected), len(selected) - 2 * f, result)
+    kernels("robust", backend, "meamed").meamed(rows.subset(selected), len(selected) - 2 * f, result)
     _finish("bulyan", rows, result, check_finite)
     return (result, selected) if return_indices else result
 
 
-def geometric_median(updates: UpdatesLike, weights=None, *, nu: float = 1e-6, maxiter: int = 100,
+def geometric_median(updates: UpdatesLike, weights: WeightsLike | None = None, *, nu: float = 1e-6, maxiter: int = 100,
                      tol: float = 1e-6, return_info: bool = False, out: np.ndarray | None = None,
-                     dtype=None, check_finite: bool = True, backend: str | None = None):
+                     dtype: DTypeLike = None, check_finite: bool = True,
+                     backend: str | None = None) -> np.ndarray | tuple[np.ndarray, dict]:
     r"""Weighted geometric median by the smoothed Weiszfeld algorithm (Pillutla et al., RFA, 2022).
 
     Minimises :math:`g(z) = \sum_i \alpha_i \lVert z - x_i \rVert` with
@@ -371,7 +371,7 @@ def geometric_median(updates: UpdatesLike, weights=None, *, nu: float = 1e-6, ma
 
 
 def centered_clipping(updates: UpdatesLike, center: np.ndarray, tau: float, iterations: int = 1, *,
-                      out: np.ndarray | None = None, dtype=None, check_finite: bool = True,
+                      out: np.ndarray | None = None, dtype: DTypeLike = None, check_finite: bool = True,
                       backend: str | None = None) -> np.ndarray:
     r"""Centered clipping (Karimireddy et al., ICML 2021).
 
@@ -413,7 +413,7 @@ def centered_clipping(updates: UpdatesLike, center: np.ndarray, tau: float, iter
 
 # --------------------------------------------------------------------------- pre-aggregators
 def nearest_neighbor_mixing(updates: UpdatesLike, f: int, *, method: str = "auto",
-                            out=None, backend: str | None = None):
+                            out: OutUpdates = None, backend: str | None = None) -> np.ndarray | list[np.ndarray]:
     r"""Nearest neighbour mixing, NNM (Allouah et al., AISTATS 2023).
 
     Replaces each update by the mean of its K - f nearest updates (itself included):
@@ -466,7 +466,7 @@ def _mix(rows: Updates, mixing: np.ndarray, target: Updates, backend) -> None:
                 row[j0:j0 + tile.shape[1]] = mixed[i]
 
 
-def bucketing(updates: UpdatesLike, s: int, seed=None, *, backend: str | None = None) -> np.ndarray:
+def bucketing(updates: UpdatesLike, s: int, seed: SeedLike = None, *, backend: str | None = None) -> np.ndarray:
     r"""Bucketing (Karimireddy et al., ICLR 2022): shuffle, then average buckets of ``s``.
 
     A random permutation (``seed``: an int, None or a :class:`numpy.random.Generator`)
@@ -485,8 +485,8 @@ def bucketing(updates: UpdatesLike, s: int, seed=None, *, backend: str | None = 
     return result
 
 
-def adaptive_clipping(updates: UpdatesLike, f: int, *, out=None, return_norms: bool = False,
-                      backend: str | None = None):
+def adaptive_clipping(updates: UpdatesLike, f: int, *, out: OutUpdates = None, return_norms: bool = False,
+                      backend: str | None = None) -> np.ndarray | list[np.ndarray] | tuple:
     r"""Adaptive robust clipping, ARC (Allouah et al., 2024).
 
     Clips the :math:`k = \lfloor 2 (f/K) (K - f) \rfloor` updates of largest norm to the

@@ -7,12 +7,8 @@ and every reduction runs in a fixed order, so results do not depend on thread co
 import numpy as np
 from numba import njit, prange
 
+from .._blocks import CHUNK, CLIP_GROUP_BYTES, NORM_BLOCK, NORM_LANES  # sizes, and why: fedkern/_blocks.py
 from ._runtime import KERNEL, row
-
-CHUNK = 2048
-NORM_BLOCK = 8192
-NORM_LANES = 16
-CLIP_GROUP_BYTES = 8 << 20
 
 
 def weighted_sum(updates, weights, divisor, out) -> int:

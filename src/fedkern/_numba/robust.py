@@ -13,23 +13,26 @@ a quickselect per coordinate mispredicts about every other comparison.
 
 Every result depends only on its own coordinate or on sums in a fixed order, never on
 the number of threads.
+
+Words used in names, as in ``ext/robust.pyx``: a *window* is a range of ranks lo .. hi-1
+of a coordinate's sorted values and a *window mean* its mean (trimmed_mean and the median
+are window means with a fixed window); *meamed* is the whole mean-around-the-median rule
+(grow the window from the median, ``keep`` values, then take its mean). ``*_network``
+kernels sort a block's columns by one sorting network; ``_trimmed_mean_sampled`` finds
+ranks by sample and count, ``_meamed_columns`` selects per coordinate.
 """
 import functools
+from collections import namedtuple
 
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
+from .._blocks import (GATHER_BYTES, GATHER_MAX, GATHER_STEP, NET_MAX_BYTES,  # sizes, and why:
+                       NORM_BLOCK, PAIR_BLOCK_MAX, PAIR_BLOCK_STEP, PAIR_BYTES,  # fedkern/_blocks.py
+                       SELECT_SMALL, SORT_ALL_MAX)
 from ._runtime import KERNEL, row
-
-BLOCK_BYTES = 1 << 20      # gathered block of K rows (1 MiB): it stays in L2 while searched
-BLOCK_MAX = 8192           # most coordinates per block; long runs of a row keep prefetch busy
-SMALL = 16                 # quickselect finishes ranges this short by insertion sort
-SORT_ALL_MAX = 64          # up to this K, trimmed_mean sorts whole columns by network
-NETWORK_SORT_MAX = 1024    # mean_around_median sorts by network up to this K (2^10 rows)
-PAIR_BYTES = 1 << 20       # one coordinate block of all K rows, reused by every pair
-NORM_BLOCK = 8192          # coordinates per partial sum of sq_distances_to
 
 
 @intrinsic
@@ -41,8 +44,10 @@ def _trailing_zeros(typingctx, value):
     return types.uint64(types.uint64), codegen
 
 
-def _batcher_pairs(n: int) -> np.ndarray:
-    """Comparators of Batcher's odd-even merge sort of n = 2^p values, as (m, 2) indices."""
+@functools.lru_cache(maxsize=None)
+def _batcher(n: int) -> np.ndarray:
+    """Comparators of Batcher's odd-even merge sort of n = 2^p values, as (m, 2) indices:
+    built once per n (the one cache of networks), read-only since every call shares it."""
     pairs = []
     p = 1
     while p < n:
@@ -54,33 +59,27 @@ def _batcher_pairs(n: int) -> np.ndarray:
                         pairs.append((i + j, i + j + k))
             k //= 2
         p *= 2
-    return np.array(pairs, np.int64).reshape(-1, 2)
+    network = np.array(pairs, np.int64).reshape(-1, 2)
+    network.flags.writeable = False
+    return network
 
 
-_NETWORKS = {n: _batcher_pairs(n) for n in (16, 32, 64)}
-
-
-@functools.lru_cache(maxsize=None)
-def _batcher(n: int) -> np.ndarray:
-    return _NETWORKS[n] if n in _NETWORKS else _batcher_pairs(n)
+def _block(rows: int, itemsize: int) -> int:
+    """Coordinates per gathered block of ``rows`` rows: a multiple of GATHER_STEP, about
+    GATHER_BYTES of values, at most GATHER_MAX."""
+    return max(GATHER_STEP, min(GATHER_MAX, GATHER_BYTES // (rows * itemsize)) // GATHER_STEP * GATHER_STEP)
 
 
 def _sorting(updates):
     """Rows (K padded to a power of two), sorting network and block for sorting columns."""
     size = 1 << max(0, (updates.k - 1).bit_length())
-    block = max(8, min(BLOCK_MAX, BLOCK_BYTES // (size * updates.dtype.itemsize)) // 8 * 8)
-    return size, _batcher(size), block
+    return size, _batcher(size), _block(size, updates.dtype.itemsize)
 
 
 def _sample_network(k: int) -> np.ndarray:
     """The network sorting a sample of 15, 31 or 63 values (plus +inf padding): bands
     between adjacent samples then hold about K/8 .. K/32 values."""
-    return _NETWORKS[16 if k < 192 else 32 if k < 640 else 64]
-
-
-def _block(updates) -> int:
-    """Coordinates per gathered block: a multiple of 8, about BLOCK_BYTES of values."""
-    return max(8, min(BLOCK_MAX, BLOCK_BYTES // (updates.k * updates.dtype.itemsize)) // 8 * 8)
+    return _batcher(16 if k < 192 else 32 if k < 640 else 64)
 
 
 # -- order statistics ------------------------------------------------------------------
@@ -154,7 +153,7 @@ def _select(v, lo, hi, k):
     while n > 1:
         budget += 2
         n >>= 1
-    while hi - lo > SMALL:
+    while hi - lo > SELECT_SMALL:
         if k == lo or k == hi - 1:  # an extreme: one scan
             best = k
             if k == lo:
@@ -314,6 +313,35 @@ def _extract(values, j, masks, dest, col):
         dest[e, col] = np.inf
 
 
+#: The scratch arrays of _ranks for one gathered block (``block`` columns, K rows), by name;
+#: made once per block by _rank_scratch and reused for both ranks.
+_RankScratch = namedtuple("_RankScratch", [
+    "lo",     # per column: index of the sample just below the rank (-1 stands for -inf)
+    "clo",    # per column: #(x < that sample)
+    "chi",    # per column: #(x < the next sample)
+    "pivot",  # per column: the sample a counting pass compares with
+    "count",  # per column: that pass's count (in the values' dtype)
+    "lower",  # per column: the band's lower bound
+    "upper",  # per column: the band's upper bound (NaN: none)
+    "masks",  # (ceil(K / 32), block) uint32: bit i says whether row i is in the band
+    "lanes",  # (3 * block,): the column each tier matrix's column holds
+    "band",   # (K, 1): a band too wide for the tiers, selected on its own
+    "tiers",  # three (16 | 32 | 64, block) matrices: bands by size, one column each
+])
+
+
+@njit(cache=True, nogil=True)
+def _rank_scratch(k, block, values):
+    dtype = values.dtype
+    return _RankScratch(
+        lo=np.empty(block, np.int64), clo=np.empty(block, np.int64), chi=np.empty(block, np.int64),
+        pivot=np.empty(block, dtype), count=np.empty(block, dtype),
+        lower=np.empty(block, dtype), upper=np.empty(block, dtype),
+        masks=np.empty(((k + 31) // 32, block), np.uint32), lanes=np.empty(3 * block, np.int64),
+        band=np.empty((k, 1), dtype),
+        tiers=(np.empty((16, block), dtype), np.empty((32, block), dtype), np.empty((64, block), dtype)))
+
+
 @njit(cache=True, nogil=True)
 def _ranks(values, n, samples, r1, r2, networks, work, first_out, second_out):
     """first_out[j] = x_(r1) and second_out[j] = x_(r2) of column j, for r1 <= r2 <= r1 + 1.
@@ -321,17 +349,17 @@ def _ranks(values, n, samples, r1, r2, networks, work, first_out, second_out):
     Both lie in r1's band, or r2 is the first rank past it, whose value is the band's
     upper sample (a sample is a value). Bands go by size into matrices of 16, 32 or 64
     rows (padded with +inf), each sorted by one network for all its columns at once;
-    the rare larger band is selected on its own.
+    the rare larger band is selected on its own. ``work`` is a _RankScratch.
     """
-    lo, clo, chi, pivot, count, lower, upper, masks, lanes, band, tiers = work
-    _bracket(values, n, samples, r1, lo, clo, chi, pivot, count)
-    _band_masks(values, n, samples, lo, lower, upper, masks)
+    clo, chi, upper, lanes, band, tiers = work.clo, work.chi, work.upper, work.lanes, work.band, work.tiers
+    _bracket(values, n, samples, r1, work.lo, clo, chi, work.pivot, work.count)
+    _band_masks(values, n, samples, work.lo, work.lower, upper, work.masks)
     used = np.zeros(3, np.int64)  # columns of each tier's matrix in use
     for j in range(n):
         m = chi[j] - clo[j]
         tier = 0 if m <= 16 else 1 if m <= 32 else 2 if m <= 64 else 3
         col = used[tier] if tier < 3 else 0
-        _extract(values, j, masks, tiers[tier] if tier < 3 else band, col)
+        _extract(values, j, work.masks, tiers[tier] if tier < 3 else band, col)
         if tier < 3:
             lanes[tier * n + col] = j
             used[tier] += 1
@@ -354,20 +382,21 @@ def _ranks(values, n, samples, r1, r2, networks, work, first_out, second_out):
 
 
 def trimmed_mean(updates, lo: int, hi: int, out) -> None:
-    """out[j] = mean of the sorted values x_(lo) .. x_(hi-1) of coordinate j (also the median)."""
+    """out[j] = window mean of coordinate j: the mean of its sorted values x_(lo) .. x_(hi-1)
+    (also the median)."""
     if updates.k <= SORT_ALL_MAX:
         size, network, block = _sorting(updates)
-        _sorted_mean(updates.pointers, updates.first, lo, hi, block, network, size, out)
+        _trimmed_mean_network(updates.pointers, updates.first, lo, hi, block, network, size, out)
         return
     network = _sample_network(updates.k)
     s = network.max()  # samples; the network's last input is +inf padding
     rows = (np.arange(s) * 2 + 1) * updates.k // (2 * s)
-    _trimmed_mean(updates.pointers, updates.first, lo, hi, _block(updates), rows, network,
-                  (_NETWORKS[16], _NETWORKS[32], _NETWORKS[64]), out)
+    _trimmed_mean_sampled(updates.pointers, updates.first, lo, hi, _block(updates.k, updates.dtype.itemsize),
+                          rows, network, (_batcher(16), _batcher(32), _batcher(64)), out)
 
 
 @njit(**KERNEL)
-def _sorted_mean(pointers, first, lo, hi, block, network, size, out):
+def _trimmed_mean_network(pointers, first, lo, hi, block, network, size, out):
     """For small K: sort a block's columns with one network and sum rows lo .. hi-1 in
     ascending order, exactly as the reference does."""
     k = pointers.shape[0]
@@ -389,7 +418,7 @@ def _sorted_mean(pointers, first, lo, hi, block, network, size, out):
 
 
 @njit(**KERNEL)
-def _trimmed_mean(pointers, first, lo, hi, block, rows, network, band_networks, out):
+def _trimmed_mean_sampled(pointers, first, lo, hi, block, rows, network, band_networks, out):
     """Order statistics by sample, count and band, a block of coordinates at a time.
 
     The K rows of a block are gathered contiguously. For all its coordinates at once, a
@@ -413,13 +442,7 @@ def _trimmed_block(pointers, first, lo, hi, j0, n, block, rows, network, band_ne
     samples = np.empty((network.max() + 1, block), first.dtype)
     low = np.empty(block, first.dtype)
     high = np.empty(block, first.dtype)
-    work = (np.empty(block, np.int64), np.empty(block, np.int64), np.empty(block, np.int64),
-            np.empty(block, first.dtype), np.empty(block, first.dtype),
-            np.empty(block, first.dtype), np.empty(block, first.dtype),
-            np.empty(((k + 31) // 32, block), np.uint32), np.empty(3 * block, np.int64),
-            np.empty((k, 1), first.dtype),
-            (np.empty((16, block), first.dtype), np.empty((32, block), first.dtype),
-             np.empty((64, block), first.dtype)))
+    work = _rank_scratch(k, block, values)
     _gather(pointers, first, j0, n, values)
     _sort_samples(values, n, rows, network, samples)
     for step in range(2 if wide else 1):  # one call site: compiles once
@@ -431,15 +454,22 @@ def _trimmed_block(pointers, first, lo, hi, j0, n, block, rows, network, band_ne
         for j in range(n):
             out[j0 + j] = (np.float64(low[j]) + np.float64(high[j])) / 2 if hi - lo == 2 else low[j]
         return
-    total = np.zeros(block)
-    below = np.zeros(block, np.int64)
-    under = np.zeros(block, np.int64)
-    for i in range(k):
+    _window_mean_between(values, n, lo, hi, low, high, out[j0:j0 + n])
+
+
+@njit(cache=True, nogil=True)
+def _window_mean_between(values, n, lo, hi, low, high, out):
+    """out[j] = window mean of column j given its ends low[j] = x_(lo), high[j] = x_(hi-1):
+    the values strictly between them summed in client order, then the copies of the ends."""
+    total = np.zeros(n)
+    below = np.zeros(n, np.int64)
+    under = np.zeros(n, np.int64)
+    for i in range(values.shape[0]):
         x = values[i]
         for j in range(n):
             v = np.float64(x[j])
             total[j] += v if (low[j] < v) & (v < high[j]) else 0.0
-    for i in range(k):
+    for i in range(values.shape[0]):
         x = values[i]
         for j in range(n):
             below[j] += x[j] <= low[j]
@@ -448,27 +478,27 @@ def _trimmed_block(pointers, first, lo, hi, j0, n, block, rows, network, band_ne
         a = np.float64(low[j])
         z = np.float64(high[j])
         if a == z:
-            out[j0 + j] = a
+            out[j] = a
         else:
             # copies of x_(lo) hold ranks lo .. below-1, of x_(hi-1) ranks under .. hi-1
-            out[j0 + j] = ((total[j] + a * (below[j] - lo)) + z * (hi - under[j])) / (hi - lo)
+            out[j] = ((total[j] + a * (below[j] - lo)) + z * (hi - under[j])) / (hi - lo)
 
 
-def mean_around_median(updates, keep: int, out) -> None:
+def meamed(updates, keep: int, out) -> None:
     """out[j] = mean of the ``keep`` values of coordinate j closest to its median.
 
     Makes exactly the reference's window comparisons (ties go to the lower value) and
     sums the window in ascending order, so every backend picks the same window.
     """
-    if updates.k > NETWORK_SORT_MAX:
-        _mean_around_median_each(updates.pointers, updates.first, keep, _block(updates), out)
+    if updates.k * updates.dtype.itemsize > NET_MAX_BYTES:  # the bound of ext/robust.pyx
+        _meamed_columns(updates.pointers, updates.first, keep, _block(updates.k, updates.dtype.itemsize), out)
         return
     size, network, block = _sorting(updates)
-    _mean_around_median(updates.pointers, updates.first, keep, block, network, size, out)
+    _meamed_network(updates.pointers, updates.first, keep, block, network, size, out)
 
 
 @njit(**KERNEL)
-def _mean_around_median(pointers, first, keep, block, network, size, out):
+def _meamed_network(pointers, first, keep, block, network, size, out):
     """Sort a block's columns with one network (padded to ``size`` rows with +inf), then
     grow every column's window and sum it in lockstep, as the reference does for all
     coordinates at once: same clamped reads, same order, zeros outside the window."""
@@ -504,8 +534,8 @@ def _mean_around_median(pointers, first, keep, block, network, size, out):
 
 
 @njit(**KERNEL)
-def _mean_around_median_each(pointers, first, keep, block, out):
-    """For K > NETWORK_SORT_MAX: per coordinate, select ranks K//2 - keep .. K//2 + keep - 1
+def _meamed_columns(pointers, first, keep, block, out):
+    """For K * itemsize > NET_MAX_BYTES: per coordinate, select ranks K//2 - keep .. K//2 + keep - 1
     (the only ones the window reads) and sort them."""
     k = pointers.shape[0]
     d = first.shape[0]
@@ -567,7 +597,8 @@ def _gather_tile(pointers, first, j0, center, tile):
 
 def exact_sq_distances(updates, out) -> None:
     """out[i, l] = sum_j (x_ij - x_lj)^2 in float64, without the Gram form's cancellation."""
-    block = max(64, min(4096, PAIR_BYTES // (updates.dtype.itemsize * updates.k)) // 64 * 64)
+    block = PAIR_BYTES // (updates.dtype.itemsize * updates.k)
+    block = max(PAIR_BLOCK_STEP, min(PAIR_BLOCK_MAX, block) // PAIR_BLOCK_STEP * PAIR_BLOCK_STEP)
     _exact_sq_distances(updates.pointers, updates.first, block, out)
 
 

@@ -25,7 +25,7 @@ def trimmed_mean(updates, lo: int, hi: int, out: np.ndarray) -> None:
         out[...] = ordered[lo:hi].mean(axis=0)
 
 
-def mean_around_median(updates, keep: int, out: np.ndarray) -> None:
+def meamed(updates, keep: int, out: np.ndarray) -> None:
     """out[j] = mean of the ``keep`` values of coordinate j closest to its median.
 
     In sorted order those values are a window [a, b); it grows from the middle one value

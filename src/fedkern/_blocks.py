@@ -1,0 +1,111 @@
+"""Block, chunk and lane sizes of the compiled kernels: the one place they are set.
+
+The Numba kernels import them from here; ``setup.py`` writes them into ``ext/_blocks.pxd``
+(a ``cdef enum``, generated at build time, not in git) for the Cython kernels to cimport,
+and ``fedkern._cython._runtime.BLOCKS`` holds the values a build was compiled with
+(tests/test_blocks.py compares). This file is read by ``setup.py`` without importing
+fedkern: keep it to ``NAME = <integer expression>`` lines, each with the reason for its
+value. Names are unique across families (the Cython enum is one namespace).
+
+Sizes that split work over coordinates are part of the results' contract only through
+determinism: every reduction runs over fixed blocks in a fixed order, so results do not
+depend on the thread count; changing a size may change the last bits of a float sum.
+Where the two compiled backends use different sizes, the names say which algorithm a
+size belongs to and the comment says why they differ.
+
+After changing a value: rebuild the Cython kernels, and clear Numba's on-disk cache
+(``src/fedkern/_numba/__pycache__``), which checks the kernel modules' own files, not the
+globals they import, so it would keep kernels compiled with the old value.
+"""
+
+# -- aggregate (both backends) ---------------------------------------------------------------
+#: Coordinates per task of weighted_sum (and of ring_sum): the K rows are added into one
+#: accumulator of CHUNK float64 (16 KiB), which stays in L1 while every row streams through.
+CHUNK = 2048
+#: Coordinates per partial sum of a squared norm (l2_norms, clip_by_norm) or squared
+#: distance (robust sq_distances_to): a block of a row is one long run for the prefetcher,
+#: the K x D/NORM_BLOCK partials stay small, and K x blocks gives every thread work.
+NORM_BLOCK = 8192
+#: Interleaved float64 partial sums within a NORM_BLOCK: four AVX2 (two AVX-512) registers
+#: of independent adds, enough to hide the add latency (four scalar sums did not).
+NORM_LANES = 16
+#: clip_by_norm handles rows in groups of about this many bytes, norms then scaling, so the
+#: second read of a group comes from L3 rather than memory.
+CLIP_GROUP_BYTES = 8 << 20
+
+# -- optim (Cython) --------------------------------------------------------------------------
+#: Coordinates per prange task of a server-optimizer step; each block is a plain loop in an
+#: inline function, which the C compiler vectorises (loops directly under prange carry
+#: OpenMP bookkeeping that stops it). Numba vectorises its prange loop over coordinates as
+#: it is, so the Numba optim kernels need no block.
+OPTIM_BLOCK = 4096
+
+# -- _runtime: read_sum, the bandwidth probe (both backends) ---------------------------------
+#: Coordinates per task of read_sum (256 KiB of float32): long enough that scheduling
+#: costs nothing next to the read.
+READ_BLOCK = 65536
+#: Independent float32 partial sums of read_sum: enough vector registers of adds that the
+#: loop keeps up with memory, so it measures the read bandwidth, not the add latency.
+READ_LANES = 32
+
+# -- robust: selection (both backends) -------------------------------------------------------
+#: Quickselect / introsort finish ranges this short by insertion sort.
+SELECT_SMALL = 16
+# (robust sq_distances_to sums its partials over NORM_BLOCK, for the same reasons.)
+
+# -- robust, Cython: order statistics by pruned sorting networks over a per-thread tile -------
+#: Coordinates sorted together by one pass of a network: one compare-exchange of two wires
+#: is a few min/max vector instructions (32 float32: two AVX-512 or four AVX2 registers).
+NET_LANES = 32
+#: Order statistics use a sorting network while a coordinate's K values fit in this many
+#: bytes (K = 2048 float32, 1024 float64): beyond, the network's K log^2 K compare-exchanges
+#: lose to quickselect on each coordinate's column. Numba's meamed uses the same bound
+#: (its unpruned network, K padded to a power of two, then fits the same bytes).
+NET_MAX_BYTES = 8192
+#: Bytes of one thread's tile (K wires x tile width): it stays in L2 while the network
+#: makes its passes over it. Tuned for this algorithm, as Numba's GATHER_BYTES is for its
+#: counting passes; neither value was measured with the other's loops.
+NET_TILE_BYTES = 1 << 19
+#: Most bytes of a row copied into one tile: runs of 2 KiB keep the prefetchers busy on
+#: all K rows at once while the tile stays narrow enough for large K.
+NET_RUN_BYTES = 2048
+#: Bytes added to the tile's wire stride, so that the K wires do not all map to the same
+#: L1 sets (a power-of-two stride would make them conflict).
+CACHE_LINE = 64
+
+# -- robust, Cython: exact_sq_distances and sq_distances_to ----------------------------------
+#: Coordinates per block of exact_sq_distances (row-pair sums over the block): the block's K
+#: rows stay in L2 while every pair reads them. Numba transposes its blocks instead (see
+#: PAIR_BYTES), a different loop order with its own size.
+DIST_BLOCK = 2048
+#: Interleaved float64 partial sums of one squared difference (_sq_diff): two AVX2 / one
+#: AVX-512 register of independent adds. The final sum in ext/robust.pyx is written out
+#: for exactly 8 lanes. (Numba's distance loops write out four sums, s0 .. s3: another
+#: order of the same float64 sum, kept as it is so no Numba result changes.)
+DIST_LANES = 8
+
+# -- robust, Numba: order statistics by sample, count and band over a gathered block ----------
+#: Up to this K, trimmed_mean (and median) sort whole columns by one Batcher network
+#: (K padded to a power of two); beyond, a sorted sample, counting passes and small band
+#: networks find the two ranks, K log K work instead of K log^2 K.
+SORT_ALL_MAX = 64
+#: Bytes of one gathered block of K rows (1 MiB): it stays in L2 while the counting passes
+#: stream it, a few times per rank.
+GATHER_BYTES = 1 << 20
+#: Most coordinates per gathered block: long runs of each row keep the prefetchers busy.
+GATHER_MAX = 8192
+#: A gathered block's width is a multiple of this (and at least this): whole vectors for
+#: the counting passes, which run across the block's coordinates.
+GATHER_STEP = 8
+
+# -- robust, Numba: exact_sq_distances --------------------------------------------------------
+#: Bytes of one transposed tile (a coordinate's K values contiguous): it stays in L2 while
+#: every row's pairs read it, so each update is read from memory once.
+PAIR_BYTES = 1 << 20
+#: Most coordinates per tile, reached for small K (K <= 64 float32, 32 float64): caps the two
+#: double-buffered tiles where PAIR_BYTES alone would allow very wide ones.
+PAIR_BLOCK_MAX = 4096
+#: A tile's width is a multiple of this (and at least this, for very large K): the pair
+#: sums take four coordinates per step, and a tile of 64 still amortises the parallel
+#: region opened per tile.
+PAIR_BLOCK_STEP = 64
