@@ -1,7 +1,8 @@
 """Benchmark settings: sizes come from the profiles of ``fedkern.bench``.
 
 ``FEDKERN_BENCH_PROFILE`` picks them: "quick" (default, what CI runs with
-``--benchmark-disable`` so the suite cannot rot), "default" or "full".
+``--benchmark-disable`` so the suite cannot rot), "default", "full" (the keys of
+``fedkern.bench.PROFILES``).
 """
 import os
 
@@ -13,9 +14,10 @@ PROFILE = os.environ.get("FEDKERN_BENCH_PROFILE", "quick")
 BACKENDS = [name for name in backends.NAMES if backends.is_available(name)]
 
 
-def family_cases(prefixes):
-    """This profile's cases whose op starts with one of ``prefixes``, as pytest params."""
-    return [pytest.param(case, id=case.name) for case in bench.cases(PROFILE) if case.op.startswith(prefixes)]
+def family_cases(family, with_peer=False):
+    """This profile's cases of one kernel family (with a peer only, if asked), as pytest params."""
+    return [pytest.param(case, id=case.name) for case in bench.cases(PROFILE)
+            if case.family == family and (case.peer or not with_peer)]
 
 
 @pytest.fixture(params=BACKENDS)

@@ -4,6 +4,6 @@ import pytest
 from conftest import family_cases, run_case
 
 
-@pytest.mark.parametrize("case", family_cases(("weighted_mean", "accumulate", "l2_norms", "clip_by_norm")))
+@pytest.mark.parametrize("case", family_cases("aggregate"))
 def test_aggregate(benchmark, case, backend):
     run_case(benchmark, case, backend)

@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("flwr")
 
 from conftest import run_case, run_peer  # noqa: E402
-from fedkern.bench import FLWR_OPS, flwr_case  # noqa: E402
+from fedkern.bench.flwr import FLWR_OPS, flwr_case  # noqa: E402
 
 PROFILE = os.environ.get("FEDKERN_BENCH_PROFILE", "quick")
 SIZES = {

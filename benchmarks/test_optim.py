@@ -4,6 +4,6 @@ import pytest
 from conftest import family_cases, run_case
 
 
-@pytest.mark.parametrize("case", family_cases(("Fed",)))
+@pytest.mark.parametrize("case", family_cases("optim"))
 def test_optimizer_step(benchmark, case, backend):
     run_case(benchmark, case, backend)

@@ -2,14 +2,13 @@
 import pytest
 
 from conftest import family_cases, run_case, run_peer
-from fedkern.bench import ROBUST_OPS
 
 
-@pytest.mark.parametrize("case", family_cases(ROBUST_OPS))
+@pytest.mark.parametrize("case", family_cases("robust"))
 def test_robust(benchmark, case, backend):
     run_case(benchmark, case, backend)
 
 
-@pytest.mark.parametrize("case", [case for case in family_cases(ROBUST_OPS) if case.values[0].peer])
+@pytest.mark.parametrize("case", family_cases("robust", with_peer=True))
 def test_robust_peer(benchmark, case):
     run_peer(benchmark, case)

@@ -94,3 +94,31 @@ def test_bench_json_holds_every_backend_of_every_case(capsys):
 def test_unknown_profile_is_rejected():
     with pytest.raises(ValueError, match="profile must be one of"):
         bench.cases("huge")
+
+
+def test_every_registry_op_has_a_case_in_every_sized_profile():
+    from fedkern import _registry
+
+    for profile in ("quick", "default", "full"):
+        ops = {case.op.split("(")[0] for case in bench.cases(profile)}
+        assert ops >= {spec.name for spec in _registry.OPS}, profile
+
+
+def test_cli_flags_are_the_profiles(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--help"])
+    out = capsys.readouterr().out
+    for name, profile in bench.PROFILES.items():
+        assert name == "default" or f"--{name}" in out
+
+
+def test_report_turns_a_run_into_a_table():
+    from fedkern.bench import report
+
+    result = bench.run("quick", ("reference",), with_cold_start=False, echo=None)
+    text = report.table(result)
+    lines = text.splitlines()
+    assert lines[2].startswith("| op | size | reference |")
+    ops = {row["op"] for row in result["results"]}
+    assert len(lines) - 4 == len({(row["op"], row["size"]) for row in result["results"]}) and ops
+    assert "scipy.trim_mean" in text or not bench.installed("scipy")

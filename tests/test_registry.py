@@ -13,7 +13,8 @@ from fedkern import _registry, backends
 from conftest import ALL_BACKENDS, FAST_BACKENDS
 
 OPS = [pytest.param(spec, id=spec.name) for spec in _registry.OPS]
-MATRIX_OPS = [pytest.param(spec, id=spec.name) for spec in _registry.OPS if spec.per_update]
+MATRIX_OPS = [pytest.param(spec, id=spec.name) for spec in _registry.OPS if spec.per_update and not spec.streaming]
+VECTOR_OPS = [pytest.param(spec, id=spec.name) for spec in _registry.OPS if not spec.per_update]
 SIZES = st.one_of(st.integers(1, 40), st.sampled_from([2047, 2048, 2049, 4097, 8193]))
 
 
@@ -169,4 +170,24 @@ def test_bad_updates_never_reach_a_kernel(spec, case, kernels_forbidden, any_bac
     with pytest.raises(fedkern.FedkernError) as raised:
         spec(any_backend, bad, *args[1:], **kwargs)
     assert isinstance(raised.value, (ValueError, TypeError))
-    assert "updates" in str(raised.value)
+    assert "update" in str(raised.value)  # names the argument (the Accumulator: each update)
+
+
+def _bad_vectors():
+    return {
+        "integer": np.ones(5, np.int64),
+        "2-d": np.ones((5, 1)),
+        "not contiguous": np.ones(10)[::2],
+        "wrong length": np.ones(4),
+        "a list": [1.0] * 5,
+        "empty": np.ones(0),
+    }
+
+
+@pytest.mark.parametrize("spec", VECTOR_OPS)
+@pytest.mark.parametrize("case", list(_bad_vectors()))
+def test_a_bad_vector_never_reaches_a_kernel(spec, case, kernels_forbidden, any_backend):
+    """The vector an op on one vector reads (accumulate's update, an optimizer's delta)."""
+    args, kwargs = example(spec, 1, 5, np.float64)
+    with pytest.raises(fedkern.FedkernError):
+        spec(any_backend, args[0], _bad_vectors()[case], *args[2:], **kwargs)

@@ -57,6 +57,8 @@ class OpSpec:
     ulps : agreement with the reference in units of the result dtype's eps, relative to
         the inputs' magnitude (0: bit-identical)
     per_update : whether the op takes K updates (False: one D-vector)
+    streaming : whether it takes the K updates one at a time, validating each as it comes
+        (so the good ones before a bad one legitimately reach the kernels)
     variants : named keyword arguments that ``fedkern bench`` runs, each as a case of its
         own, instead of the example's
     """
@@ -73,6 +75,7 @@ class OpSpec:
     out: str | None = "vector"
     ulps: float = 8.0
     per_update: bool = True
+    streaming: bool = False
     variants: dict[str, dict] = field(default_factory=dict)
 
     def __call__(self, backend: str | None, *args, **kwargs):
@@ -119,8 +122,8 @@ def _accumulate_example(rng, k, d, dtype):
 
 
 def _stream(backend, rows, weights) -> np.ndarray:
-    """Accumulator: the updates added one at a time, then their weighted mean."""
-    acc = aggregate.Accumulator(rows[0].shape[0], rows[0].dtype, backend=backend)
+    """Accumulator: the updates added one at a time, then their float64 weighted mean."""
+    acc = aggregate.Accumulator(max(len(rows[0]) if len(rows) else 0, 1), np.float64, backend=backend)
     for row, weight in zip(rows, weights):
         acc.add(row, weight)
     return acc.mean()
@@ -153,7 +156,7 @@ SYRK = Peer("BLAS syrk", _stack_syrk)
 def _optimizer_spec(cls: type, vectors: int) -> OpSpec:
     """A server optimizer's step; ``vectors``: D-vectors read plus written per step."""
     kernel = {optim.FedAvg: "accumulate", optim.FedAvgM: "momentum_step"}.get(cls, "adaptive_step")
-    return OpSpec(f"{cls.__name__}.step", "aggregate" if cls is optim.FedAvg else "optim", (kernel,),
+    return OpSpec(f"{cls.__name__}.step", "optim", (kernel,),
                   _optimizer_example, run=_optimizer(cls), nbytes=lambda k, d: 4 * vectors * d,
                   mutates=(0,), out=None, ulps=0.0, per_update=False)
 
@@ -171,8 +174,7 @@ OPS: tuple[OpSpec, ...] = (
            nbytes=lambda k, d: 2 * 4 * k * d, out="matrix"),
     OpSpec("Accumulator", "aggregate", ("count_nonfinite", "accumulate"),
            lambda rng, k, d, dtype: ((updates(rng, k, d, dtype), np.arange(1.0, k + 1)), {}),
-           run=lambda backend, rows, weights: _stream(backend, rows, weights), out=None,
-           per_update=False),  # fed one vector at a time: its validation is that of accumulate
+           run=lambda backend, rows, weights: _stream(backend, rows, weights), out=None, streaming=True),
     _optimizer_spec(optim.FedAvg, 3),
     _optimizer_spec(optim.FedAvgM, 5),
     _optimizer_spec(optim.FedAdagrad, 7),
@@ -182,13 +184,13 @@ OPS: tuple[OpSpec, ...] = (
            peer=Peer("np.median", lambda stack: lambda: np.median(stack, axis=0)), ulps=0.0),
     OpSpec("trimmed_mean", "robust", ("trimmed_mean",), _with_updates(beta=0.1),
            peer=Peer("scipy.trim_mean", _trim_mean, "scipy")),
-    OpSpec("meamed", "robust", ("mean_around_median",), _with_updates(f=_byzantine), min_k=3),
+    OpSpec("meamed", "robust", ("meamed",), _with_updates(f=_byzantine), min_k=3),
     OpSpec("pairwise_sq_distances", "robust", ("exact_sq_distances", "gather_tile"), _with_updates(),
            nbytes=lambda k, d: 4 * k * d, peer=SYRK, out=None,
            variants={"gram": dict(method="gram"), "exact": dict(method="exact")}),
     OpSpec("krum", "robust", ("exact_sq_distances", "gather_tile", "weighted_sum"), _with_updates(f=_byzantine),
            min_k=5, peer=SYRK),
-    OpSpec("bulyan", "robust", ("exact_sq_distances", "gather_tile", "mean_around_median"),
+    OpSpec("bulyan", "robust", ("exact_sq_distances", "gather_tile", "meamed"),
            _with_updates(f=_byzantine), min_k=7, peer=SYRK),
     # a fixed number of iterations, so every backend does the same work; three in the tests,
     # before Weiszfeld nears an update, where 1 / distance amplifies any rounding difference

@@ -39,15 +39,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedkern", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="print versions, backends, OpenMP and threads")
-    bench_parser = commands.add_parser("bench", help="time every backend of every op against the reference")
+    bench_parser = commands.add_parser("bench", help="time every backend of every op against the reference "
+                                                    f"({bench.PROFILES['default'].help} without a profile flag)")
     size = bench_parser.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="CI-sized run, a few seconds")
-    size.add_argument("--full", action="store_true", help="the whole K x D grid of DESIGN.md (long)")
-    size.add_argument("--robust", action="store_true",
-                      help="robust rules at K=100 x D=1e6 and K=10 x D=1e7, against their peers (minutes)")
-    size.add_argument("--flwr", action="store_true",
-                      help="fedkern.compat.flwr against Flower's own helpers, K in {10, 100} x D=1e6 (needs flwr; "
-                           "Flower's Bulyan alone takes minutes)")
+    for name, profile in bench.PROFILES.items():
+        if name != "default":
+            size.add_argument(f"--{name}", action="store_true", help=profile.help)
     bench_parser.add_argument("--json", action="store_true", help="print machine-readable JSON only")
     bench_parser.add_argument("--threads", type=int, help="threads for the compiled backends")
     bench_parser.add_argument("--backends", nargs="+", choices=backends.NAMES, help="backends to time")
@@ -59,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.threads:
         backends.set_num_threads(args.threads)
-    profile = next((name for name in ("quick", "full", "robust", "flwr") if getattr(args, name)), "default")
+    profile = next((name for name in bench.PROFILES if name != "default" and getattr(args, name)), "default")
     result = bench.run(profile, tuple(args.backends) if args.backends else None,
                        with_cold_start=False if args.no_cold_start else None,
                        echo=None if args.json else print)

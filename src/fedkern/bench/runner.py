@@ -1,12 +1,11 @@
-"""``fedkern bench``: every backend of every op, side by side, against the memory bandwidth.
+"""Timing: every backend of every case, side by side, against the memory bandwidth.
 
 For each op and size the bench prints the median time per backend, the effective GB/s
 (bytes the op must move / time), that rate as a percentage of the read bandwidth measured
 by a compiled read kernel at the start of the same run, and the speedup over the numpy
 reference. Where an established implementation is the yardstick (``np.median``,
-``scipy.stats.trim_mean``, a bare BLAS SYRK), it is timed on the same data as a *peer*
-row, and every backend's speedup over it is printed too. ``benchmarks/`` runs the same
-cases under pytest-benchmark.
+``scipy.stats.trim_mean``, a bare BLAS SYRK, Flower), it is timed on the same data as a
+*peer* row, and every backend's speedup over it is printed too.
 """
 from __future__ import annotations
 
@@ -18,39 +17,11 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 
-from . import aggregate, backends, optim, robust
-
-PROFILES = ("quick", "default", "full", "robust", "flwr")
-#: Largest K x D float32 matrix the full grid builds (the rest is skipped, as DESIGN.md allows).
-FULL_GRID_BYTES = 8 << 30
-
-
-@dataclass(frozen=True)
-class Case:
-    """One op at one size: ``make()`` builds its data and returns ``call(backend)``.
-
-    ``call.peer``, when set, is a no-argument call of the peer implementation named
-    ``peer`` on the same data. ``peer_package`` is the optional package the peer comes
-    from and ``package`` one the whole case needs: when it is not installed, the peer
-    (or the case) is skipped with a note saying how to add it.
-    """
-
-    op: str
-    size: str
-    nbytes: int
-    make: Callable[[], Callable[[str], object]]
-    peer: str | None = None
-    peer_package: str | None = None
-    package: str | None = None
-
-    @property
-    def name(self) -> str:
-        return f"{self.op}[{self.size}]"
-
+from .. import backends
+from .cases import cases
 
 #: How a user adds each optional package a case or a peer needs.
 INSTALL_HINTS = {"scipy": "pip install scipy", "flwr": 'pip install "fedkern[flwr]"'}
@@ -74,227 +45,6 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
-
-
-def _rows(k: int, d: int, seed: int = 0) -> list[np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return [rng.standard_normal(d, dtype=np.float32) for _ in range(k)]
-
-
-def _size(k: int | None, d: int) -> str:
-    dims = f"D={d:.0e}".replace("e+0", "e")
-    return dims if k is None else f"K={k} {dims}"
-
-
-def _weighted_mean(k: int, d: int) -> Case:
-    def make():
-        rows, weights = _rows(k, d), np.arange(1, k + 1, dtype=np.float64)
-        out = np.empty(d, np.float32)
-        return lambda b: aggregate.weighted_mean(rows, weights, out=out, backend=b)
-
-    return Case("weighted_mean", _size(k, d), 4 * k * d + 4 * d, make)
-
-
-def _l2_norms(k: int, d: int) -> Case:
-    def make():
-        rows = _rows(k, d)
-        return lambda b: aggregate.l2_norms(rows, backend=b)
-
-    return Case("l2_norms", _size(k, d), 4 * k * d, make)
-
-
-def _clip_by_norm(k: int, d: int) -> Case:
-    def make():
-        rows, out = _rows(k, d), np.empty((k, d), np.float32)
-        max_norm = 0.5 * float(np.sqrt(d))  # about half the rows get clipped
-        return lambda b: aggregate.clip_by_norm(rows, max_norm, out=out, backend=b)
-
-    return Case("clip_by_norm", _size(k, d), 2 * 4 * k * d, make)
-
-
-def _accumulate(d: int) -> Case:
-    """Streaming FedAvg: float32 update into the float64 running sum of an Accumulator."""
-
-    def make():
-        (update,) = _rows(1, d)
-        acc = np.zeros(d)
-        return lambda b: aggregate.accumulate(acc, update, 0.5, backend=b)
-
-    return Case("accumulate", _size(None, d), 4 * d + 2 * 8 * d, make)
-
-
-def _optimizer(cls: type, arrays: int, d: int) -> Case:
-    """One server step; ``arrays`` counts the D-vectors read plus those written."""
-
-    def make():
-        (delta,) = _rows(1, d, seed=1)
-        delta *= 1e-3
-        params = {name: np.zeros(d, np.float32) for name in backends.NAMES}
-        optimizers = {name: cls(backend=name) for name in backends.NAMES}
-        return lambda b: optimizers[b].step(params[b], delta)
-
-    return Case(f"{cls.__name__}.step", _size(None, d), 4 * arrays * d, make)
-
-
-def _robust(op: str, k: int, d: int) -> Case:
-    """A robust rule on K rows; peers: np.median, scipy's trim_mean, a bare BLAS SYRK."""
-    f = max(1, k // 10)
-    calls = {
-        "median": (lambda rows, b: robust.median(rows, backend=b), "np.median",
-                   lambda stack: lambda: np.median(stack, axis=0)),
-        "trimmed_mean": (lambda rows, b: robust.trimmed_mean(rows, 0.1, backend=b), "scipy.trim_mean",
-                         lambda stack: _trim_mean_peer(stack)),
-        "meamed": (lambda rows, b: robust.meamed(rows, f, backend=b), None, None),
-        "pairwise_gram": (lambda rows, b: robust.pairwise_sq_distances(rows, "gram", backend=b), "BLAS syrk",
-                          lambda stack: lambda: stack @ stack.T),
-        "pairwise_exact": (lambda rows, b: robust.pairwise_sq_distances(rows, "exact", backend=b), None, None),
-        "krum": (lambda rows, b: robust.krum(rows, f, backend=b), "BLAS syrk",
-                 lambda stack: lambda: stack @ stack.T),
-        "bulyan": (lambda rows, b: robust.bulyan(rows, f, backend=b), "BLAS syrk",
-                   lambda stack: lambda: stack @ stack.T),
-        # a fixed number of iterations, so every backend does the same work
-        "geometric_median": (lambda rows, b: robust.geometric_median(rows, maxiter=10, tol=0.0, backend=b),
-                             None, None),
-        # from the origin, with a radius that clips about half the (unit-variance) updates
-        "centered_clipping": (lambda rows, b: robust.centered_clipping(rows, np.zeros(d, np.float32), np.sqrt(d),
-                                                                       iterations=3, backend=b), None, None),
-        "nearest_neighbor_mixing": (lambda rows, b: robust.nearest_neighbor_mixing(rows, f, backend=b), None, None),
-        "bucketing": (lambda rows, b: robust.bucketing(rows, 2, seed=0, backend=b), None, None),
-        "adaptive_clipping": (lambda rows, b: robust.adaptive_clipping(rows, f, backend=b), None, None),
-    }
-    run, peer, make_peer = calls[op]
-    peer_package = "scipy" if op == "trimmed_mean" else None
-
-    def make():
-        rows = _rows(k, d)
-        call = lambda b: run(rows, b)  # noqa: E731
-        if make_peer is not None and (peer_package is None or installed(peer_package)):
-            call.peer = make_peer(np.stack(rows))
-        return call
-
-    return Case(op, _size(k, d), 4 * k * d, make, peer, peer_package)
-
-
-def _trim_mean_peer(stack: np.ndarray) -> Callable[[], object]:
-    from scipy.stats import trim_mean  # scipy is only needed for this peer
-
-    return lambda: trim_mean(stack, 0.1, axis=0)
-
-
-ROBUST_OPS = ("median", "trimmed_mean", "meamed", "pairwise_gram", "pairwise_exact", "krum", "bulyan",
-              "geometric_median", "centered_clipping", "nearest_neighbor_mixing", "bucketing", "adaptive_clipping")
-
-
-def cnn_shapes(d: int) -> list[tuple[int, ...]]:
-    """Layer shapes of a small CNN (convolutions, biases, a dense layer sized to bring the
-    total to about ``d``, a 0-d scalar): what Flower clients send."""
-    convs = [(16, 3, 3, 3), (16,), (32, 16, 3, 3), (32,)]
-    if d >= 200_000:
-        convs += [(64, 32, 3, 3), (64,), (128, 64, 3, 3), (128,)]
-    head = [(10, 128), (10,), ()]
-    used = sum(int(np.prod(s)) for s in convs + head) + 128
-    return convs + [(max(1, (d - used) // 128), 128), (128,)] + head
-
-
-def flwr_results(k: int, d: int, seed: int = 0) -> list[tuple[list[np.ndarray], int]]:
-    """K clients' (float32 layer list, example count), as Flower's legacy helpers take them."""
-    rng = np.random.default_rng(seed)
-    shapes = cnn_shapes(d)
-    return [([rng.standard_normal(s, dtype=np.float32) for s in shapes], int(rng.integers(1, 500)))
-            for _ in range(k)]
-
-
-FLWR_OPS = ("flwr.aggregate", "flwr.aggregate_inplace", "flwr.aggregate_arrayrecords", "flwr.aggregate_median",
-            "flwr.aggregate_trimmed_avg", "flwr.aggregate_krum", "flwr.select_multikrum", "flwr.aggregate_bulyan")
-
-
-def flwr_case(op: str, k: int, d: int) -> Case:
-    """A helper of ``fedkern.compat.flwr`` on a CNN-like model; peer: Flower's own helper.
-
-    Flower is imported only when the case is made, so listing the cases needs no Flower.
-    """
-
-    def make():
-        build, ours, theirs = _flwr_calls(k)[op]
-        data = build(flwr_results(k, d))
-
-        def call(backend):
-            with backends.use_backend(backend):
-                return ours(data)
-
-        call.peer = lambda: theirs(data)
-        return call
-
-    return Case(op, _size(k, d), 4 * k * d, make, "flower", package="flwr")
-
-
-def _flwr_calls(k: int) -> dict:
-    """op: (input builder, fedkern call, Flower call), for K clients."""
-    import flwr.server.strategy.aggregate as flower
-    from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
-    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
-    from flwr.serverapp.strategy import multikrum as flower_multikrum
-    from flwr.serverapp.strategy import strategy_utils as flower_utils
-
-    from .compat import flwr as fk
-
-    f = max(1, (k - 3) // 8)  # Bulyan needs K >= 4f + 3
-
-    def fit_results(results):
-        return [(None, FitRes(Status(Code.OK, ""), ndarrays_to_parameters(p), n, {})) for p, n in results]
-
-    def contents(results):
-        return [RecordDict({"arrays": ArrayRecord({f"l{j}": Array(a) for j, a in enumerate(p)}),
-                            "metrics": MetricRecord({"num-examples": n})}) for p, n in results]
-
-    def same(results):
-        return results
-
-    return {
-        "flwr.aggregate": (same, fk.aggregate, flower.aggregate),
-        "flwr.aggregate_inplace": (fit_results, fk.aggregate_inplace, flower.aggregate_inplace),
-        "flwr.aggregate_arrayrecords": (contents, lambda c: fk.aggregate_arrayrecords(c, "num-examples"),
-                                        lambda c: flower_utils.aggregate_arrayrecords(c, "num-examples")),
-        "flwr.aggregate_median": (same, fk.aggregate_median, flower.aggregate_median),
-        "flwr.aggregate_trimmed_avg": (same, lambda r: fk.aggregate_trimmed_avg(r, 0.2),
-                                       lambda r: flower.aggregate_trimmed_avg(r, 0.2)),
-        "flwr.aggregate_krum": (same, lambda r: fk.aggregate_krum(r, f, 0), lambda r: flower.aggregate_krum(r, f, 0)),
-        "flwr.select_multikrum": (contents, lambda c: fk.select_multikrum(c, f, k // 2),
-                                  lambda c: flower_multikrum.select_multikrum(c, f, k // 2)),
-        # Flower's Bulyan pops the selected clients out of its argument: a fresh list each call
-        "flwr.aggregate_bulyan": (same, lambda r: fk.aggregate_bulyan(r, f, fk.aggregate_krum),
-                                  lambda r: flower.aggregate_bulyan(list(r), f, flower.aggregate_krum, to_keep=0)),
-    }
-
-
-def cases(profile: str = "default") -> list[Case]:
-    """The benchmark cases of a profile: "quick" (seconds), "default" (about a minute),
-    "full" (the K x D grid of DESIGN.md, long) or "robust" (robust rules at their target sizes)."""
-    robust_sizes = [(10, 1000)] if profile == "quick" else [(100, 100_000)]
-    if profile == "quick":
-        matrices, vectors = [(10, 100_000)], [100_000]
-    elif profile == "default":
-        matrices, vectors = [(100, 1_000_000), (10, 10_000_000)], [10_000_000]
-    elif profile == "full":
-        matrices = [(k, d) for k in (10, 100, 1000) for d in (100_000, 1_000_000, 10_000_000)
-                    if 4 * k * d <= FULL_GRID_BYTES]
-        vectors = [100_000, 1_000_000, 10_000_000]
-        robust_sizes = matrices
-    elif profile == "robust":
-        return [_robust(op, k, d) for op in ROBUST_OPS for k, d in [(100, 1_000_000), (10, 10_000_000)]]
-    elif profile == "flwr":
-        return [flwr_case(op, k, 1_000_000) for op in FLWR_OPS for k in (10, 100)]
-    else:
-        raise ValueError(f"profile must be one of {PROFILES}; got {profile!r}")
-    result = [_weighted_mean(k, d) for k, d in matrices]
-    result += [_l2_norms(k, d) for k, d in matrices]
-    result += [_clip_by_norm(k, d) for k, d in matrices]
-    result += [_accumulate(d) for d in vectors]
-    for cls, arrays in ((optim.FedAvg, 3), (optim.FedAvgM, 5), (optim.FedAdagrad, 7),
-                        (optim.FedAdam, 7), (optim.FedYogi, 7)):
-        result += [_optimizer(cls, arrays, d) for d in vectors]
-    result += [_robust(op, k, d) for op in ROBUST_OPS for k, d in robust_sizes]
-    return result
 
 
 def median_time(call: Callable[[], object], min_repeats: int = 3, max_repeats: int = 15,

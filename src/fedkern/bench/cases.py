@@ -1,0 +1,131 @@
+"""The benchmark cases: every registry row at the sizes of a profile, in one table.
+
+``PROFILES`` is the one list of profiles: ``fedkern bench`` takes its flags from it and
+``benchmarks/`` its sizes.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import _registry
+from .._registry import OpSpec
+
+#: Largest K x D float32 matrix the full grid builds (the rest is skipped, as DESIGN.md allows).
+FULL_GRID_BYTES = 8 << 30
+
+
+@dataclass(frozen=True)
+class Case:
+    """One op at one size: ``make()`` builds its data and returns ``call(backend)``.
+
+    ``call.peer``, when set, is a no-argument call of the peer implementation named
+    ``peer`` on the same data. ``peer_package`` is the optional package the peer comes
+    from and ``package`` one the whole case needs: when it is not installed, the peer
+    (or the case) is skipped with a note saying how to add it.
+    """
+
+    op: str
+    size: str
+    nbytes: int
+    make: Callable[[], Callable[[str], object]]
+    peer: str | None = None
+    peer_package: str | None = None
+    package: str | None = None
+    family: str = ""
+
+    @property
+    def name(self) -> str:
+        return f"{self.op}[{self.size}]"
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Sizes of a ``fedkern bench`` profile, per kind of op."""
+
+    help: str
+    matrices: tuple[tuple[int, int], ...] = ()  # (K, D) of the aggregation ops on K updates
+    vectors: tuple[int, ...] = ()               # D of the ops on one vector (accumulate, optimizer steps)
+    robust: tuple[tuple[int, int], ...] = ()    # (K, D) of the robust rules
+    flwr: tuple[tuple[int, int], ...] = ()      # (K, D) of the Flower drop-in
+
+
+_GRID = tuple((k, d) for k in (10, 100, 1000) for d in (100_000, 1_000_000, 10_000_000)
+              if 4 * k * d <= FULL_GRID_BYTES)
+
+PROFILES: dict[str, Profile] = {
+    "quick": Profile("CI-sized run, a few seconds", ((10, 100_000),), (100_000,), ((10, 1000),)),
+    "default": Profile("every op at its target sizes (about two minutes)",
+                       ((100, 1_000_000), (10, 10_000_000)), (10_000_000,), ((100, 100_000),)),
+    "full": Profile("the whole K x D grid of DESIGN.md (long)", _GRID, (100_000, 1_000_000, 10_000_000), _GRID),
+    "robust": Profile("robust rules at K=100 x D=1e6 and K=10 x D=1e7, against their peers (minutes)",
+                      robust=((100, 1_000_000), (10, 10_000_000))),
+    "flwr": Profile("fedkern.compat.flwr against Flower's own helpers, K in {10, 100} x D=1e6 (needs flwr; "
+                    "Flower's Bulyan alone takes minutes)", flwr=((10, 1_000_000), (100, 1_000_000))),
+}
+
+
+def size_label(k: int | None, d: int) -> str:
+    dims = f"D={d:.0e}".replace("e+0", "e")
+    return dims if k is None else f"K={k} {dims}"
+
+
+def _spec_cases(spec: OpSpec, sizes) -> list[Case]:
+    variants = spec.variants or {"": {}}
+    return [_case(spec, variant, extra, k, d) for variant, extra in variants.items() for k, d in sizes]
+
+
+def _case(spec: OpSpec, variant: str, extra: dict, k: int, d: int) -> Case:
+    def make():
+        args, kwargs = spec.example(np.random.default_rng(0), k, d, np.dtype(np.float32))
+        kwargs = {**kwargs, **extra}
+        call = _stateful_call(spec, args, kwargs) if spec.mutates and spec.run else \
+            lambda backend: spec(backend, *args, **kwargs)
+        if spec.peer is not None and (spec.peer.package is None or _installed(spec.peer.package)):
+            call.peer = spec.peer.make(np.stack(args[0]))
+        return call
+
+    op = f"{spec.name}({variant})" if variant else spec.name
+    label = size_label(k if spec.per_update else None, d)
+    peer = spec.peer
+    return Case(op, label, spec.nbytes(k, d), make, peer and peer.name, peer and peer.package, family=spec.family)
+
+
+def _stateful_call(spec: OpSpec, args, kwargs):
+    """An optimizer step: each backend steps its own model copy with its own optimizer,
+    which keeps its state from call to call, as on a server."""
+    instances: dict[str, tuple] = {}
+
+    def call(backend):
+        if backend not in instances:
+            instances[backend] = tuple(a.copy() if isinstance(a, np.ndarray) else a for a in args)
+        return spec(backend, *instances[backend], **kwargs)
+
+    return call
+
+
+def _installed(package: str) -> bool:
+    from .runner import installed
+
+    return installed(package)
+
+
+def cases(profile: str = "default") -> list[Case]:
+    """The benchmark cases of a profile (a key of :data:`PROFILES`)."""
+    if profile not in PROFILES:
+        raise ValueError(f"profile must be one of {tuple(PROFILES)}; got {profile!r}")
+    sizes = PROFILES[profile]
+    result = []
+    for spec in _registry.OPS:
+        if not spec.per_update:
+            result += _spec_cases(spec, [(1, d) for d in sizes.vectors])
+        else:
+            result += _spec_cases(spec, sizes.robust if spec.family == "robust" else sizes.matrices)
+    if sizes.flwr:
+        from .flwr import FLWR_OPS, flwr_case
+
+        result += [flwr_case(op, k, d) for op in FLWR_OPS for k, d in sizes.flwr]
+    return result
+
