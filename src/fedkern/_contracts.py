@@ -1,0 +1,87 @@
+"""The kernels each family's backend modules provide, written down once.
+
+Every backend module of a family (``fedkern._reference.<family>``,
+``fedkern._cython.<family>``, ``fedkern._numba.<family>``) exposes exactly these
+functions with these arguments; ``tests/test_contracts.py`` checks every importable one.
+Kernels take validated inputs (``updates`` is a :class:`fedkern._updates.Updates`),
+write into the buffers they are given and return nothing or a small count; they never
+validate, allocate results or hold Python objects in their loops.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+from ._updates import Updates
+
+
+class AggregateKernels(Protocol):
+    def weighted_sum(self, updates: Updates, weights: np.ndarray, divisor: float, out: np.ndarray) -> int:
+        """out = (sum_i weights[i] updates[i]) / divisor in float64, rounded once; returns the
+        number of non-finite outputs."""
+
+    def accumulate(self, acc: np.ndarray, update: np.ndarray, weight: float) -> None:
+        """acc += weight * update, in float64."""
+
+    def count_nonfinite(self, values: np.ndarray) -> int:
+        """Number of NaN and infinite entries of a 1-D array."""
+
+    def l2_norms(self, updates: Updates, norms: np.ndarray) -> None:
+        """norms[i] = ||updates[i]||_2, float64."""
+
+    def clip_by_norm(self, updates: Updates, max_norm: float, out: Updates, norms: np.ndarray) -> None:
+        """out[i] = updates[i] min(1, max_norm / ||updates[i]||); norms get the norms."""
+
+
+class OptimKernels(Protocol):
+    def momentum_step(self, params: np.ndarray, delta: np.ndarray, momentum_buffer: np.ndarray, lr: float,
+                      momentum: float) -> None:
+        """m = momentum m + delta; params += lr m."""
+
+    def adaptive_step(self, params: np.ndarray, delta: np.ndarray, m: np.ndarray, v: np.ndarray, lr: float,
+                      beta1: float, beta2: float, tau: float, c1: float, c2: float, rule: int) -> None:
+        """Reddi et al. (2021) Algorithm 2; ``rule`` 0 Adagrad, 1 Adam, 2 Yogi."""
+
+
+class RobustKernels(Protocol):
+    def trimmed_mean(self, updates: Updates, lo: int, hi: int, out: np.ndarray) -> None:
+        """out[j] = mean of the order statistics lo .. hi-1 of coordinate j (NaN as +inf)."""
+
+    def meamed(self, updates: Updates, keep: int, out: np.ndarray) -> None:
+        """out[j] = mean of the ``keep`` values of coordinate j closest to its median."""
+
+    def gather_tile(self, updates: Updates, j0: int, center: bool, tile: np.ndarray) -> None:
+        """tile[i] = updates[i][j0:j0 + n] (minus updates[0][j0:j0 + n] when ``center``)."""
+
+    def exact_sq_distances(self, updates: Updates, out: np.ndarray) -> None:
+        """out[i, l] = sum_j (x_ij - x_lj)^2 in float64; +inf where not finite."""
+
+    def sq_distances_to(self, updates: Updates, point: np.ndarray, out: np.ndarray) -> None:
+        """out[i] = sum_j (x_ij - point_j)^2 in float64."""
+
+
+class RandomKernels(Protocol):
+    """The counter-based stream (Philox4x32-10) every randomised op draws from; its exact
+    definition is in ``fedkern._reference.random``. Compiled kernels of other families
+    draw inside their loops from the inline twins (``ext/_philox.pxd``,
+    ``fedkern._numba._philox``)."""
+
+    def philox4x32(self, counter: np.ndarray, key: np.ndarray, out: np.ndarray) -> None:
+        """out[:4] = the Philox4x32-10 bijection of counter[:4] under key[:2]."""
+
+    def random_bits(self, seed: int, stream: int, start: int, out: np.ndarray) -> None:
+        """out[j] = uint32 word start + j of stream ``stream`` under ``seed``."""
+
+    def random_uniform(self, seed: int, stream: int, start: int, out: np.ndarray) -> None:
+        """out[j] = float64 uniform start + j in [0, 1) (53 random bits) of the stream."""
+
+
+#: family -> the Protocol its backend modules implement.
+CONTRACTS: dict[str, type] = {"aggregate": AggregateKernels, "optim": OptimKernels, "robust": RobustKernels,
+                              "random": RandomKernels}
+
+
+def kernel_names(family: str) -> tuple[str, ...]:
+    """The kernels of ``family``, in the order its contract lists them."""
+    return tuple(name for name in vars(CONTRACTS[family]) if not name.startswith("_"))
