@@ -8,6 +8,7 @@ import textwrap
 
 import pytest
 
+import fedkern
 from fedkern import bench, cli
 
 #: Every optional package fedkern knows of (extras and test-only peers).
@@ -122,3 +123,12 @@ def test_report_turns_a_run_into_a_table():
     ops = {row["op"] for row in result["results"]}
     assert len(lines) - 4 == len({(row["op"], row["size"]) for row in result["results"]}) and ops
     assert "scipy.trim_mean" in text or not bench.installed("scipy")
+
+
+def test_cli_info():
+    result = subprocess.run([sys.executable, "-m", "fedkern.cli", "info"], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    text = result.stdout.lower()
+    for word in ("cython", "numba", "reference", "openmp", "threads", fedkern.__version__):
+        assert word in text, f"{word!r} missing from `fedkern info`:\n{result.stdout}"

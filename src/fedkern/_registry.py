@@ -49,6 +49,9 @@ class OpSpec:
         coordinates (or one D-vector, for ops on one vector)
     run : ``run(backend, *args, **kwargs)`` -> the op's result (default: call
         ``fedkern.<name>`` with ``backend=``)
+    stateful : for an op that keeps state between calls (an optimizer's step),
+        ``stateful(backend)`` builds one such callable: each test call gets a fresh one,
+        the bench keeps one per backend, as a server does
     min_k : the smallest K the example accepts
     nbytes : ``nbytes(k, d)`` bytes of float32 data the op must move at least
     peer : the implementation ``fedkern bench`` compares with, if any
@@ -68,6 +71,7 @@ class OpSpec:
     kernels: tuple[str, ...]
     example: Callable[[np.random.Generator, int, int, np.dtype], Example]
     run: Callable[..., Any] | None = None
+    stateful: Callable[[str | None], Callable[..., Any]] | None = None
     min_k: int = 1
     nbytes: Callable[[int, int], int] = lambda k, d: 4 * k * d + 4 * d
     peer: Peer | None = None
@@ -79,6 +83,8 @@ class OpSpec:
     variants: dict[str, dict] = field(default_factory=dict)
 
     def __call__(self, backend: str | None, *args, **kwargs):
+        if self.stateful is not None:
+            return self.stateful(backend)(*args, **kwargs)
         if self.run is not None:
             return self.run(backend, *args, **kwargs)
         return _public(self.name)(*args, backend=backend, **kwargs)
@@ -129,13 +135,6 @@ def _stream(backend, rows, weights) -> np.ndarray:
     return acc.mean()
 
 
-def _optimizer(cls: type) -> Callable[..., Any]:
-    def run(backend, params, delta):
-        return cls(backend=backend).step(params, delta)
-
-    return run
-
-
 def _optimizer_example(rng, k, d, dtype):
     return (np.zeros(d, dtype), 1e-3 * _vector(rng, k, d, dtype)), {}
 
@@ -157,7 +156,7 @@ def _optimizer_spec(cls: type, vectors: int) -> OpSpec:
     """A server optimizer's step; ``vectors``: D-vectors read plus written per step."""
     kernel = {optim.FedAvg: "accumulate", optim.FedAvgM: "momentum_step"}.get(cls, "adaptive_step")
     return OpSpec(f"{cls.__name__}.step", "optim", (kernel,),
-                  _optimizer_example, run=_optimizer(cls), nbytes=lambda k, d: 4 * vectors * d,
+                  _optimizer_example, stateful=lambda backend: cls(backend=backend).step, nbytes=lambda k, d: 4 * vectors * d,
                   mutates=(0,), out=None, ulps=0.0, per_update=False)
 
 

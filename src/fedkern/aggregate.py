@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import _shared as shared
 from . import _validate as check
 from ._updates import DTypeLike, OutUpdates, UpdatesLike, UpdatesSource, WeightsLike
 from .backends import kernels
@@ -41,7 +42,7 @@ def weighted_sum(updates: UpdatesLike, weights: WeightsLike, *, out: np.ndarray 
     """
     rows = check.updates(updates)
     w = check.weights(weights, rows.k)
-    return _weighted_sum("weighted_sum", rows, w, 1.0, out, dtype, check_finite, backend)
+    return shared.weighted_sum("weighted_sum", rows, w, 1.0, out, dtype, check_finite, backend)
 
 
 def weighted_mean(updates: UpdatesLike, weights: WeightsLike | None = None, *, out: np.ndarray | None = None,
@@ -63,16 +64,7 @@ def weighted_mean(updates: UpdatesLike, weights: WeightsLike | None = None, *, o
         weights = updates.weights
     rows = check.updates(updates)
     w = np.ones(rows.k) if weights is None else check.weights(weights, rows.k)
-    return _weighted_sum("weighted_mean", rows, w, w.sum(), out, dtype, check_finite, backend)
-
-
-def _weighted_sum(op, rows, w, divisor, out, dtype, check_finite, backend):
-    """(sum_i w_i x_i) / divisor into ``out``: the float64 sum is divided once, then rounded."""
-    result = check.out(out, (rows.d,), rows.dtype, dtype)
-    nonfinite = kernels("aggregate", backend).weighted_sum(rows, w, divisor, result)
-    if check_finite and nonfinite:
-        check.raise_nonfinite(op, rows, result)
-    return result
+    return shared.weighted_sum("weighted_mean", rows, w, w.sum(), out, dtype, check_finite, backend)
 
 
 def accumulate(acc: np.ndarray, update: np.ndarray, weight: float = 1.0, *,

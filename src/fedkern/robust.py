@@ -28,9 +28,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import _krum
+from . import _shared as shared
 from . import _validate as check
 from ._updates import DTypeLike, OutUpdates, SeedLike, Updates, UpdatesLike, WeightsLike
-from .aggregate import _weighted_sum
 from .backends import kernels
 
 METHODS = ("auto", "gram", "exact")
@@ -76,17 +77,10 @@ def _tiles(rows: Updates):
         yield j0, buffer[:rows.k * n].reshape(rows.k, n)
 
 
-def _first_finite_row(rows: Updates, module) -> int | None:
-    for i, row in enumerate(rows):
-        if not module.count_nonfinite(row):
-            return i
-    return None
-
-
 def _gram(rows: Updates, backend: str | None) -> np.ndarray:
     """Gram matrix of the updates centred on the first finite one, in float64."""
     module = kernels("robust", backend)
-    center = _first_finite_row(rows, kernels("aggregate", backend))
+    center = next((i for i, bad in enumerate(shared.nonfinite(rows, backend)) if not bad), None)
     order = None
     if center:  # put a finite update first: gather_tile centres on row 0
         order = np.r_[center, np.delete(np.arange(rows.k), center)]
@@ -112,10 +106,8 @@ def _sq_distances(rows: Updates, method: str, backend: str | None) -> tuple[np.n
         distances = np.empty((rows.k, rows.k))
         kernels("robust", backend).exact_sq_distances(rows, distances)
         finite = np.ones(rows.k, bool)
-        if not np.isfinite(distances).all():  # only then a norm pass to tell which updates are bad
-            norms = np.empty(rows.k)
-            kernels("aggregate", backend).l2_norms(rows, norms)
-            finite = np.isfinite(norms)
+        if not np.isfinite(distances).all():  # only then a scan to tell which updates are bad
+            finite = ~shared.nonfinite_mask(rows, backend)
     else:
         gram = _gram(rows, backend)
         sq = np.diag(gram)
@@ -127,14 +119,6 @@ def _sq_distances(rows: Updates, method: str, backend: str | None) -> tuple[np.n
     distances[~np.isfinite(distances)] = np.inf
     np.fill_diagonal(distances, 0.0)
     return distances, finite
-
-
-def _krum_scores(distances: np.ndarray, neighbours: int) -> np.ndarray:
-    """Sum of each row's ``neighbours`` smallest distances to the other updates."""
-    if neighbours == 0:
-        return np.zeros(distances.shape[0])
-    others = distances + np.diag(np.full(distances.shape[0], np.inf))  # exclude oneself
-    return np.sort(others, axis=1)[:, :neighbours].sum(axis=1)
 
 
 # --------------------------------------------------------------------------- coordinate-wise rules
@@ -264,13 +248,13 @@ def krum(updates: UpdatesLike, f: int, m: int = 1, weights: WeightsLike | None =
     f = _byzantine(f, rows.k, lambda f: 2 * f + 3, "krum")
     m = check.count(m, "m", low=1, high=rows.k - f, why=f" (K - f = {rows.k - f})")
     w = np.ones(rows.k) if weights is None else check.weights(weights, rows.k)
-    scores = _krum_scores(_sq_distances(rows, _method(method, rows.k), backend)[0], rows.k - f - 2)
-    selected = np.argsort(scores, kind="stable")[:m]
+    distances, finite = _sq_distances(rows, _method(method, rows.k), backend)
+    selected = np.argsort(_krum.scores(distances, rows.k - f - 2, ~finite), kind="stable")[:m]
     # Krum's single pick is returned as it is, whatever its weight
     w = w[selected] if m > 1 else np.ones(1)
     if not w.any():
         raise check.FedkernValueError(f"krum: every selected client {selected.tolist()} has weight 0")
-    result = _weighted_sum("krum", rows.subset(selected), w, w.sum(), out, dtype, check_finite, backend)
+    result = shared.weighted_sum("krum", rows.subset(selected), w, w.sum(), out, dtype, check_finite, backend)
     return (result, selected) if return_indices else result
 
 
@@ -291,14 +275,8 @@ def bulyan(updates: UpdatesLike, f: int, *, method: str = "auto", return_indices
     """
     rows = check.updates(updates)
     f = _byzantine(f, rows.k, lambda f: 4 * f + 3, "bulyan")
-    distances = _sq_distances(rows, _method(method, rows.k), backend)[0]
-    remaining = list(range(rows.k))
-    selected = []
-    for _ in range(rows.k - 2 * f):
-        sub = distances[np.ix_(remaining, remaining)]
-        scores = _krum_scores(sub, max(len(remaining) - f - 2, 0))
-        selected.append(remaining.pop(int(np.argmin(scores))))  # argmin: first of ties
-    selected = np.array(selected)
+    distances, finite = _sq_distances(rows, _method(method, rows.k), backend)
+    selected = _krum.bulyan_selection(distances, rows.k - 2 * f, lambda n: max(n - f - 2, 0), ~finite)
     result = check.out(out, (rows.d,), rows.dtype, dtype)
     kernels("robust", backend, "meamed").meamed(rows.subset(selected), len(selected) - 2 * f, result)
     _finish("bulyan", rows, result, check_finite)
@@ -480,7 +458,7 @@ def bucketing(updates: UpdatesLike, s: int, seed: SeedLike = None, *, backend: s
     buckets = [order[b:b + s] for b in range(0, rows.k, s)]
     result = np.empty((len(buckets), rows.d), rows.dtype)
     for out_row, bucket in zip(result, buckets):
-        _weighted_sum("bucketing", rows.subset(bucket), np.ones(bucket.size), bucket.size,
+        shared.weighted_sum("bucketing", rows.subset(bucket), np.ones(bucket.size), bucket.size,
                       out_row, None, False, backend)
     return result
 

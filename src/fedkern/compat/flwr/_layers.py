@@ -230,20 +230,6 @@ def _nonfinite_clients(distances: np.ndarray, layers: list[list[np.ndarray]]) ->
     return bad
 
 
-def _krum_scores(distances: np.ndarray, num_closest: int, bad: np.ndarray) -> np.ndarray:
-    """Krum score of each client: the sum of its ``num_closest`` smallest distances to others.
-
-    As in Flower, the smallest entry of a row (the client itself, at distance 0) is
-    skipped. Distances to non-finite clients (+inf) are left out of finite clients' sums:
-    every finite client has the same number of them among its closest, so this ranks the
-    finite clients as if those clients were absent. Non-finite clients score +inf.
-    """
-    closest = np.sort(distances, axis=1)[:, 1:num_closest + 1]
-    scores = np.where(np.isinf(closest), 0.0, closest).sum(axis=1)
-    scores[bad] = np.inf
-    return scores
-
-
 def _krum_order(scores: np.ndarray, bad: np.ndarray) -> np.ndarray:
     """Finite clients by increasing score, ties to the lower index; non-finite ones dropped."""
     order = np.argsort(scores, kind="stable")

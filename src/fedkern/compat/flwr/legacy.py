@@ -13,9 +13,10 @@ from typing import Any
 import numpy as np
 
 from ..._validate import FedkernTypeError, FedkernValueError, NonFiniteError
+from ... import _krum
 from ._decode import _decode
 from ._layers import (
-    _F64, NDArrays, _cut_count, _float_result, _krum_order, _krum_scores, _layers_by_position,
+    _F64, NDArrays, _cut_count, _float_result, _krum_order, _layers_by_position,
     _mean_around_median_layer, _median_layer, _nonfinite_clients, _num_closest, _sq_distances, _trimmed_layer,
     _weighted_layer, _weights,
 )
@@ -99,7 +100,7 @@ def aggregate_krum(results: list[tuple[NDArrays, int]], num_malicious: int, to_k
     layers = _layers_by_position(clients, "results")
     distances = _sq_distances(layers)
     bad = _nonfinite_clients(distances, layers)
-    order = _krum_order(_krum_scores(distances, _num_closest(len(results), num_malicious), bad), bad)
+    order = _krum_order(_krum.scores(distances, _num_closest(len(results), num_malicious), bad), bad)
     if to_keep > 0:
         keep = order[:to_keep][::-1]  # Flower averages them from the highest score down
         return aggregate([results[i] for i in keep])
@@ -154,14 +155,7 @@ def aggregate_bulyan(results: list[tuple[NDArrays, int]], num_malicious: int,
         raise NonFiniteError(
             f"Bulyan selects theta = {theta} clients but only {k - bad.sum()} of {k} updates are finite"
         )
-    remaining = np.arange(k)
-    selected = []
-    for _ in range(theta):
-        sub = distances[np.ix_(remaining, remaining)]
-        scores = _krum_scores(sub, _num_closest(remaining.size, num_malicious), bad[remaining])
-        best = _krum_order(scores, bad[remaining])[0]
-        selected.append(remaining[best])
-        remaining = np.delete(remaining, best)
+    selected = _krum.bulyan_selection(distances, theta, lambda n: _num_closest(n, num_malicious), bad)
     return [_mean_around_median_layer([arrays[i] for i in selected], beta) for arrays in layers]
 
 

@@ -12,10 +12,11 @@ from typing import Any
 
 import numpy as np
 
+from ... import _krum
 from ..._validate import FedkernValueError
 from ._decode import _decode_array, _decode_record
 from ._layers import (
-    NDArray, NDArrays, _compute_dtype, _cut_count, _float_result, _krum_order, _krum_scores, _layers_by_position,
+    NDArray, NDArrays, _compute_dtype, _cut_count, _float_result, _krum_order, _layers_by_position,
     _mean_around_median_layer, _median_layer, _nonfinite_clients, _num_closest, _split_clients, _sq_distances,
     _trimmed_layer, _weighted_layer, _weights,
 )
@@ -80,7 +81,7 @@ def select_multikrum(contents: list[Any], num_malicious_nodes: int, num_nodes_to
     layers = _layers_by_position([_decode_record(content[record_key]) for content in contents], "contents")
     distances = _sq_distances(layers)
     bad = _nonfinite_clients(distances, layers)
-    order = _krum_order(_krum_scores(distances, _num_closest(len(contents), num_malicious_nodes), bad), bad)
+    order = _krum_order(_krum.scores(distances, _num_closest(len(contents), num_malicious_nodes), bad), bad)
     return [contents[i] for i in order[:num_nodes_to_select]]
 
 
