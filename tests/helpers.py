@@ -70,8 +70,8 @@ def assert_close_dtype_rtol(actual, expected, dtype, scale=1.0):
     ``|actual - expected| <= rtol * scale + rtol * |expected|``; shapes equal (a scalar
     against every element is allowed), NaN matching NaN at the same positions and
     infinities matching infinities of the same sign. ``scale`` is the magnitude of the inputs (e.g.
-    the largest finite ``|x|``), so results near 0 are held to ``rtol`` of it. Same check
-    as ``assert_close`` in tests/test_robust.py.
+    the largest finite ``|x|``), so results near 0 are held to ``rtol`` of it. Used by the
+    robust rules' tests.
     """
     rtol = 2e-6 if np.dtype(dtype) == np.float32 else 1e-12
     np.testing.assert_allclose(actual, expected, rtol=rtol, atol=rtol * scale)
@@ -86,9 +86,9 @@ def assert_close_float64_sum(actual, expected, scale, dtype):
     (scalar or per coordinate) is the magnitude of the summed terms, e.g. ``sum_i |w_i x_ij|``.
     A NaN or an infinity anywhere in either counts as a mismatch (``inf - inf`` is NaN, and
     NaN is never within a tolerance); the message names how many values differ and the
-    first. Same check as ``assert_close`` in
-    tests/test_aggregate.py: backends and oracles agree to a few float64 ulps of ``scale``
-    before the final rounding, and a float32 result may then differ by one float32 ulp.
+    first. Used by the aggregation tests: backends and oracles agree to a few float64 ulps
+    of ``scale`` before the final rounding, and a float32 result may then differ by one
+    float32 ulp.
     """
     actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
     assert actual.shape == expected.shape

@@ -8,6 +8,7 @@ import scipy.stats
 from hypothesis import assume, given, strategies as st
 
 import fedkern
+from helpers import assert_close_dtype_rtol
 
 F32, F64 = np.dtype(np.float32), np.dtype(np.float64)
 
@@ -36,11 +37,6 @@ def robust_updates(draw, min_k=1, max_k=12, nonfinite=True):
 
 def stacked(updates):
     return np.array([np.asarray(row, np.float64) for row in updates])
-
-
-def assert_close(actual, expected, dtype, scale=1.0):
-    rtol = 2e-6 if dtype == F32 else 1e-12
-    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=rtol * scale)
 
 
 def spread_sq(updates):
@@ -113,14 +109,14 @@ def test_median_matches_reference(data, fast_backend):
     expected = fedkern.median(updates, check_finite=False, backend="reference")
     actual = fedkern.median(updates, check_finite=False, backend=fast_backend)
     assert actual.dtype == dtype
-    assert_close(actual, expected, dtype, scale_of(updates))
+    assert_close_dtype_rtol(actual, expected, dtype, scale_of(updates))
 
 
 @given(data=robust_updates(), beta=st.sampled_from([0.0, 0.1, 0.2, 0.25, 0.49]))
 def test_trimmed_mean_matches_reference(data, beta, fast_backend):
     updates, dtype = data
     expected = fedkern.trimmed_mean(updates, beta, check_finite=False, backend="reference")
-    assert_close(fedkern.trimmed_mean(updates, beta, check_finite=False, backend=fast_backend),
+    assert_close_dtype_rtol(fedkern.trimmed_mean(updates, beta, check_finite=False, backend=fast_backend),
                  expected, dtype, scale_of(updates))
 
 
@@ -129,7 +125,7 @@ def test_meamed_matches_reference(data, f, fast_backend):
     updates, dtype = data
     f = min(f, (len(updates) - 1) // 2)
     expected = fedkern.meamed(updates, f, check_finite=False, backend="reference")
-    assert_close(fedkern.meamed(updates, f, check_finite=False, backend=fast_backend),
+    assert_close_dtype_rtol(fedkern.meamed(updates, f, check_finite=False, backend=fast_backend),
                  expected, dtype, scale_of(updates))
 
 
@@ -158,7 +154,7 @@ def test_krum_matches_reference(data, f, m, fast_backend):
     scores = np.array(brute_krum_scores(stacked(updates), f))
     # the same scores are chosen (indices may differ only between clients with tied scores)
     np.testing.assert_allclose(np.sort(scores[got_idx]), np.sort(scores[ref_idx]), rtol=1e-9, atol=1e-300)
-    assert_close(got, stacked(updates)[got_idx].mean(axis=0), dtype, scale_of(updates))
+    assert_close_dtype_rtol(got, stacked(updates)[got_idx].mean(axis=0), dtype, scale_of(updates))
 
 
 @given(data=robust_updates(min_k=3, max_k=12, nonfinite=False), f=st.integers(0, 2))
@@ -168,7 +164,7 @@ def test_bulyan_matches_reference(data, f, fast_backend):
     ref, ref_idx = fedkern.bulyan(updates, f, method="exact", return_indices=True, backend="reference")
     got, got_idx = fedkern.bulyan(updates, f, method="exact", return_indices=True, backend=fast_backend)
     if (got_idx == ref_idx).all():  # exact distances tie identically unless rounding differs
-        assert_close(got, ref, dtype, scale_of(updates))
+        assert_close_dtype_rtol(got, ref, dtype, scale_of(updates))
 
 
 @given(data=robust_updates(nonfinite=False))
@@ -244,14 +240,14 @@ def test_inputs_are_not_mutated(any_backend):
 @given(data=robust_updates(nonfinite=False))
 def test_median_is_numpy_median(data, any_backend):
     updates, dtype = data
-    assert_close(fedkern.median(updates, backend=any_backend), np.median(stacked(updates), axis=0),
+    assert_close_dtype_rtol(fedkern.median(updates, backend=any_backend), np.median(stacked(updates), axis=0),
                  dtype, scale_of(updates))
 
 
 @given(data=robust_updates(nonfinite=False), beta=st.sampled_from([0.0, 0.1, 0.2, 0.3, 0.45]))
 def test_trimmed_mean_is_scipy_trim_mean(data, beta, any_backend):
     updates, dtype = data
-    assert_close(fedkern.trimmed_mean(updates, beta, backend=any_backend),
+    assert_close_dtype_rtol(fedkern.trimmed_mean(updates, beta, backend=any_backend),
                  scipy.stats.trim_mean(stacked(updates), beta, axis=0), dtype, scale_of(updates))
 
 
@@ -285,7 +281,7 @@ def test_meamed_is_the_mean_of_the_values_closest_to_the_median(data, f, any_bac
     x = stacked(updates)
     f = min(f, (len(x) - 1) // 2)
     result = fedkern.meamed(updates, f, backend=any_backend)
-    assert_close(result, brute_meamed(x, f), dtype, scale_of(updates))
+    assert_close_dtype_rtol(result, brute_meamed(x, f), dtype, scale_of(updates))
     # and every kept value is at least as close to the median as every dropped one
     median = np.median(x, axis=0)
     kept_distance = np.sort(np.abs(x - median), axis=0)[len(x) - f - 1] if f else None
@@ -386,7 +382,7 @@ def test_krum_is_brute_force_krum(data, f, m, any_backend):
     assert len(indices) == m
     chosen = sorted(scores[i] for i in indices)
     assert np.allclose(chosen, sorted(scores)[:m], rtol=1e-9, atol=1e-300)  # the m best (up to ties)
-    assert_close(result, x[indices].mean(axis=0), dtype, scale_of(updates))
+    assert_close_dtype_rtol(result, x[indices].mean(axis=0), dtype, scale_of(updates))
 
 
 def test_krum_ties_go_to_the_lower_index_and_weights_apply():
@@ -424,7 +420,7 @@ def test_bulyan_is_brute_force_bulyan(data, f, any_backend):
     expected, expected_selected = brute_bulyan(x, f)
     result, selected = fedkern.bulyan(updates, f, method="exact", return_indices=True, backend=any_backend)
     if selected.tolist() == expected_selected:  # equal unless rounding breaks a near-tie differently
-        assert_close(result, expected, dtype, scale_of(updates))
+        assert_close_dtype_rtol(result, expected, dtype, scale_of(updates))
     assert len(selected) == len(x) - 2 * f and len(set(selected.tolist())) == len(selected)
 
 

@@ -475,20 +475,19 @@ def adaptive_clipping(updates: UpdatesLike, f: int, *, out: OutUpdates = None, r
     Returns a (K, D) array (or ``out``), and with ``return_norms`` the float64 norms
     before clipping.
     """
-    from .aggregate import clip_by_norm, l2_norms
-
-    rows = check.updates(updates)
+    rows = check.updates(updates)  # validated once: the kernels below take the rows as they are
     f = _byzantine(f, rows.k, lambda f: 2 * f + 1, "adaptive_clipping")
+    target = check.out_updates(out, rows)
+    module = kernels("aggregate", backend)
     norms = np.empty(rows.k)
-    l2_norms(updates, out=norms, check_finite=False, backend=backend)
+    module.l2_norms(rows, norms)
     clipped = int(np.floor(2 * f / rows.k * (rows.k - f)))
     ordered = np.sort(np.where(np.isnan(norms), np.inf, norms))
     threshold = ordered[rows.k - clipped - 1]
     if clipped and np.isfinite(threshold) and threshold > 0:
-        result = clip_by_norm(updates, threshold, out=out, check_finite=False, backend=backend)
+        module.clip_by_norm(rows, threshold, target, np.empty(rows.k))
     else:  # nothing to clip, clipping to zero length, or no finite bound: no kernel needed
-        target = check.out_updates(out, rows)
         for source, row, norm in zip(rows, target, norms):
             row[...] = 0.0 if clipped and threshold == 0 and norm > 0 else source
-        result = out if out is not None else target.matrix
+    result = out if out is not None else target.matrix
     return (result, norms) if return_norms else result

@@ -181,7 +181,7 @@ def _cut_count(proportion: float, k: int) -> int:
     return int(proportion * k)  # Flower's (and scipy's) floor of the float product
 
 
-def _mean_around_median_layer(arrays: list[np.ndarray], keep: int) -> np.ndarray:
+def _meamed_layer(arrays: list[np.ndarray], keep: int) -> np.ndarray:
     """Per coordinate, the mean of the ``keep`` values closest to the median (Bulyan)."""
     def rule(rows):
         drop = len(rows) - keep

@@ -17,7 +17,7 @@ from ... import _krum
 from ._decode import _decode
 from ._layers import (
     _F64, NDArrays, _cut_count, _float_result, _krum_order, _layers_by_position,
-    _mean_around_median_layer, _median_layer, _nonfinite_clients, _num_closest, _sq_distances, _trimmed_layer,
+    _meamed_layer, _median_layer, _nonfinite_clients, _num_closest, _sq_distances, _trimmed_layer,
     _weighted_layer, _weights,
 )
 
@@ -156,7 +156,7 @@ def aggregate_bulyan(results: list[tuple[NDArrays, int]], num_malicious: int,
             f"Bulyan selects theta = {theta} clients but only {k - bad.sum()} of {k} updates are finite"
         )
     selected = _krum.bulyan_selection(distances, theta, lambda n: _num_closest(n, num_malicious), bad)
-    return [_mean_around_median_layer([arrays[i] for i in selected], beta) for arrays in layers]
+    return [_meamed_layer([arrays[i] for i in selected], beta) for arrays in layers]
 
 
 def weighted_loss_avg(results: list[tuple[int, float]]) -> float:

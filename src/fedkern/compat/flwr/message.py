@@ -17,7 +17,7 @@ from ..._validate import FedkernValueError
 from ._decode import _decode_array, _decode_record
 from ._layers import (
     NDArray, NDArrays, _compute_dtype, _cut_count, _float_result, _krum_order, _layers_by_position,
-    _mean_around_median_layer, _median_layer, _nonfinite_clients, _num_closest, _split_clients, _sq_distances,
+    _meamed_layer, _median_layer, _nonfinite_clients, _num_closest, _split_clients, _sq_distances,
     _trimmed_layer, _weighted_layer, _weights,
 )
 
@@ -105,7 +105,7 @@ def aggregate_n_closest_weights(ref_weights: NDArrays, weights_list: list[NDArra
             raise FedkernValueError(f"a reference layer of shape {ref.shape} has layers of shape {arrays[0].shape}")
         if arrays[0].size and _compute_dtype(np.result_type(*arrays)) is not None and \
                 np.array_equal(_median_layer(arrays).astype(ref.dtype), ref):
-            aggregated.append(_mean_around_median_layer(arrays, beta))
+            aggregated.append(_meamed_layer(arrays, beta))
         else:
             aggregated.append(_closest_to_reference(ref, arrays, beta))
     return aggregated
