@@ -398,6 +398,48 @@ def meamed(updates, int keep, out) -> None:
     _meamed(updates.pointers, updates.first, keep, out)
 
 
+cdef struct Plan:
+    Tiling tiling
+    bint network          # sort each tile by a network (else quickselect per column)
+    Py_ssize_t npairs
+    Py_ssize_t* pairs     # the network's comparators as tile offsets, or NULL
+    char* tiles           # every thread's tile and column, one per_thread apart
+
+
+cdef Plan _plan(Py_ssize_t k, Py_ssize_t d, Py_ssize_t itemsize, Py_ssize_t lo, Py_ssize_t hi,
+                int nthreads) except *:
+    """Tiles for ``nthreads`` and, up to NET_MAX_BYTES per coordinate, a network pruned to
+    the ranks lo .. hi-1 (release with _release)."""
+    cdef Plan plan
+    plan.tiling = _tiling(k, d, itemsize)
+    plan.network = k * itemsize <= NET_MAX_BYTES
+    plan.npairs = 0
+    plan.pairs = _pruned_network(k, lo, hi, plan.tiling.stride, &plan.npairs) if plan.network else NULL
+    plan.tiles = NULL
+    try:
+        plan.tiles = <char*> scratch(nthreads * plan.tiling.per_thread + CACHE_LINE)
+    except MemoryError:
+        free(plan.pairs)
+        raise
+    return plan
+
+
+cdef inline void _release(Plan* plan) noexcept nogil:
+    free(plan.tiles)
+    free(plan.pairs)
+
+
+cdef inline in_t* _block_tile(const in_t** rows, Py_ssize_t k, Py_ssize_t j0, Py_ssize_t n,
+                              const Plan* plan) noexcept nogil:
+    """The calling thread's tile, holding coordinates j0 .. j0+n-1 of every row: sorted
+    when the plan has a network; its float64 column for quickselect follows it."""
+    cdef in_t* tile = <in_t*> (plan.tiles + threadid() * plan.tiling.per_thread)
+    _gather(rows, k, j0, n, plan.tiling.stride, tile)
+    if plan.network:
+        _sort_tile(tile, n, plan.pairs, plan.npairs)
+    return tile
+
+
 def _trimmed_mean(const uintptr_t[::1] pointers, const in_t[::1] first, Py_ssize_t lo,
                   Py_ssize_t hi, out_t[::1] out):
     """A block of coordinates is gathered into a per-thread tile, one wire (client) per
@@ -408,40 +450,29 @@ def _trimmed_mean(const uintptr_t[::1] pointers, const in_t[::1] first, Py_ssize
     clients the network's K log^2 K work loses to quickselect on each coordinate's column.
     """
     cdef const in_t** rows = <const in_t**> &pointers[0]
-    cdef Py_ssize_t k = pointers.shape[0], d = first.shape[0]
-    cdef bint network = k * <Py_ssize_t> sizeof(in_t) <= NET_MAX_BYTES
-    cdef Tiling tiling = _tiling(k, d, sizeof(in_t))
-    cdef Py_ssize_t width = tiling.width, stride = tiling.stride, per_thread = tiling.per_thread
-    cdef Py_ssize_t npairs = 0
-    cdef Py_ssize_t* pairs = NULL
+    cdef Py_ssize_t k = pointers.shape[0], d = first.shape[0], b, j0, n, jj
     cdef int nthreads = fk_max_threads()
-    cdef char* tiles
+    cdef Plan plan
     cdef in_t* tile
     cdef double* column
-    cdef Py_ssize_t b, j0, n, jj
     if hi <= lo:  # an empty window: the reference's mean is NaN
         out[:] = <out_t> NAN
         return
-    if network:
-        pairs = _pruned_network(k, lo, hi, stride, &npairs)
-    tiles = <char*> scratch(nthreads * per_thread + CACHE_LINE)
+    plan = _plan(k, d, sizeof(in_t), lo, hi, nthreads)
     with nogil:
         # dynamic: quickselect's time depends on the data, and a block is ~0.1 ms of work
-        for b in prange(tiling.nblocks, schedule="dynamic", num_threads=nthreads):
-            tile = <in_t*> (tiles + threadid() * per_thread)
-            column = <double*> (<char*> tile + k * stride * sizeof(in_t))
-            j0 = b * width
-            n = min(width, d - j0)
-            _gather(rows, k, j0, n, stride, tile)
-            if network:
-                _sort_tile(tile, n, pairs, npairs)
-                _tile_window_means(tile, stride, lo, hi, n, &out[j0])
+        for b in prange(plan.tiling.nblocks, schedule="dynamic", num_threads=nthreads):
+            j0 = b * plan.tiling.width
+            n = min(plan.tiling.width, d - j0)
+            tile = _block_tile(rows, k, j0, n, &plan)
+            column = <double*> (<char*> tile + k * plan.tiling.stride * sizeof(in_t))
+            if plan.network:
+                _tile_window_means(tile, plan.tiling.stride, lo, hi, n, &out[j0])
             else:
                 for jj in range(n):
-                    _copy_column(tile + jj, stride, k, column)
+                    _copy_column(tile + jj, plan.tiling.stride, k, column)
                     out[j0 + jj] = <out_t> _column_window_mean(column, column + k, k, lo, hi)
-    free(tiles)
-    free(pairs)
+        _release(&plan)
 
 
 def _meamed(const uintptr_t[::1] pointers, const in_t[::1] first, Py_ssize_t keep, out_t[::1] out):
@@ -449,40 +480,29 @@ def _meamed(const uintptr_t[::1] pointers, const in_t[::1] first, Py_ssize_t kee
     ranks the window can read (K//2 - keep .. K//2 + keep - 1), which come out sorted, and
     the window is then grown from the median with the reference's comparisons."""
     cdef const in_t** rows = <const in_t**> &pointers[0]
-    cdef Py_ssize_t k = pointers.shape[0], d = first.shape[0]
-    cdef bint network = k * <Py_ssize_t> sizeof(in_t) <= NET_MAX_BYTES
-    cdef Tiling tiling = _tiling(k, d, sizeof(in_t))
-    cdef Py_ssize_t width = tiling.width, stride = tiling.stride, per_thread = tiling.per_thread
-    cdef Py_ssize_t npairs = 0
-    cdef Py_ssize_t* pairs = NULL
+    cdef Py_ssize_t k = pointers.shape[0], d = first.shape[0], b, j0, n, jj
     cdef int nthreads = fk_max_threads()
-    cdef char* tiles
+    cdef Plan plan
     cdef in_t* tile
     cdef double* column
-    cdef Py_ssize_t b, j0, n, jj
     if keep <= 0:  # an empty window: the reference's mean is NaN
         out[:] = <out_t> NAN
         return
-    if network:
-        pairs = _pruned_network(k, max(<Py_ssize_t> 0, k // 2 - keep), min(k, k // 2 + keep), stride, &npairs)
-    tiles = <char*> scratch(nthreads * per_thread + CACHE_LINE)
+    plan = _plan(k, d, sizeof(in_t), max(<Py_ssize_t> 0, k // 2 - keep), min(k, k // 2 + keep), nthreads)
     with nogil:
-        for b in prange(tiling.nblocks, schedule="dynamic", num_threads=nthreads):
-            tile = <in_t*> (tiles + threadid() * per_thread)
-            column = <double*> (<char*> tile + k * stride * sizeof(in_t))
-            j0 = b * width
-            n = min(width, d - j0)
-            _gather(rows, k, j0, n, stride, tile)
-            if network:
-                _sort_tile(tile, n, pairs, npairs)
+        for b in prange(plan.tiling.nblocks, schedule="dynamic", num_threads=nthreads):
+            j0 = b * plan.tiling.width
+            n = min(plan.tiling.width, d - j0)
+            tile = _block_tile(rows, k, j0, n, &plan)
+            column = <double*> (<char*> tile + k * plan.tiling.stride * sizeof(in_t))
+            if plan.network:
                 for jj in range(n):
-                    out[j0 + jj] = <out_t> _meamed_sorted(tile + jj, stride, k, keep)
+                    out[j0 + jj] = <out_t> _meamed_sorted(tile + jj, plan.tiling.stride, k, keep)
             else:
                 for jj in range(n):
-                    _copy_column(tile + jj, stride, k, column)
+                    _copy_column(tile + jj, plan.tiling.stride, k, column)
                     out[j0 + jj] = <out_t> _meamed_column(column, column + k, k, keep)
-    free(tiles)
-    free(pairs)
+        _release(&plan)
 
 
 # ---------------------------------------------------------------------------------------
