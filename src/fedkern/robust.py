@@ -320,9 +320,7 @@ def geometric_median(updates: UpdatesLike, weights: WeightsLike | None = None, *
 
     kept, z = rows, np.empty(rows.d)
     if aggregate_kernels.weighted_sum(rows, alpha, alpha.sum(), z):  # the start is not finite:
-        sq = np.empty(rows.k)                                        # leave the bad updates out
-        module.sq_distances_to(rows, np.zeros(rows.d), sq)
-        good = np.flatnonzero(np.isfinite(sq) & (alpha > 0))
+        good = np.flatnonzero(~shared.nonfinite_mask(rows, backend) & (alpha > 0))  # leave the bad out
         if good.size == 0:
             check.raise_nonfinite("geometric_median", rows)
         kept, alpha = rows.subset(good), alpha[good]
