@@ -7,7 +7,7 @@ fixed-size chunks and every sum over clients or over a row runs in a fixed order
 results do not depend on the number of threads.
 """
 from cython.parallel cimport prange, threadid
-from libc.math cimport isfinite, sqrt
+from libc.math cimport frexp, isfinite, sqrt
 from libc.stdint cimport uintptr_t
 from libc.stdlib cimport free
 
@@ -40,6 +40,10 @@ cdef inline void _add_row(double* acc, const in_t* row, double w, Py_ssize_t n) 
 
 def _weighted_sum(const uintptr_t[::1] pointers, const in_t[::1] first,
                   const double[::1] weights, double divisor, out_t[::1] out):
+    # dividing by a power of two is multiplying by its exact reciprocal, and much cheaper
+    cdef int exponent
+    cdef bint by_reciprocal = frexp(divisor, &exponent) == 0.5
+    cdef double reciprocal = 1.0 / divisor
     cdef const in_t** rows = <const in_t**> &pointers[0]
     cdef Py_ssize_t k = pointers.shape[0], d = first.shape[0]
     cdef Py_ssize_t nchunks = (d + CHUNK - 1) // CHUNK
@@ -64,7 +68,8 @@ def _weighted_sum(const uintptr_t[::1] pointers, const in_t[::1] first,
                 _add_row(acc, rows[i] + j0, weights[i], n)
                 i = i + 1
             for j in range(n):
-                value = <out_t> (acc[j] / divisor)  # the float64 sum is divided, then rounded once
+                # the float64 sum is divided, then rounded once
+                value = <out_t> (acc[j] * reciprocal if by_reciprocal else acc[j] / divisor)
                 out[j0 + j] = value
                 if not isfinite(value):
                     nonfinite += 1

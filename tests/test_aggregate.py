@@ -295,6 +295,17 @@ def test_weighted_mean_divides_the_exact_sum_once(any_backend, dtype, k, d, seed
     same = np.full((k, d), 7.0, dtype)
     np.testing.assert_array_equal(fedkern.weighted_mean(same, w, backend=any_backend), same[0])
 
+
+@pytest.mark.parametrize("total", [1, 2, 64, 1024, 3, 1000])
+def test_weighted_mean_by_a_power_of_two_total_is_the_same_division(any_backend, dtype, total):
+    """Kernels multiply by the reciprocal of a power-of-two total (exact, and cheaper than
+    dividing) and divide by any other: both must equal the correctly rounded quotient."""
+    rng = np.random.default_rng(total)
+    x = rng.integers(-(2**20), 2**20, size=(3, 4099)).astype(dtype)
+    w = np.array([total - 2 * (total // 3), total // 3, total // 3]) if total >= 3 else np.array([total, 0, 0])
+    exact = [float(Fraction(int(w @ x[:, j].astype(np.int64)), total)) for j in range(x.shape[1])]
+    np.testing.assert_array_equal(fedkern.weighted_mean(x, w, backend=any_backend), np.array(exact).astype(dtype))
+
 def test_exact_small_examples(any_backend, dtype):
     x = np.array([[1.0, 2.0], [3.0, 4.0]], dtype)
     kw = dict(backend=any_backend)

@@ -184,20 +184,29 @@ class Kernels:
     that has it, and finally from the numpy reference, which has them all.
     """
 
-    def __init__(self, family: str, chain: list[str]):
+    def __init__(self, family: str, backend: str, module: ModuleType):
         self.family = family
-        self.backend = chain[0]
-        self._chain = chain
+        self.backend = backend
+        self._module = module
 
     def __getattr__(self, kernel: str):
-        for name in self._chain:
-            function = getattr(_load(name, self.family), kernel, None)
-            if function is not None:
-                return function
+        function = getattr(self._module, kernel, None)
+        if function is not None:
+            return function
+        return self._fallback(kernel)
+
+    def _fallback(self, kernel: str):
+        for name in _order(self.family, kernel) + ("reference",):
+            if name != self.backend and is_available(name, self.family):
+                function = getattr(_load(name, self.family), kernel, None)
+                if function is not None:
+                    if name != "reference":
+                        _load(name, "_runtime").use_threads(_num_threads)
+                    return function
         raise AttributeError(f"no backend of the {self.family} family has a kernel {kernel!r}")
 
     def __repr__(self) -> str:
-        return f"<fedkern kernels {self.family} on {' > '.join(self._chain)}>"
+        return f"<fedkern kernels {self.family} on {self.backend}>"
 
 
 def kernels(family: str, backend: str | None = None, kernel: str | None = None) -> Kernels:
@@ -205,10 +214,7 @@ def kernels(family: str, backend: str | None = None, kernel: str | None = None) 
     run, for a per-kernel ``"auto"`` order), with a per-kernel fallback, ready to run on the
     set threads."""
     name = resolve(family, backend, kernel)
-    _load(name, family)  # an explicitly chosen backend that does not import raises here
-    chain = [name] + [b for b in _order(family, kernel) if b not in (name, "reference") and is_available(b, family)]
-    chain.append("reference")
-    for compiled in chain[:-1]:
-        if compiled != "reference":
-            _load(compiled, "_runtime").use_threads(_num_threads)
-    return Kernels(family, chain)
+    module = _load(name, family)  # an explicitly chosen backend that does not import raises here
+    if name != "reference":
+        _load(name, "_runtime").use_threads(_num_threads)
+    return Kernels(family, name, module)

@@ -4,6 +4,8 @@ Same kernels, arguments and summation order as ``ext/aggregate.pyx`` (see there)
 are read through ``updates.pointers``, work is split over coordinates in fixed chunks,
 and every reduction runs in a fixed order, so results do not depend on thread count.
 """
+import math
+
 import numpy as np
 from numba import njit, prange
 
@@ -13,11 +15,14 @@ from ._runtime import KERNEL, row
 
 def weighted_sum(updates, weights, divisor, out) -> int:
     """out = (sum_i weights[i] * updates[i]) / divisor; return the number of non-finite outputs."""
-    return _weighted_sum(updates.pointers, updates.first, weights, np.float64(divisor), out)
+    # dividing by a power of two is multiplying by its exact reciprocal, and much cheaper
+    by_reciprocal = math.frexp(divisor)[0] == 0.5
+    return _weighted_sum(updates.pointers, updates.first, weights, np.float64(divisor), by_reciprocal, out)
 
 
 @njit(**KERNEL)
-def _weighted_sum(pointers, first, weights, divisor, out):
+def _weighted_sum(pointers, first, weights, divisor, by_reciprocal, out):
+    reciprocal = 1.0 / divisor
     d = first.shape[0]
     nonfinite = 0
     for c in prange((d + CHUNK - 1) // CHUNK):
@@ -42,7 +47,7 @@ def _weighted_sum(pointers, first, weights, divisor, out):
                 acc[j] += w * x[j]
             i += 1
         for j in range(n):
-            out[j0 + j] = acc[j] / divisor
+            out[j0 + j] = acc[j] * reciprocal if by_reciprocal else acc[j] / divisor
             if not np.isfinite(out[j0 + j]):
                 nonfinite += 1
     return nonfinite
