@@ -24,13 +24,14 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 import fedkern
+from fedkern._blocks import OPTIM_BLOCK
 
 F32, F64 = np.dtype(np.float32), np.dtype(np.float64)
 OPTIMIZERS = {cls.__name__: cls for cls in (fedkern.FedAvg, fedkern.FedAvgM, fedkern.FedAdagrad,
                                             fedkern.FedAdam, fedkern.FedYogi)}
 ADAPTIVE = ("FedAdagrad", "FedAdam", "FedYogi")
 STATEFUL = ("FedAvgM",) + ADAPTIVE
-BLOCK = 4096  # BLOCK of ext/optim.pyx: prange hands out blocks of this many coordinates
+BLOCK = OPTIM_BLOCK  # prange in ext/optim.pyx hands out blocks of this many coordinates
 SIZES = [1, 7, BLOCK - 1, BLOCK, BLOCK + 1, 3 * BLOCK + 5]
 STEPS = 5
 #: Largest float64 delta magnitude the property tests draw: delta**2 may overflow.
