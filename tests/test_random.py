@@ -10,7 +10,6 @@ from hypothesis import strategies as st
 import fedkern
 from fedkern import backends
 from fedkern._reference import _philox as reference_philox
-from fedkern._reference import random as reference
 
 from conftest import ALL_BACKENDS, FAST_BACKENDS
 

@@ -10,7 +10,7 @@ from hypothesis import given, strategies as st
 
 import fedkern
 from fedkern import _registry, backends
-from conftest import ALL_BACKENDS, FAST_BACKENDS
+from conftest import ALL_BACKENDS
 
 OPS = [pytest.param(spec, id=spec.name) for spec in _registry.OPS]
 MATRIX_OPS = [pytest.param(spec, id=spec.name) for spec in _registry.OPS if spec.per_update and not spec.streaming]
