@@ -1,0 +1,340 @@
+"""fedkern.sim.models: the built-in models on both backends, against the numpy reference,
+finite differences and local steps worked out by hand."""
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fedkern._errors import FedkernTypeError, FedkernValueError
+from fedkern._reference import models as reference_kernels
+from fedkern.sim.models import MLP, Evaluation, LocalTraining, LogisticRegression, Model, TrainResult, make_model
+
+BACKENDS = ["numba", "reference"]
+
+
+def data(n, f, c, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, f)).astype(np.float32)
+    y = rng.integers(0, c, n).astype(np.int32)
+    return x, y
+
+
+def build(kind, f, c, backend="numba"):
+    return LogisticRegression(f, c, backend=backend, init_scale=0.3) if kind == "lr" else MLP(f, [5, 4], c, backend=backend)
+
+
+def trained_delta(model, params, x, y, config, seed):
+    delta = np.empty_like(params)
+    result = model.train(params, x, y, config, np.random.default_rng(seed), delta)
+    return delta, result
+
+
+def assert_backends_agree(kind, n, f, c, config, seed):
+    x, y = data(n, f, c, seed)
+    fast, slow = build(kind, f, c), build(kind, f, c, "reference")
+    params = fast.init(np.random.default_rng(seed))
+    d_fast, r_fast = trained_delta(fast, params, x, y, config, seed)
+    d_slow, r_slow = trained_delta(slow, params, x, y, config, seed)
+    scale = max(1e-3, float(np.abs(d_slow).max()))
+    np.testing.assert_allclose(d_fast, d_slow, rtol=1e-4, atol=1e-5 * scale)
+    assert r_fast.steps == r_slow.steps
+    assert r_fast.loss == pytest.approx(r_slow.loss, rel=1e-6)
+
+
+# ---------------------------------------------------------------- backends agree
+@pytest.mark.parametrize("kind", ["lr", "mlp"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("n, f, c, batch", [(40, 6, 3, 10), (37, 11, 5, 8), (9, 2, 2, 1)])
+def test_backends_agree(kind, seed, n, f, c, batch):
+    config = LocalTraining(epochs=3, batch_size=batch, lr=0.1, momentum=0.5, weight_decay=0.01, mu=0.1)
+    assert_backends_agree(kind, n, f, c, config, seed)
+
+
+@given(kind=st.sampled_from(["lr", "mlp"]), n=st.integers(1, 50), f=st.integers(1, 20), c=st.integers(2, 6),
+       batch=st.sampled_from([1, 3, 10, 64]), momentum=st.sampled_from([0.0, 0.9]),
+       weight_decay=st.sampled_from([0.0, 0.1]), mu=st.sampled_from([0.0, 0.5]), seed=st.integers(0, 2**16))
+def test_backends_agree_on_any_shape(kind, n, f, c, batch, momentum, weight_decay, mu, seed):
+    config = LocalTraining(epochs=2, batch_size=batch, lr=0.05, momentum=momentum, weight_decay=weight_decay, mu=mu)
+    assert_backends_agree(kind, n, f, c, config, seed)
+
+
+# ---------------------------------------------------------------- gradients
+def finite_differences(loss, w, h=1e-6):
+    grad = np.empty_like(w)
+    for i in range(w.size):
+        up, down = w.copy(), w.copy()
+        up[i] += h
+        down[i] -= h
+        grad[i] = (loss(up) - loss(down)) / (2 * h)
+    return grad
+
+
+def mean_cross_entropy(w, sizes, x, y):
+    """Independent float64 forward pass of the dense network."""
+    a, p = x.astype(np.float64), 0
+    for l, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        z = a @ w[p:p + n_in * n_out].reshape(n_in, n_out) + w[p + n_in * n_out:p + (n_in + 1) * n_out]
+        p += (n_in + 1) * n_out
+        a = np.maximum(z, 0.0) if l < len(sizes) - 2 else z
+    z = a - a.max(axis=1, keepdims=True)
+    return float(np.mean(np.log(np.exp(z).sum(axis=1)) - z[np.arange(len(y)), y]))
+
+
+@pytest.mark.parametrize("model", [LogisticRegression(4, 3, init_scale=0.5), MLP(4, [6, 5], 3)], ids=["lr", "mlp"])
+def test_gradient_matches_finite_differences(model):
+    x, y = data(12, 4, 3, seed=3)
+    params = model.init(np.random.default_rng(3))
+    sizes = model._sizes
+    analytic = reference_kernels.gradient(params, sizes, x, y)
+    numeric = finite_differences(lambda w: mean_cross_entropy(w, sizes, x, y), params.astype(np.float64))
+    np.testing.assert_allclose(analytic, numeric, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["lr", "mlp"])
+def test_one_full_batch_step_is_minus_lr_times_the_gradient(backend, kind):
+    x, y = data(15, 4, 3, seed=4)
+    model = build(kind, 4, 3, backend)
+    params = model.init(np.random.default_rng(4))
+    delta, result = trained_delta(model, params, x, y, LocalTraining(batch_size=100, lr=0.01), 0)
+    expected = -0.01 * reference_kernels.gradient(params, model._sizes, x, y)
+    np.testing.assert_allclose(delta, expected, rtol=1e-3, atol=1e-8)
+    assert result == TrainResult(pytest.approx(mean_cross_entropy(params.astype(np.float64), model._sizes, x, y)), 1)
+
+
+# ---------------------------------------------------------------- local steps by hand
+def hand_lr_steps(params, x, y, c, steps, lr, momentum=0.0, weight_decay=0.0, mu=0.0):
+    """Logistic-regression SGD on one row, written out from the formulas."""
+    w = params.astype(np.float64)
+    start, v = w.copy(), np.zeros_like(w)
+    f = x.shape[1]
+    for _ in range(steps):
+        weights, bias = w[:f * c].reshape(f, c), w[f * c:]
+        z = x[0].astype(np.float64) @ weights + bias
+        p = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+        dz = p - np.eye(c)[y[0]]
+        g = np.concatenate([np.outer(x[0], dz).ravel(), dz])
+        g = g + weight_decay * w + mu * (w - start)
+        v = momentum * v + g
+        w = w - lr * v
+    return w
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_one_exact_step_gives_delta_exactly_w_after_minus_params(backend):
+    # logits 0, softmax (1/2, 1/2): every number below is exact in binary
+    model = LogisticRegression(1, 2, backend=backend)
+    x, y = np.array([[2.0]], np.float32), np.array([0], np.int32)
+    params = model.init(np.random.default_rng(0))
+    delta, result = trained_delta(model, params, x, y, LocalTraining(lr=0.5), 0)
+    np.testing.assert_array_equal(delta, np.array([0.5, -0.5, 0.25, -0.25], np.float32))
+    assert result == TrainResult(math.log(2.0), 1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("term", ["momentum", "weight_decay", "mu", "none"])
+def test_momentum_weight_decay_and_mu_follow_their_formulas(backend, term):
+    model = LogisticRegression(3, 4, backend=backend, init_scale=0.7)
+    x, y = data(1, 3, 4, seed=5)
+    params = model.init(np.random.default_rng(5))
+    settings = {} if term == "none" else {term: 0.6}
+    delta, result = trained_delta(model, params, x, y, LocalTraining(epochs=3, lr=0.4, **settings), 0)
+    w = hand_lr_steps(params, x, y, 4, steps=3, lr=0.4, **settings)
+    np.testing.assert_allclose(delta, w.astype(np.float32) - params, rtol=1e-5, atol=1e-7)
+    assert result.steps == 3
+    if term != "none":
+        plain, _ = trained_delta(model, params, x, y, LocalTraining(epochs=3, lr=0.4), 0)
+        assert np.abs(delta - plain).max() > 1e-3
+
+
+# ---------------------------------------------------------------- training behaviour
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["lr", "mlp"])
+def test_training_reduces_the_loss_on_separable_data(backend, kind):
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((80, 5)).astype(np.float32)
+    y = (x[:, 0] + x[:, 1] > 0).astype(np.int32)
+    model = build(kind, 5, 2, backend)
+    params = model.init(rng)
+    delta, result = trained_delta(model, params, x, y, LocalTraining(epochs=10, lr=0.3), 1)
+    after = model.evaluate(params + delta, x, y)
+    assert after.loss < 0.5 * model.loss(params, x, y)
+    assert after.accuracy >= 0.95
+    assert result.steps == 80
+
+
+@pytest.mark.parametrize("n, batch, steps", [(25, 10, 3), (25, 25, 1), (25, 100, 1), (7, 1, 7)])
+def test_steps_count_the_smaller_last_batch(n, batch, steps):
+    x, y = data(n, 3, 2)
+    model = LogisticRegression(3, 2)
+    _, result = trained_delta(model, model.init(None), x, y, LocalTraining(epochs=2, batch_size=batch), 0)
+    assert result.steps == 2 * steps
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inputs_are_not_mutated_and_may_be_read_only(backend):
+    x, y = data(20, 4, 3)
+    model = MLP(4, [3], 3, backend=backend)
+    params = model.init(np.random.default_rng(0))
+    copies = [a.copy() for a in (params, x, y)]
+    for array in (params, x, y):
+        array.flags.writeable = False
+    delta, _ = trained_delta(model, params, x, y, LocalTraining(mu=0.1), 0)
+    model.evaluate(params, x, y)
+    for array, copy in zip((params, x, y), copies):
+        np.testing.assert_array_equal(array, copy)
+    assert np.abs(delta).max() > 0
+
+
+def test_same_rng_same_delta_and_the_rng_drives_the_order():
+    x, y = data(30, 4, 3)
+    model = LogisticRegression(4, 3)
+    params = model.init(None)
+    a, _ = trained_delta(model, params, x, y, LocalTraining(batch_size=4, lr=0.1), 7)
+    b, _ = trained_delta(model, params, x, y, LocalTraining(batch_size=4, lr=0.1), 7)
+    c, _ = trained_delta(model, params, x, y, LocalTraining(batch_size=4, lr=0.1), 8)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_rows_trains_to_zero_delta_and_evaluates_to_nan(backend):
+    model = LogisticRegression(3, 4, backend=backend)
+    x, y = np.empty((0, 3), np.float32), np.empty(0, np.int32)
+    params = model.init(None)
+    delta = np.full_like(params, 5.0)
+    result = model.train(params, x, y, LocalTraining(), np.random.default_rng(0), delta)
+    assert result.steps == 0 and math.isnan(result.loss)
+    assert not delta.any()
+    evaluation = model.evaluate(params, x, y)
+    assert evaluation.n == 0 and math.isnan(evaluation.loss) and math.isnan(evaluation.accuracy)
+    assert np.isnan(evaluation.recall).all() and math.isnan(evaluation.balanced_accuracy)
+    assert math.isnan(model.loss(params, x, y))
+
+
+# ---------------------------------------------------------------- evaluation
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_evaluation_matches_numpy(backend):
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((300, 6)).astype(np.float32)
+    y = rng.choice([0, 1, 3], 300).astype(np.int32)  # class 2 absent
+    model = LogisticRegression(6, 4, backend=backend, init_scale=1.0)
+    params = model.init(rng)
+    logits = x.astype(np.float64) @ params[:24].reshape(6, 4).astype(np.float64) + params[24:]
+    predicted = logits.argmax(axis=1)
+    evaluation = model.evaluate(params, x, y)
+    assert evaluation.n == 300
+    assert evaluation.accuracy == np.mean(predicted == y)
+    recall = [np.mean(predicted[y == k] == k) if np.any(y == k) else np.nan for k in range(4)]
+    np.testing.assert_array_equal(evaluation.recall, recall)
+    assert evaluation.balanced_accuracy == pytest.approx(np.nanmean(recall))
+    assert evaluation.loss == pytest.approx(mean_cross_entropy(params.astype(np.float64), [6, 4], x, y))
+    assert model.loss(params, x, y) == evaluation.loss
+
+
+def test_balanced_accuracy_is_the_mean_recall_of_present_classes():
+    evaluation = Evaluation(0.1, 0.5, np.array([1.0, np.nan, 0.5]), 4)
+    assert evaluation.balanced_accuracy == 0.75
+
+
+# ---------------------------------------------------------------- init and construction
+def test_init_gives_fresh_float32_vectors():
+    lr, mlp = LogisticRegression(5, 3, init_scale=0.1), MLP(5, [7], 3)
+    for model in (lr, mlp):
+        a, b = model.init(np.random.default_rng(1)), model.init(np.random.default_rng(1))
+        assert a.dtype == np.float32 and a.shape == (model.n_params,) and a is not b
+        np.testing.assert_array_equal(a, b)
+    assert lr.n_params == 18 and mlp.n_params == 6 * 7 + 8 * 3
+    assert not LogisticRegression(5, 3).init(None).any()
+
+
+def test_mlp_init_bounds_and_zero_biases():
+    model = MLP(30, [40], 10)
+    params = model.init(np.random.default_rng(2))
+    hidden, hidden_bias = params[:1200], params[1200:1240]
+    output, output_bias = params[1240:1640], params[1640:]
+    he, glorot = math.sqrt(6 / 30), math.sqrt(6 / 50)
+    assert 0.9 * he < np.abs(hidden).max() <= he
+    assert 0.9 * glorot < np.abs(output).max() <= glorot
+    assert not hidden_bias.any() and not output_bias.any()
+
+
+def test_built_ins_follow_the_model_protocol():
+    assert isinstance(LogisticRegression(2, 2), Model)
+    assert isinstance(MLP(2, [3], 2), Model)
+
+
+def test_make_model_builds_by_name():
+    model = make_model("mlp", 4, 3, hidden=[8], backend="reference")
+    assert isinstance(model, MLP) and model.backend == "reference" and model.n_params == 67
+    model = make_model("logistic_regression", 4, 3, init_scale=0.5)
+    assert isinstance(model, LogisticRegression) and model.init_scale == 0.5
+
+
+@pytest.mark.parametrize("name, params, match", [
+    ("svm", {}, "logistic_regression"),
+    ("logistic_regression", {"hidden": [3]}, "init_scale"),
+    ("mlp", {}, "hidden"),
+])
+def test_make_model_errors_list_the_valid_choices(name, params, match):
+    with pytest.raises(FedkernValueError, match=match):
+        make_model(name, 4, 3, **params)
+
+
+# ---------------------------------------------------------------- errors
+@pytest.mark.parametrize("field, value, error", [
+    ("epochs", 0, FedkernValueError), ("epochs", 1.5, FedkernTypeError), ("batch_size", 0, FedkernValueError),
+    ("lr", 0.0, FedkernValueError), ("lr", math.inf, FedkernValueError), ("momentum", -0.1, FedkernValueError),
+    ("weight_decay", math.nan, FedkernValueError), ("mu", -1.0, FedkernValueError), ("mu", "0", FedkernTypeError),
+])
+def test_bad_config_fields_are_named(field, value, error):
+    with pytest.raises(error, match=field):
+        LocalTraining(**{field: value})
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: LogisticRegression(0, 2), "n_features"), (lambda: LogisticRegression(3, 1), "n_classes"),
+    (lambda: LogisticRegression(3, 2, init_scale=-1.0), "init_scale"),
+    (lambda: LogisticRegression(3, 2, backend="cython"), "backend"),
+    (lambda: MLP(3, [4, 0], 2), r"hidden\[1\]"), (lambda: MLP(3, 4, 2), "hidden"),
+])
+def test_bad_model_arguments(make, match):
+    with pytest.raises((FedkernValueError, FedkernTypeError), match=match):
+        make()
+
+
+def bad_inputs():
+    x, y = data(6, 3, 2)
+    params, delta = np.zeros(8, np.float32), np.zeros(8, np.float32)
+    read_only = delta.copy()
+    read_only.flags.writeable = False
+    cases = {
+        "params": [(np.zeros(7, np.float32), FedkernValueError), (np.zeros(8), FedkernTypeError), ([0.0] * 8, FedkernTypeError)],
+        "x": [(x[:, :2].copy(), FedkernValueError), (x.astype(np.float64), FedkernTypeError), (x[0], FedkernValueError),
+              (np.asfortranarray(np.zeros((6, 3), np.float32)), FedkernValueError)],
+        "y": [(y[:5], FedkernValueError), (y.astype(np.int64), FedkernTypeError), (np.full(6, 2, np.int32), FedkernValueError),
+              (np.full(6, -1, np.int32), FedkernValueError)],
+        "delta_out": [(np.zeros(9, np.float32), FedkernValueError), (np.zeros(8), FedkernTypeError),
+                      (read_only, FedkernValueError)],
+        "config": [({"lr": 0.1}, FedkernTypeError)],
+        "rng": [(0, FedkernTypeError)],
+    }
+    good = dict(params=params, x=x, y=y, config=LocalTraining(), rng=np.random.default_rng(0), delta_out=delta)
+    for name, values in cases.items():
+        for value, error in values:
+            yield pytest.param(name, {**good, name: value}, error, id=f"{name}-{len(str(value))}-{error.__name__}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name, arguments, error", list(bad_inputs()))
+def test_bad_train_inputs_raise_before_any_kernel(backend, name, arguments, error):
+    model = LogisticRegression(3, 2, backend=backend)
+    match = "y\\[0\\]" if name == "y" and isinstance(arguments["y"], np.ndarray) and arguments["y"].dtype == np.int32 \
+        and arguments["y"].shape == (6,) else name
+    with pytest.raises(error, match=match):
+        model.train(**arguments)
+    if name in ("params", "x", "y"):
+        with pytest.raises(error, match=match):
+            model.evaluate(arguments["params"], arguments["x"], arguments["y"])
