@@ -78,8 +78,27 @@ class RandomKernels(Protocol):
 
 
 #: family -> the Protocol its backend modules implement.
+class ModelsKernels(Protocol):
+    """The simulator's model training (``fedkern.sim.models``): a dense ReLU network with
+    layer widths ``sizes`` (no hidden layer: multinomial logistic regression)."""
+
+    def train(self, params: np.ndarray, sizes: np.ndarray, x: np.ndarray, y: np.ndarray, order: np.ndarray,
+              batch_size: int, lr: float, momentum: float, weight_decay: float, mu: float,
+              delta_out: np.ndarray) -> float:
+        """Minibatch SGD from params over the row order (epochs, n); delta_out = w_final - params;
+        returns the sum of the steps' mean batch losses."""
+
+    def evaluate(self, params: np.ndarray, sizes: np.ndarray, x: np.ndarray, y: np.ndarray,
+                 predictions: np.ndarray) -> float:
+        """Summed cross-entropy over the rows; predictions[i] = argmax of row i's logits."""
+
+
 CONTRACTS: dict[str, type] = {"aggregate": AggregateKernels, "optim": OptimKernels, "robust": RobustKernels,
-                              "random": RandomKernels}
+                              "random": RandomKernels, "models": ModelsKernels}
+
+#: Families the Cython backend does not build: the simulator's models train one client per
+#: call inside an executor's worker, where Numba's compiled loops (GIL released) suffice.
+NOT_IN_CYTHON = frozenset({"models"})
 
 
 def kernel_names(family: str) -> tuple[str, ...]:

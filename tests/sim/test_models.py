@@ -87,7 +87,7 @@ def test_gradient_matches_finite_differences(model):
     x, y = data(12, 4, 3, seed=3)
     params = model.init(np.random.default_rng(3))
     sizes = model._sizes
-    analytic = reference_kernels.gradient(params, sizes, x, y)
+    analytic = reference_kernels._gradient(params, sizes, x, y)
     numeric = finite_differences(lambda w: mean_cross_entropy(w, sizes, x, y), params.astype(np.float64))
     np.testing.assert_allclose(analytic, numeric, rtol=1e-5, atol=1e-7)
 
@@ -99,7 +99,7 @@ def test_one_full_batch_step_is_minus_lr_times_the_gradient(backend, kind):
     model = build(kind, 4, 3, backend)
     params = model.init(np.random.default_rng(4))
     delta, result = trained_delta(model, params, x, y, LocalTraining(batch_size=100, lr=0.01), 0)
-    expected = -0.01 * reference_kernels.gradient(params, model._sizes, x, y)
+    expected = -0.01 * reference_kernels._gradient(params, model._sizes, x, y)
     np.testing.assert_allclose(delta, expected, rtol=1e-3, atol=1e-8)
     assert result == TrainResult(pytest.approx(mean_cross_entropy(params.astype(np.float64), model._sizes, x, y)), 1)
 

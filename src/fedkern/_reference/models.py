@@ -51,7 +51,7 @@ def _backward(w, sizes, acts, dz):
     return grad
 
 
-def gradient(params, sizes, x, y):
+def _gradient(params, sizes, x, y):
     """d/dparams of the mean cross-entropy over all rows of x, float64 (test helper for
     the finite-difference check; not a kernel of the Numba backend)."""
     w = params.astype(np.float64)

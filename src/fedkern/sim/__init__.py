@@ -1,1 +1,23 @@
-"""fedkern.sim: the federated learning loop on fedkern kernels (DESIGN.md section 6)."""
+"""fedkern.sim: the federated learning loop on fedkern kernels (DESIGN.md section 6).
+
+Pieces, each usable alone inside another simulator:
+
+- :mod:`~fedkern.sim.data`: :class:`FederatedData` (one buffer, clients are slices);
+  generators and loaders live in :mod:`fedkern.datasets`
+- :mod:`~fedkern.sim.partition`: IID, Dirichlet label skew, shards, labels per client, quantity skew
+- :mod:`~fedkern.sim.models`: logistic regression and an MLP trained by Numba kernels
+- :mod:`~fedkern.sim.sampling`: client samplers
+- :mod:`~fedkern.sim.algorithms`: client sides (FedAvg's local SGD, FedProx)
+- :mod:`~fedkern.sim.rounds`: :class:`Simulation`, the round's stages and their settings
+- :mod:`~fedkern.sim.executors`: serial and thread executors (the same bits)
+- :mod:`~fedkern.sim.checkpoint`, :mod:`~fedkern.sim.history`, :mod:`~fedkern.sim.config`
+"""
+from .data import FederatedData, FederatedDataset
+from .executors import SerialExecutor, ThreadExecutor
+from .history import History
+from .models import MLP, Evaluation, LocalTraining, LogisticRegression, Model, TrainResult
+from .rounds import Aggregator, Attack, Dropout, Simulation, Stragglers
+
+__all__ = ["Aggregator", "Attack", "Dropout", "Evaluation", "FederatedData", "FederatedDataset", "History",
+           "LocalTraining", "LogisticRegression", "MLP", "Model", "SerialExecutor", "Simulation", "Stragglers",
+           "ThreadExecutor", "TrainResult"]

@@ -1,0 +1,108 @@
+r"""Running configs to an output directory, resuming them, and the built-in demo.
+
+This is what ``fedkern simulate`` calls. An output directory holds ``config.toml``
+(the resolved config), ``checkpoint.npz`` (the run's state, rewritten atomically),
+``history.json``, ``history.csv``, ``params.npy`` (the final global parameters) and,
+with matplotlib installed, ``learning_curves.png``.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from . import config as configs
+from .history import History
+from .rounds import Simulation
+
+CHECKPOINT = "checkpoint.npz"
+
+#: The built-in experiment of ``fedkern simulate`` without a config: (title, config).
+#: FedProx's Synthetic(1,1) protocol with 90% stragglers (FedAvg drops them, FedProx
+#: keeps their partial work), then digits with 20% sign-flipping clients under the mean
+#: and two robust rules.
+_FEDPROX = {"rounds": 200, "clients_per_round": 10, "local_epochs": 20, "batch_size": 10, "lr": 0.01,
+            "dataset": {"name": "fedprox_synthetic", "alpha": 1.0, "beta": 1.0, "n_clients": 30},
+            "stragglers": {"fraction": 0.9}}
+_DIGITS = {"rounds": 50, "clients_per_round": 20, "local_epochs": 1, "batch_size": 10, "lr": 0.05,
+           "dataset": {"name": "digits"}, "partition": {"name": "iid", "n_clients": 50},
+           "attack": {"name": "sign_flip", "fraction": 0.2}}
+DEMO: list[tuple[str, dict]] = [
+    ("FedAvg, Synthetic(1,1), 90% stragglers dropped", {**_FEDPROX, "stragglers": {"fraction": 0.9, "mode": "drop"}}),
+    ("FedProx mu=1, Synthetic(1,1), 90% stragglers", {**_FEDPROX, "algorithm": {"name": "fedprox", "mu": 1.0}}),
+    ("FedAvg mean, digits, 20% sign-flip", _DIGITS),
+    ("median, digits, 20% sign-flip", {**_DIGITS, "aggregator": {"name": "median"}}),
+    ("krum f=4, digits, 20% sign-flip", {**_DIGITS, "aggregator": {"name": "krum", "f": 4}}),
+]
+
+
+def _write_outputs(simulation: Simulation, settings: dict, directory: Path, title: str) -> None:
+    simulation.history.save(directory)
+    np.save(directory / "params.npy", simulation.params)
+    try:
+        simulation.history.plot(directory / "learning_curves.png", title=title)
+    except ImportError:
+        pass     # matplotlib is optional; the CLI says so once
+
+
+def run(config: dict, output: str | os.PathLike | None = None, *, title: str = "",
+        progress: Callable[[dict], None] | None = None) -> tuple[Simulation, dict]:
+    """Build and run one config; with ``output``, write the results and checkpoints there."""
+    simulation, settings = configs.build(config)
+    output = output or settings["output"] or None
+    try:
+        if output is None:
+            simulation.run(settings["rounds"], progress=progress)
+            return simulation, settings
+        directory = Path(output)
+        directory.mkdir(parents=True, exist_ok=True)
+        settings["output"] = str(directory)
+        (directory / "config.toml").write_text(configs.to_toml(settings))
+        simulation.run(settings["rounds"], checkpoint_path=directory / CHECKPOINT,
+                       checkpoint_every=settings["checkpoint_every"], progress=progress)
+        _write_outputs(simulation, settings, directory, title)
+        return simulation, settings
+    finally:
+        simulation.close()
+
+
+def saved_config(directory: str | os.PathLike) -> dict:
+    """The config of the run whose outputs are in ``directory``."""
+    path = Path(directory) / "config.toml"
+    if not path.is_file():
+        raise configs.ConfigError(f"--resume {str(directory)!r}: no config.toml there (not a fedkern output directory)")
+    return configs.read(path)
+
+
+def resume(directory: str | os.PathLike, *, progress: Callable[[dict], None] | None = None) -> tuple[Simulation, dict]:
+    """Continue the run saved in ``directory`` from its last checkpoint to its last round."""
+    directory = Path(directory)
+    simulation, settings = configs.build(saved_config(directory))
+    try:
+        if (directory / CHECKPOINT).is_file():
+            simulation.restore(directory / CHECKPOINT)
+        simulation.run(settings["rounds"], checkpoint_path=directory / CHECKPOINT,
+                       checkpoint_every=settings["checkpoint_every"], progress=progress)
+        _write_outputs(simulation, settings, directory, "")
+        return simulation, settings
+    finally:
+        simulation.close()
+
+
+def summary(rows: list[tuple[str, History, float]]) -> str:
+    """A table of finished runs: final test accuracy, balanced accuracy, rounds and seconds."""
+    width = max(len("run"), *(len(title) for title, _, _ in rows))
+    lines = [f"{'run':<{width}}  rounds  test acc  balanced acc  train loss  skipped  seconds"]
+    for title, history, seconds in rows:
+        skipped = int(np.nansum(history.column("skipped")))
+        lines.append(f"{title:<{width}}  {len(history):>6}  {_pct(history.last('test_accuracy')):>8}  "
+                     f"{_pct(history.last('balanced_accuracy')):>12}  {history.last('train_loss'):>10.4f}  "
+                     f"{skipped:>7}  {seconds:>7.2f}")
+    return "\n".join(lines)
+
+
+def _pct(value: float) -> str:
+    return "nan" if math.isnan(value) else f"{100 * value:.1f}%"

@@ -1,0 +1,538 @@
+r"""The round: sample, broadcast, train locally, attack, filter, aggregate, step, evaluate.
+
+:class:`Simulation` runs federated learning on a :class:`~fedkern.sim.data.FederatedDataset`
+with a :class:`~fedkern.sim.models.Model`, one round after another. Each round is a
+fixed pipeline of stages, each using fedkern's public ops:
+
+1. **sample**: the online clients with data are the candidates; a sampler picks
+   ``clients_per_round`` of them.
+2. **faults**: each selected client independently drops out (its update never arrives)
+   with probability ``dropout.rate``; a fraction ``stragglers.fraction`` straggles and
+   either trains fewer epochs (``"partial"``, FedProx's semantics: a random
+   1..E-1 epochs, as ``randint(1, E)`` in FedProx's code) or is dropped (``"drop"``, as
+   FedAvg in the FedProx paper).
+3. **broadcast and local training** on the executor: every arriving client trains
+   from the same read-only copy of the global model on its own slice of the data and
+   produces :math:`\Delta_i = w_i - w`. Byzantine clients train on flipped labels
+   (``label_flip``) or send an attack built from the honest updates
+   (:mod:`fedkern.attacks`).
+4. **fault detection**: updates holding NaN or infinity are rejected, and with
+   ``reject_norm_ratio = r`` so is every update whose norm exceeds r times the median
+   norm of the round's finite updates. Rejected updates are counted.
+5. **aggregate**: ``mean`` streams the deltas into float64 partial sums (an
+   :class:`fedkern.Accumulator`-style sum per chunk, see :mod:`fedkern.sim.executors`)
+   and never holds K x D; a robust rule (or an update attack, or the norm filter, which
+   need every row) fills a preallocated :class:`fedkern.UpdateMatrix`. With fewer than
+   ``dropout.quorum`` accepted updates the round is skipped and recorded as such.
+6. **server step** with any :class:`fedkern.ServerOptimizer` on the aggregate, then
+   **evaluate** the global model on the test data every ``eval_every`` rounds.
+
+Randomness: the model's initialisation, the Byzantine clients, each round's sampling and
+faults and each client's training draw from separate streams
+``SeedSequence(seed, spawn_key=(stream, round, client))``, so a run depends only on its
+seed, not on the executor, the thread count or a restart from a checkpoint.
+
+Examples
+--------
+>>> from fedkern import datasets, sim
+>>> data = datasets.fedprox_synthetic(1.0, 1.0, n_clients=10, seed=0)
+>>> model = sim.LogisticRegression(data.train.n_features, data.train.n_classes)
+>>> run = sim.Simulation(data, model, clients_per_round=5, local=sim.LocalTraining(epochs=2), seed=0)
+>>> history = run.run(rounds=3)
+>>> [record["round"] for record in history]
+[1, 2, 3]
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .. import _validate as check
+from .. import attacks as attack_rules
+from .. import aggregate, optim, robust
+from .._errors import FedkernValueError, NonFiniteError
+from ..buffers import UpdateMatrix
+from . import checkpoint
+from .algorithms import FedAvg
+from .data import FederatedDataset
+from .executors import SerialExecutor, chunks
+from .history import History
+from .models import LocalTraining, Model, TrainResult
+from .sampling import Uniform, online
+
+#: The first element of every random stream's spawn key.
+STREAM_INIT, STREAM_ROUND, STREAM_CLIENT = 0, 1, 2
+
+#: ``client_update(model, params, x, y, config, rng, delta_out) -> TrainResult``: a
+#: client's local work. The default is ``model.train``; pass your own to change it.
+ClientUpdate = Callable[[Model, np.ndarray, np.ndarray, np.ndarray, LocalTraining, np.random.Generator, np.ndarray],
+                        TrainResult]
+
+
+def stream(seed: int, *key: int) -> np.random.Generator:
+    """The generator of one random stream of a run, e.g. ``stream(seed, STREAM_CLIENT, round, client)``."""
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(seed, spawn_key=key)))
+
+
+def _train(model, params, x, y, config, rng, delta_out):
+    return model.train(params, x, y, config, rng, delta_out)
+
+
+# --------------------------------------------------------------------------- settings
+@dataclasses.dataclass(frozen=True)
+class Dropout:
+    """Clients whose update never arrives.
+
+    Parameters
+    ----------
+    rate : probability that a selected client drops out, in [0, 1)
+    quorum : the round is skipped (and recorded) when fewer updates are accepted
+    """
+
+    rate: float = 0.0
+    quorum: int = 1
+
+    def __post_init__(self):
+        check.real(self.rate, "dropout.rate", low=0.0, high=1.0, high_inclusive=False)
+        check.count(self.quorum, "dropout.quorum", low=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Stragglers:
+    """Clients that cannot finish their local epochs.
+
+    Parameters
+    ----------
+    fraction : probability that a selected client straggles, in [0, 1]
+    mode : ``"partial"`` (train a random 1..E-1 epochs and send that, as FedProx) or
+        ``"drop"`` (the update is discarded, as FedAvg in the FedProx paper)
+    """
+
+    fraction: float = 0.0
+    mode: str = "partial"
+
+    def __post_init__(self):
+        check.real(self.fraction, "stragglers.fraction", low=0.0, high=1.0)
+        if self.mode not in ("partial", "drop"):
+            raise FedkernValueError(f"stragglers.mode must be 'partial' or 'drop'; got {self.mode!r}")
+
+
+#: Attacks that replace a Byzantine client's update, by name (all in :mod:`fedkern.attacks`).
+UPDATE_ATTACKS = ("sign_flip", "ipm", "alie", "gaussian", "infinite")
+#: Attacks on the data: the Byzantine client trains honestly on labels c -> C - 1 - c.
+DATA_ATTACKS = ("label_flip",)
+
+
+@dataclasses.dataclass(frozen=True)
+class Attack:
+    """Byzantine clients: who they are and what they send.
+
+    Parameters
+    ----------
+    name : one of :data:`UPDATE_ATTACKS` (they see every honest update of the round, an
+        omniscient attacker, and send ``fedkern.attacks.<name>(honest, f, **params)``) or
+        ``"label_flip"``
+    fraction : the fraction of all clients that are Byzantine (drawn once per run) ...
+    clients : ... or their ids
+    params : the attack's parameters (e.g. ``tau`` for ``ipm``, ``z`` for ``alie``)
+    """
+
+    name: str
+    fraction: float = 0.0
+    clients: tuple[int, ...] = ()
+    params: dict = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.name not in UPDATE_ATTACKS + DATA_ATTACKS:
+            raise FedkernValueError(f"attack.name must be one of {UPDATE_ATTACKS + DATA_ATTACKS}; got {self.name!r}")
+        check.real(self.fraction, "attack.fraction", low=0.0, high=1.0)
+        if self.fraction and self.clients:
+            raise FedkernValueError("attack: give fraction or clients, not both")
+        if self.name == "label_flip" and self.params:
+            raise FedkernValueError(f"attack label_flip takes no parameters; got {sorted(self.params)}")
+
+    @property
+    def on_updates(self) -> bool:
+        return self.name in UPDATE_ATTACKS
+
+    def byzantine(self, n_clients: int, rng: np.random.Generator) -> np.ndarray:
+        """The run's Byzantine mask over all clients."""
+        mask = np.zeros(n_clients, bool)
+        if self.clients:
+            ids = np.asarray(self.clients)
+            if ids.min() < 0 or ids.max() >= n_clients:
+                raise FedkernValueError(f"attack.clients must be client ids in [0, {n_clients}); got {list(self.clients)}")
+            mask[ids] = True
+        else:
+            mask[rng.choice(n_clients, size=round(self.fraction * n_clients), replace=False)] = True
+        return mask
+
+    def forge(self, honest: Sequence[np.ndarray], f: int, rng: np.random.Generator) -> np.ndarray:
+        """The f malicious updates, built from the round's honest ones."""
+        params = dict(self.params, seed=rng) if self.name == "gaussian" else self.params
+        return getattr(attack_rules, self.name)(honest, f, **params)
+
+
+#: Rules that reduce the rows to one vector, by name (all public fedkern ops).
+RULES = ("mean", "median", "trimmed_mean", "meamed", "krum", "bulyan", "geometric_median", "centered_clipping")
+#: Pre-aggregation steps that map the rows to new rows before the rule.
+PRE_RULES = ("nearest_neighbor_mixing", "bucketing", "adaptive_clipping")
+_TAKE_F = ("meamed", "krum", "bulyan", "nearest_neighbor_mixing", "adaptive_clipping")
+
+
+class Aggregator:
+    """A fedkern rule by name, with its parameters, as the round's aggregation stage.
+
+    Parameters
+    ----------
+    name : one of :data:`RULES`; ``"mean"`` is the weighted mean (FedAvg)
+    weights : ``"size"`` (each client's number of training examples, FedAvg's n_k) or
+        ``"equal"``; used by ``mean`` and ``geometric_median``
+    pre : optional pre-aggregation, a dict with ``name`` (one of :data:`PRE_RULES`) and its
+        parameters; ``f`` is taken from the rule's when not given
+    **params : the rule's parameters (e.g. ``f=2`` for ``krum``, ``beta=0.1`` for
+        ``trimmed_mean``); ``centered_clipping`` is centred on the previous round's
+        aggregate
+
+    Examples
+    --------
+    >>> from fedkern.sim import Aggregator
+    >>> Aggregator("krum", f=1).validate(clients=5)
+    >>> Aggregator("krum", f=2).validate(clients=5)
+    Traceback (most recent call last):
+    ...
+    fedkern._errors.FedkernValueError: aggregator: krum needs at least 7 updates to tolerate f=2 Byzantine clients; got 5
+    """
+
+    def __init__(self, name: str = "mean", *, weights: str = "size", pre: dict | None = None, **params):
+        if name not in RULES:
+            raise FedkernValueError(f"aggregator.name must be one of {RULES}; got {name!r}")
+        if weights not in ("size", "equal"):
+            raise FedkernValueError(f"aggregator.weights must be 'size' or 'equal'; got {weights!r}")
+        self.name, self.weights, self.params = name, weights, params
+        self.pre = None
+        if pre is not None:
+            pre = dict(pre)
+            pre_name = pre.pop("name", None)
+            if pre_name not in PRE_RULES:
+                raise FedkernValueError(f"aggregator.pre.name must be one of {PRE_RULES}; got {pre_name!r}")
+            if pre_name in _TAKE_F and "f" not in pre:
+                if "f" not in params:
+                    raise FedkernValueError(f"aggregator.pre: {pre_name} needs f (give aggregator.f or pre.f)")
+                pre["f"] = params["f"]
+            self.pre = (pre_name, pre)
+
+    @property
+    def streaming(self) -> bool:
+        """True if the rule needs only a running sum (the plain weighted mean)."""
+        return self.name == "mean" and self.pre is None
+
+    def validate(self, clients: int) -> None:
+        """Raise now if the rule cannot run on ``clients`` updates (wrong parameters, K too small for f)."""
+        rows = np.zeros((clients, 2), np.float32)
+        try:
+            self(list(rows), np.ones(clients), np.zeros(2, np.float32), np.random.default_rng(0))
+        except (TypeError, ValueError) as err:
+            raise FedkernValueError(f"aggregator: {err}") from None
+
+    def __call__(self, rows: list[np.ndarray], weights: np.ndarray, previous: np.ndarray,
+                 rng: np.random.Generator) -> np.ndarray:
+        """Aggregate the accepted rows (weights: their data sizes) into one float32 vector."""
+        if self.pre is not None:
+            pre_name, pre_params = self.pre
+            seeded = dict(pre_params, seed=rng) if pre_name == "bucketing" else pre_params
+            rows = list(getattr(robust, pre_name)(rows, **seeded))
+            # pre-aggregated rows no longer belong to one client each
+            weights = np.ones(len(rows))
+        w = weights if self.weights == "size" else np.ones(len(rows))
+        if self.name == "mean":
+            return aggregate.weighted_mean(rows, w)
+        if self.name == "geometric_median":
+            return robust.geometric_median(rows, w, **self.params)
+        if self.name == "centered_clipping":
+            return robust.centered_clipping(rows, previous, **self.params)
+        return getattr(robust, self.name)(rows, **self.params)
+
+    def __repr__(self) -> str:
+        extra = "".join(f", {k}={v!r}" for k, v in self.params.items())
+        pre = f", pre={self.pre[0]!r}" if self.pre else ""
+        return f"Aggregator({self.name!r}, weights={self.weights!r}{pre}{extra})"
+
+
+# --------------------------------------------------------------------------- the run
+@dataclasses.dataclass
+class _Chunk:
+    """What training one chunk of the cohort returns to the round."""
+
+    partial: np.ndarray | None      # float64 weighted sum of the accepted deltas (streaming)
+    weight: float                   # their total weight
+    loss: np.ndarray                # each client's mean local loss (nan if it did not train)
+    steps: np.ndarray
+    accepted: np.ndarray            # bool, False for a rejected (non-finite) update
+
+
+class Simulation:
+    """Federated learning, one round after another, on fedkern's kernels.
+
+    Parameters
+    ----------
+    data : the federated dataset (``data.test`` is evaluated on all its rows)
+    model : a :class:`~fedkern.sim.models.Model` (built-in or your own)
+    clients_per_round : clients selected each round
+    local : the local training settings (epochs, batch size, learning rate, ...)
+    algorithm : client side, :class:`~fedkern.sim.algorithms.FedAvg` (default) or ``FedProx``
+    sampler : a :mod:`~fedkern.sim.sampling` sampler (default uniform)
+    availability : each client's probability of being online in a round (scalar or per client)
+    aggregator : an :class:`Aggregator` or a rule name (default ``"mean"``)
+    server_optimizer : a :class:`fedkern.ServerOptimizer` (default ``FedAvg(lr=1)``: w += mean delta)
+    attack, dropout, stragglers : faults (default none)
+    reject_norm_ratio : reject updates whose norm exceeds this multiple of the round's median
+    executor : a :mod:`~fedkern.sim.executors` executor (default serial)
+    client_update : replaces ``model.train`` as the clients' local work (see :data:`ClientUpdate`)
+    seed : the run's seed
+    eval_every : evaluate the test data every this many rounds (and after the last)
+    backend : fedkern backend for the aggregation kernels (None: the global choice)
+    """
+
+    def __init__(self, data: FederatedDataset, model: Model, *, clients_per_round: int,
+                 local: LocalTraining | None = None, algorithm: FedAvg | None = None, sampler=None,
+                 availability: float | np.ndarray = 1.0, aggregator: Aggregator | str = "mean",
+                 server_optimizer: optim.ServerOptimizer | None = None, attack: Attack | None = None,
+                 dropout: Dropout | None = None, stragglers: Stragglers | None = None,
+                 reject_norm_ratio: float | None = None, executor=None, client_update: ClientUpdate | None = None,
+                 seed: int = 0, eval_every: int = 1, backend: str | None = None):
+        if not isinstance(data, FederatedDataset):
+            raise check.FedkernTypeError(f"data must be a FederatedDataset; got {type(data).__name__}")
+        self.data, self.model = data, model
+        self.train_data = data.train
+        n_with_data = int(np.count_nonzero(self.train_data.sizes))
+        self.clients_per_round = check.count(clients_per_round, "clients_per_round", low=1, high=n_with_data,
+                                             why=f" (the number of clients with training data is {n_with_data})")
+        self.algorithm = algorithm or FedAvg()
+        self.local = self.algorithm.local(local or LocalTraining())
+        self.sampler = sampler or Uniform()
+        if hasattr(self.sampler, "validate"):
+            self.sampler.validate(self.clients_per_round)
+        self.availability = self._availability(availability)
+        self.aggregator = Aggregator(aggregator) if isinstance(aggregator, str) else aggregator
+        self.aggregator.validate(self.clients_per_round)
+        self.optimizer = server_optimizer or optim.FedAvg(lr=1.0)
+        self.attack, self.dropout, self.stragglers = attack, dropout or Dropout(), stragglers or Stragglers()
+        self.reject_norm_ratio = None if reject_norm_ratio is None else check.real(
+            reject_norm_ratio, "reject_norm_ratio", low=1.0)
+        self.executor = executor or SerialExecutor()
+        self.client_update = client_update or _train
+        self.seed = check.count(seed, "seed")
+        self.eval_every = check.count(eval_every, "eval_every", low=1)
+        self.backend = backend
+        self.needs_rows = (not self.aggregator.streaming or self.reject_norm_ratio is not None
+                           or (attack is not None and attack.on_updates))
+
+        self.params = np.ascontiguousarray(model.init(stream(self.seed, STREAM_INIT, 0)), np.float32)
+        if self.params.shape != (model.n_params,):
+            raise FedkernValueError(f"model.init returned shape {self.params.shape}; expected ({model.n_params},)")
+        self.byzantine = (attack.byzantine(self.train_data.n_clients, stream(self.seed, STREAM_INIT, 1))
+                          if attack else np.zeros(self.train_data.n_clients, bool))
+        self.previous = np.zeros_like(self.params)   # the last aggregate (centered clipping's centre)
+        self.round = 0
+        self.history = History()
+        self._matrix: UpdateMatrix | None = None
+        self._last_round = 0      # run() evaluates its last round whatever eval_every says
+        self._local_by_epochs = {self.local.epochs: self.local}
+        self.executor.start(self)
+
+    def _availability(self, availability):
+        n = self.train_data.n_clients
+        if np.ndim(availability) == 0:
+            return check.real(availability, "availability", low=0.0, low_inclusive=False, high=1.0)
+        values = np.asarray(availability, np.float64)
+        if values.shape != (n,) or not np.all((values >= 0) & (values <= 1)):
+            raise FedkernValueError(f"availability must be one probability or {n} probabilities in [0, 1]")
+        return values
+
+    # ------------------------------------------------------------------ stages
+    def _select(self, rng: np.random.Generator) -> np.ndarray:
+        sizes = self.train_data.sizes
+        candidates = online(rng, sizes, self.availability)
+        loss = None
+        if self.sampler.needs_loss:
+            def loss(ids):
+                return np.array([self.model.loss(self.params, *self.train_data.client(int(c))) for c in ids])
+        return np.sort(self.sampler.select(rng, self.clients_per_round, candidates, sizes, loss))
+
+    def _faults(self, rng: np.random.Generator, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(arrives, epochs, straggles) for the k selected clients, in one fixed order of draws."""
+        epochs = np.full(k, self.local.epochs)
+        drops = rng.random(k) < self.dropout.rate
+        straggles = (rng.random(k) < self.stragglers.fraction) & ~drops
+        partial_epochs = rng.integers(1, max(self.local.epochs, 2), size=k)
+        if self.stragglers.mode == "partial":
+            epochs[straggles] = partial_epochs[straggles]
+        else:
+            drops |= straggles
+        return ~drops, epochs, straggles
+
+    def _config(self, epochs: int) -> LocalTraining:
+        config = self._local_by_epochs.get(epochs)
+        if config is None:
+            config = self._local_by_epochs[epochs] = dataclasses.replace(self.local, epochs=int(epochs))
+        return config
+
+    def _train_chunk(self, positions: range, plan: dict) -> _Chunk:
+        """Train the clients at ``positions`` of the round's cohort (runs on an executor's worker)."""
+        clients, epochs, trains, flips, weights = (plan[k] for k in ("clients", "epochs", "trains", "flips", "weights"))
+        rows = plan["rows"]
+        n = len(positions)
+        loss, steps, accepted = np.full(n, math.nan), np.zeros(n, np.int64), np.ones(n, bool)
+        partial = None if rows is not None else np.zeros(self.params.shape[0])
+        delta = None if rows is not None else np.empty_like(self.params)
+        weight = 0.0
+        for j, p in enumerate(positions):
+            if not trains[p]:
+                continue
+            c = int(clients[p])
+            x, y = self.train_data.client(c)
+            if flips[p]:
+                y = (self.train_data.n_classes - 1) - y
+            out = rows[p] if rows is not None else delta
+            result = self.client_update(self.model, plan["params"], x, y, self._config(epochs[p]),
+                                        stream(self.seed, STREAM_CLIENT, plan["round"], c), out)
+            loss[j], steps[j] = result.loss, result.steps
+            if partial is not None:
+                try:
+                    aggregate.accumulate(partial, delta, weights[p], backend=self.backend)
+                    weight += weights[p]
+                except NonFiniteError:
+                    accepted[j] = False
+        return _Chunk(partial, weight, loss, steps, accepted)
+
+    def _rows(self, n: int) -> np.ndarray:
+        if self._matrix is None:
+            self._matrix = UpdateMatrix(self.clients_per_round, self.params.shape[0])
+        return self._matrix.array[:n]
+
+    def _screen(self, rows: np.ndarray) -> np.ndarray:
+        """Accepted rows: finite, and within reject_norm_ratio x the median norm if set."""
+        norms = aggregate.l2_norms(rows, dtype=np.float64, check_finite=False, backend=self.backend)
+        accepted = np.isfinite(norms)
+        if self.reject_norm_ratio is not None and accepted.any():
+            accepted &= norms <= self.reject_norm_ratio * np.median(norms[accepted])
+        return accepted
+
+    # ------------------------------------------------------------------ one round
+    def step(self) -> dict:
+        """Run the next round; return its history record (also appended to :attr:`history`)."""
+        start = time.perf_counter()
+        r = self.round + 1
+        rng = stream(self.seed, STREAM_ROUND, r)
+        selected = self._select(rng)
+        arrives, epochs, straggles = self._faults(rng, selected.size)
+        clients = selected[arrives]
+        n = clients.size
+        byzantine = self.byzantine[clients]
+        forged = byzantine & bool(self.attack and self.attack.on_updates)
+        sizes = self.train_data.sizes[clients].astype(np.float64)
+        plan = {"round": r, "clients": clients, "epochs": epochs[arrives], "trains": ~forged,
+                "flips": byzantine & bool(self.attack and not self.attack.on_updates), "weights": sizes,
+                "rows": self._rows(n) if self.needs_rows and n else None}
+        plan["params"] = broadcast = self.params.copy()
+        broadcast.flags.writeable = False     # no client can change what the others receive
+
+        results = list(self.executor.map(lambda positions: self._train_chunk(positions, plan), chunks(n))) if n else []
+        cat = (lambda name: np.concatenate([getattr(c, name) for c in results])) if results else (
+            lambda name: np.zeros(0))
+        loss, accepted = cat("loss"), cat("accepted").astype(bool)
+        delta = None
+        if plan["rows"] is not None:
+            rows = plan["rows"]
+            honest = [rows[i] for i in np.flatnonzero(~forged)]
+            if forged.any() and honest:
+                rows[forged] = self.attack.forge(honest, int(forged.sum()), rng)
+            accepted = self._screen(rows)
+            if accepted.sum() >= self.dropout.quorum:
+                kept = np.flatnonzero(accepted)
+                delta = self.aggregator([rows[i] for i in kept], sizes[kept], self.previous, rng)
+        elif accepted.sum() >= self.dropout.quorum:
+            total = np.zeros(self.params.shape[0])
+            for chunk in results:      # in chunk order: the same bits on every executor
+                aggregate.accumulate(total, chunk.partial, 1.0, check_finite=False, backend=self.backend)
+            delta = (total / sum(c.weight for c in results)).astype(np.float32)
+        if delta is not None:
+            self.optimizer.step(self.params, delta)
+            self.previous = np.asarray(delta, np.float32)
+        self.round = r
+        record = self._record(r, selected.size, n, straggles, accepted, forged, byzantine, loss, sizes, delta is None)
+        record["seconds"] = time.perf_counter() - start
+        self.history.append(record)
+        return record
+
+    def _record(self, r, n_selected, n_arrived, straggles, accepted, forged, byzantine, loss, sizes, skipped) -> dict:
+        trained = accepted & ~forged & np.isfinite(loss)
+        evaluation = self.evaluate() if (r % self.eval_every == 0 or r == self._last_round) else None
+        param_bytes = self.params.nbytes
+        return {
+            "round": r,
+            "train_loss": float(np.average(loss[trained], weights=sizes[trained])) if trained.any() else math.nan,
+            "test_loss": evaluation.loss if evaluation else math.nan,
+            "test_accuracy": evaluation.accuracy if evaluation else math.nan,
+            "balanced_accuracy": evaluation.balanced_accuracy if evaluation else math.nan,
+            "selected": int(n_selected), "arrived": int(n_arrived), "dropped": int(n_selected - n_arrived),
+            "stragglers": int(straggles.sum()), "rejected": int((~accepted).sum()),
+            "byzantine": int(byzantine.sum()), "skipped": bool(skipped),
+            "bytes_up": int(n_arrived * param_bytes), "bytes_down": int(n_selected * param_bytes),
+        }
+
+    def evaluate(self):
+        """The global model's :class:`~fedkern.sim.models.Evaluation` on all test rows."""
+        test = self.data.test
+        return self.model.evaluate(self.params, test.x, test.y)
+
+    # ------------------------------------------------------------------ many rounds
+    def run(self, rounds: int, *, checkpoint_path=None, checkpoint_every: int = 0,
+            progress: Callable[[dict], None] | None = None) -> History:
+        """Run until ``rounds`` rounds are done (counting rounds already run, e.g. before a resume).
+
+        With ``checkpoint_path``, a checkpoint is written atomically every
+        ``checkpoint_every`` rounds and after the last one; ``progress`` is called with
+        each round's record.
+        """
+        rounds = check.count(rounds, "rounds", low=0)
+        checkpoint_every = check.count(checkpoint_every, "checkpoint_every")
+        self._last_round = rounds
+        while self.round < rounds:
+            record = self.step()
+            if progress is not None:
+                progress(record)
+            if checkpoint_path is not None and (
+                    self.round == rounds or (checkpoint_every and self.round % checkpoint_every == 0)):
+                self.save(checkpoint_path)
+        return self.history
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, path) -> None:
+        """Write the run's state (parameters, optimizer state, round, history) atomically."""
+        arrays = {"params": self.params, "previous": self.previous}
+        arrays.update({f"optimizer.{name}": value for name, value in self.optimizer.state.items()})
+        meta = {"round": self.round, "optimizer_t": self.optimizer.t, "seed": self.seed,
+                "n_params": int(self.params.shape[0]), "history": self.history.records}
+        checkpoint.save(path, arrays, meta)
+
+    def restore(self, path) -> None:
+        """Continue from a checkpoint written by :meth:`save` for the same settings."""
+        arrays, meta = checkpoint.load(path)
+        if meta["seed"] != self.seed or meta["n_params"] != self.params.shape[0]:
+            raise FedkernValueError(f"checkpoint {str(path)!r} was written by a run with another seed or model")
+        self.params[...] = arrays["params"]
+        self.previous = arrays["previous"]
+        self.optimizer.state = {k.split(".", 1)[1]: v for k, v in arrays.items() if k.startswith("optimizer.")}
+        self.optimizer.t = meta["optimizer_t"]
+        self.round = meta["round"]
+        self.history = History(meta["history"])
+
+    def close(self) -> None:
+        """Release the executor's workers."""
+        self.executor.close()

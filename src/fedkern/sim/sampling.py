@@ -1,0 +1,125 @@
+r"""Client selection: which clients train in a round.
+
+A sampler picks ``m`` distinct clients out of the round's candidates (the clients with
+data that are online). Every sampler takes the round's :class:`numpy.random.Generator`,
+so a run's selections depend only on its seed and the round number.
+
+Examples
+--------
+>>> from fedkern.sim import sampling
+>>> rng = np.random.default_rng(0)
+>>> sizes = np.array([10, 0, 30, 5, 80])
+>>> candidates = sampling.online(rng, sizes, availability=1.0)
+>>> candidates                          # client 1 has no data, so it is never a candidate
+array([0, 2, 3, 4])
+>>> sampling.Uniform().select(rng, 2, candidates, sizes).shape
+(2,)
+"""
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import numpy as np
+
+from .._errors import FedkernValueError
+from .. import _validate as check
+
+#: ``loss(clients) -> losses``: the current global model's local loss on each client.
+LossFunction = Callable[[np.ndarray], np.ndarray]
+
+
+class Sampler(Protocol):
+    """What the round needs from a client sampler (implement it to plug in your own)."""
+
+    #: True if :meth:`select` needs ``loss`` (the round then passes it).
+    needs_loss: bool
+
+    def select(self, rng: np.random.Generator, m: int, candidates: np.ndarray, sizes: np.ndarray,
+               loss: LossFunction | None = None) -> np.ndarray:
+        """Return ``min(m, len(candidates))`` distinct client ids drawn from ``candidates``.
+
+        A sampler may also define ``validate(m)``, called once before the first round.
+        """
+
+
+def online(rng: np.random.Generator, sizes: np.ndarray, availability: float | np.ndarray = 1.0) -> np.ndarray:
+    """Ids of the clients with data that are online this round.
+
+    ``availability`` is each client's probability of being online (one number for all, or
+    one per client); each client's coin is drawn independently every round.
+    """
+    has_data = sizes > 0
+    if np.ndim(availability) == 0 and float(availability) >= 1.0:
+        return np.flatnonzero(has_data)
+    return np.flatnonzero(has_data & (rng.random(sizes.shape[0]) < availability))
+
+
+class Uniform:
+    """Uniformly at random without replacement (McMahan et al. 2017, FedAvg)."""
+
+    needs_loss = False
+
+    def select(self, rng, m, candidates, sizes, loss=None):
+        return rng.choice(candidates, size=min(m, candidates.size), replace=False)
+
+    def __repr__(self) -> str:
+        return "Uniform()"
+
+
+class BySize:
+    """Without replacement, with probability proportional to each client's data size.
+
+    As in Li et al. (2020, FedProx), who sample by the fraction of data each device holds.
+    """
+
+    needs_loss = False
+
+    def select(self, rng, m, candidates, sizes, loss=None):
+        return _by_size(rng, min(m, candidates.size), candidates, sizes)
+
+    def __repr__(self) -> str:
+        return "BySize()"
+
+
+def _by_size(rng, m, candidates, sizes):
+    p = sizes[candidates].astype(np.float64)
+    return rng.choice(candidates, size=m, replace=False, p=p / p.sum())
+
+
+class PowerOfChoice:
+    r"""Power-of-choice (Cho, Wang and Joshi, AISTATS 2022): bias selection to high loss.
+
+    Draws ``d`` candidates without replacement with probability proportional to data
+    size, evaluates the current global model's loss on each, and keeps the ``m`` with the
+    highest loss (:math:`d \ge m`; ``d = m`` is sampling by size).
+
+    Parameters
+    ----------
+    d : number of candidates whose loss is evaluated each round
+    """
+
+    needs_loss = True
+
+    def __init__(self, d: int):
+        self.d = check.count(d, "d", low=1)
+
+    def validate(self, m: int) -> None:
+        """Raise unless ``m`` clients per round can be kept out of ``d`` candidates."""
+        if self.d < m:
+            raise FedkernValueError(f"power_of_choice needs d >= clients_per_round; got d={self.d} < {m}")
+
+    def select(self, rng, m, candidates, sizes, loss=None):
+        if loss is None:
+            raise FedkernValueError("PowerOfChoice.select needs loss (the global model's loss on each client)")
+        self.validate(m)
+        drawn = _by_size(rng, min(self.d, candidates.size), candidates, sizes)
+        losses = np.asarray(loss(drawn), np.float64)
+        # stable sort on the negated loss: ties keep the draw order, so the choice is reproducible
+        return drawn[np.argsort(-losses, kind="stable")[: min(m, drawn.size)]]
+
+    def __repr__(self) -> str:
+        return f"PowerOfChoice(d={self.d})"
+
+
+#: Samplers by config name.
+SAMPLERS: dict[str, type] = {"uniform": Uniform, "by_size": BySize, "power_of_choice": PowerOfChoice}
