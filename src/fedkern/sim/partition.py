@@ -263,9 +263,9 @@ def label_quantity(labels, n_clients: int, labels_per_client: int, *, n_classes:
 
     Two documented departures, both where NIID-Bench fails: a class that no client draws
     (possible when n_clients < K) raises ``ValueError`` there; here its rows stay
-    unassigned (the partition then does not cover every row). For C == K NIID-Bench's code
-    splits only classes 0..9 (its K = 10 case); here every class is split among all
-    clients, which equals NIID-Bench whenever K = 10.
+    unassigned (the partition then does not cover every row). NIID-Bench special-cases
+    C = 10 and then splits only classes 0..9 among all clients; here C = K splits every
+    class among all clients, which is the same whenever K = 10.
 
     Examples
     --------
@@ -352,16 +352,15 @@ def quantity_skew(labels, n_clients: int, *, sigma: float | None = None, beta: f
         raise FedkernValueError("quantity_skew takes sigma (lognormal sizes) or beta (Dirichlet sizes), not both")
     min_size = count(min_size, "min_size", low=0, high=n_rows // n_clients,
                      why=f" (N / n_clients = {n_rows / n_clients:g} rows per client)")
-    rng = _rng(seed)
     if beta is not None:
         beta = real(beta, "beta", low=0, low_inclusive=False)
-        order = rng.permutation(n_rows)
-        sizes = _dirichlet_quantity(rng, n_rows, n_clients, beta, min_size)
     else:
         sigma = real(1.0 if sigma is None else sigma, "sigma", low=0)
-        order = rng.permutation(n_rows)
-        sizes = _lognormal_quantity(rng, n_rows, n_clients, sigma, min_size)
-    return _split(order, sizes)
+    rng = _rng(seed)
+    order = rng.permutation(n_rows)
+    if beta is not None:
+        return _split(order, _dirichlet_quantity(rng, n_rows, n_clients, beta, min_size))
+    return _split(order, _lognormal_quantity(rng, n_rows, n_clients, sigma, min_size))
 
 
 #: Partition schemes by name, for a run's configuration.
