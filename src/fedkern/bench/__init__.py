@@ -2,10 +2,12 @@
 
 The cases come from the op registry (:mod:`fedkern._registry`) at the sizes of a profile
 (:data:`PROFILES`); :mod:`.runner` times them, :mod:`.report` turns a run's JSON into the
-README's tables, and ``benchmarks/`` runs the same cases under pytest-benchmark.
+README's tables, and ``benchmarks/`` runs the same cases under pytest-benchmark. The
+``sim`` profile (:class:`SimSizes`) times the simulator's workloads instead
+(:mod:`fedkern.bench.sim`, imported when that profile runs).
 """
-from .cases import PROFILES, Case, Profile, cases
+from .cases import PROFILES, Case, Profile, SimSizes, cases
 from .runner import INSTALL_HINTS, cpu_name, installed, median_time, read_bandwidth, run, to_json
 
-__all__ = ["INSTALL_HINTS", "PROFILES", "Case", "Profile", "cases", "cpu_name", "installed", "median_time",
+__all__ = ["INSTALL_HINTS", "PROFILES", "Case", "Profile", "SimSizes", "cases", "cpu_name", "installed", "median_time",
            "read_bandwidth", "run", "to_json"]

@@ -1,7 +1,8 @@
 """The benchmark cases: every registry row at the sizes of a profile, in one table.
 
 ``PROFILES`` is the one list of profiles: ``fedkern bench`` takes its flags from it and
-``benchmarks/`` its sizes.
+``benchmarks/`` its sizes. A profile with :class:`SimSizes` times the simulator's
+workloads (:mod:`fedkern.bench.sim`) instead of the ops.
 """
 from __future__ import annotations
 
@@ -42,14 +43,43 @@ class Case:
 
 
 @dataclass(frozen=True)
+class SimSizes:
+    """Sizes of the simulator's workloads (:mod:`fedkern.bench.sim`); the defaults are the issue's.
+
+    FedProx's protocol (Li et al. 2020: Synthetic(1,1), 30 devices, 10 a round, 20 local
+    epochs) runs ``fedprox_rounds`` rounds per candidate and its numpy reference model
+    ``reference_rounds``; the cross-device run (``device_clients`` clients,
+    ``device_per_round`` a round, 1 epoch) ``device_rounds``, and with a no-op client
+    ``no_op_rounds``; the memory run builds ``scale_clients`` x ``scale_rows`` rows and
+    reads the RSS after each of ``scale_rounds``. Thread executors get ``workers`` threads.
+    """
+
+    fedprox_clients: int = 30
+    fedprox_per_round: int = 10
+    fedprox_epochs: int = 20
+    fedprox_rounds: int = 200
+    reference_rounds: int = 3
+    device_clients: int = 1000
+    device_per_round: int = 100
+    device_rounds: int = 30
+    no_op_rounds: int = 100
+    scale_clients: int = 100_000
+    scale_rows: int = 20
+    scale_per_round: int = 100
+    scale_rounds: tuple[int, int] = (10, 1000)
+    workers: int = 2
+
+
+@dataclass(frozen=True)
 class Profile:
-    """Sizes of a ``fedkern bench`` profile, per kind of op."""
+    """Sizes of a ``fedkern bench`` profile, per kind of op (or of the simulator's workloads)."""
 
     help: str
     matrices: tuple[tuple[int, int], ...] = ()  # (K, D) of the aggregation ops on K updates
     vectors: tuple[int, ...] = ()               # D of the ops on one vector (accumulate, optimizer steps)
     robust: tuple[tuple[int, int], ...] = ()    # (K, D) of the robust rules
     flwr: tuple[tuple[int, int], ...] = ()      # (K, D) of the Flower drop-in
+    sim: SimSizes | None = None                 # set: the profile runs the simulator's workloads
 
 
 _GRID = tuple((k, d) for k in (10, 100, 1000) for d in (100_000, 1_000_000, 10_000_000)
@@ -64,6 +94,8 @@ PROFILES: dict[str, Profile] = {
                       robust=((100, 1_000_000), (10, 10_000_000))),
     "flwr": Profile("fedkern.compat.flwr against Flower's own helpers, K in {10, 100} x D=1e6 (needs flwr; "
                     "Flower's Bulyan alone takes minutes)", flwr=((10, 1_000_000), (100, 1_000_000))),
+    "sim": Profile("the simulator: FedProx's protocol, cross-device rounds, the engine's overhead, first-round "
+                   "latency and memory at 100,000 clients (about three minutes)", sim=SimSizes()),
 }
 
 
