@@ -3,166 +3,79 @@
 One dense network covers both models: layer widths ``sizes = [F, h_1, ..., h_m, C]``
 (``m = 0`` is multinomial logistic regression), ReLU after each hidden layer, softmax
 cross-entropy on the output. The parameters are one flat float32 vector holding, layer
-after layer, ``W_l`` (``sizes[l] x sizes[l + 1]``, row-major) then ``b_l``.
+after layer, ``W_l`` (``sizes[l] x sizes[l + 1]``, row-major) then ``b_l``; the kernels
+copy them once per call into a float64 working vector with each ``W_l`` transposed to
+(out, in), so that every row W_l[j, :] is contiguous over the layer's inputs.
 
 Precision: parameters and inputs are read as float32 and every operation runs in
 float64 (the working copy of the weights, the momentum buffer, activations, gradients
 and sums), rounded to float32 once at the end. ``fedkern._reference.models`` does the
 same math in numpy, so the two backends differ only by float64 summation order.
+float32 scratch was not used: the loops below are bound by their count and overheads,
+not by the width of the data.
+
+Speed (a batch is tiny: 10 rows x 60 features in FedProx's protocols, so loop
+overheads, not arithmetic, decide):
+
+* every buffer is a flat 1-D array indexed by explicit arithmetic and allocated once
+  per call; no array view is made inside a loop, and the loop helpers are inlined
+  (``inline="always"``): views and calls between compiled functions update reference
+  counts with atomic operations;
+* indices are uint64: Numba maps a negative signed index to ``i + len``, and that select
+  makes the addresses non-affine, so LLVM then either keeps a loop scalar or uses
+  gathers and scatters. (uint64 mixed with int64 is float64 in Numba, and with an int
+  literal int64, so constants in index expressions are written ``np.uint64(c)``);
+* the backward loops are axpys over a layer's inputs, gW_l[j, :] += dz[b, j] a[b, :]
+  and da[b, :] += dz[b, j] W_l[j, :]: contiguous, one independent sum per element, so
+  LLVM vectorises them without reassociating anything;
+* the forward pass is a reduction per output, z[b, j] = a[b, :] . W_l[j, :], which
+  cannot vectorise without reassociation (no fastmath: results must not depend on
+  flags), so it runs in four interleaved partial sums;
+* the step is one fused contiguous loop over the parameters.
 
 The kernels are ``njit(cache=True, nogil=True)`` and serial: the simulator runs clients
 in parallel threads, one kernel call per client, so the GIL must be released but a
-parallel kernel would only fight for the cores. No fastmath: it would change results.
-Scratch is allocated once per call, outside the step loop. Labels are compared, never
-used as indices, so an out-of-range label cannot read out of bounds; the wrapper
-rejects them anyway.
+parallel kernel would only fight for the cores. Labels are compared, never used as
+indices, so an out-of-range label cannot read out of bounds; the wrapper rejects them
+anyway.
 """
 import numpy as np
 from numba import njit
 
 KERNEL = dict(cache=True, nogil=True)
+#: The loop helpers are inlined into the kernels: a call between compiled functions
+#: passes every array as a struct and updates its reference count (atomic operations).
+HELPER = dict(KERNEL, inline="always")
 
 
 @njit(**KERNEL)
-def _offsets(sizes):
-    """Start of each layer's ``W_l`` in the parameter vector; the last entry is n_params."""
-    layers = sizes.shape[0] - 1
-    offsets = np.empty(layers + 1, np.int64)
-    offsets[0] = 0
+def _offsets(dims):
+    """Start of each layer's ``W_l`` in the parameter vector (uint64); the last entry is
+    n_params. ``dims`` are the layer widths as uint64."""
+    layers = dims.shape[0] - 1
+    offsets = np.zeros(layers + 1, np.uint64)
     for l in range(layers):
-        offsets[l + 1] = offsets[l] + (sizes[l] + 1) * sizes[l + 1]
+        offsets[l + 1] = offsets[l] + (dims[l] + np.uint64(1)) * dims[l + 1]
     return offsets
 
 
 @njit(**KERNEL)
-def _columns(sizes):
-    """First column of each layer's activations in the (batch, sum(sizes)) scratch."""
-    columns = np.empty(sizes.shape[0] + 1, np.int64)
-    columns[0] = 0
-    for l in range(sizes.shape[0]):
-        columns[l + 1] = columns[l] + sizes[l]
-    return columns
+def _blocks(dims, batch):
+    """Start of each layer's (batch, dims[l]) activation block in the flat scratch
+    ``acts`` (uint64): row b of layer l starts at blocks[l] + b dims[l]. The last entry
+    is the scratch's length."""
+    blocks = np.zeros(dims.shape[0] + 1, np.uint64)
+    for l in range(dims.shape[0]):
+        blocks[l + 1] = blocks[l] + batch * dims[l]
+    return blocks
 
 
 @njit(**KERNEL)
-def _dot(a, w):
-    """sum_k a[k] w[k] in four interleaved partial sums (k = 4i + lane), combined as
-    (s0 + s1) + (s2 + s3), then the tail: four independent chains instead of one."""
-    n = a.shape[0]
-    n4 = n - n % 4
-    s0 = 0.0
-    s1 = 0.0
-    s2 = 0.0
-    s3 = 0.0
-    for k in range(0, n4, 4):
-        s0 += a[k] * w[k]
-        s1 += a[k + 1] * w[k + 1]
-        s2 += a[k + 2] * w[k + 2]
-        s3 += a[k + 3] * w[k + 3]
-    s = (s0 + s1) + (s2 + s3)
-    for k in range(n4, n):
-        s += a[k] * w[k]
-    return s
-
-
-@njit(**KERNEL)
-def _layer(w, offsets, sizes, l):
-    """Layer l's weights as an (out, in) matrix (the kernels' transposed layout) and bias."""
-    n_in = sizes[l]
-    n_out = sizes[l + 1]
-    p = offsets[l]
-    return w[p:p + n_out * n_in].reshape(n_out, n_in), w[p + n_out * n_in:offsets[l + 1]]
-
-
-@njit(**KERNEL)
-def _forward(w, sizes, offsets, columns, acts, nb):
-    """Fill the activations of rows 0..nb-1 of ``acts`` from the input columns.
-
-    Layer l: z_j = dot(a_{l-1}, W_l[:, j]) + b_j; ReLU on hidden layers; the output
-    layer keeps the logits.
-    """
-    layers = sizes.shape[0] - 1
-    for l in range(layers):
-        weights, bias = _layer(w, offsets, sizes, l)
-        for b in range(nb):
-            a = acts[b, columns[l]:columns[l + 1]]
-            z = acts[b, columns[l + 1]:columns[l + 2]]
-            for j in range(sizes[l + 1]):
-                z[j] = _dot(a, weights[j]) + bias[j]
-                if l < layers - 1:
-                    z[j] = max(z[j], 0.0)
-
-
-@njit(**KERNEL)
-def _softmax_rows(acts, c_out, y, rows, start, nb, scale, dz):
-    """Cross-entropy of rows 0..nb-1 of the logits ``acts[:, c_out:]`` (summed, float64),
-    whose labels are y[rows[start + b]], and, if ``scale`` is not 0,
-    dz = scale * (softmax - onehot).
-
-    Stable: loss = log(s) - (z_y - m) with m = max_j z_j and s = sum_j exp(z_j - m).
-    """
-    total = 0.0
-    n_out = acts.shape[1] - c_out
-    for b in range(nb):
-        label = y[rows[start + b]]
-        m = acts[b, c_out]
-        for j in range(1, n_out):
-            m = max(m, acts[b, c_out + j])
-        s = 0.0
-        for j in range(n_out):
-            e = np.exp(acts[b, c_out + j] - m)
-            dz[b, j] = e
-            s += e
-        total += np.log(s) - (acts[b, c_out + label] - m)
-        if scale != 0.0:
-            for j in range(n_out):
-                dz[b, j] = scale * (dz[b, j] / s - (1.0 if j == label else 0.0))
-    return total
-
-
-@njit(**KERNEL)
-def _backward(w, sizes, offsets, columns, acts, nb, dz, da, grad):
-    """grad = d(mean loss)/dw of the batch, given dz = d loss / d logits (already / nb).
-
-    gW_l[:, j] = sum_b dz[b, j] a_{l-1}[b] and gb_l[j] = sum_b dz[b, j] (b in order);
-    then da[b] = sum_j dz[b, j] W_l[:, j] (j in order) and dz = da * (a_{l-1} > 0) for
-    the layer below (ReLU). Every inner loop is a contiguous axpy over the layer's inputs.
-    """
-    grad[:] = 0.0
-    for l in range(sizes.shape[0] - 2, -1, -1):
-        weights, _ = _layer(w, offsets, sizes, l)
-        g_weights, g_bias = _layer(grad, offsets, sizes, l)
-        n_in = sizes[l]
-        for b in range(nb):
-            a = acts[b, columns[l]:columns[l + 1]]
-            for j in range(sizes[l + 1]):
-                d = dz[b, j]
-                g = g_weights[j]
-                for k in range(n_in):
-                    g[k] += d * a[k]
-                g_bias[j] += d
-        if l > 0:
-            for b in range(nb):
-                a = acts[b, columns[l]:columns[l + 1]]
-                below = da[b, :n_in]
-                below[:] = 0.0
-                for j in range(sizes[l + 1]):
-                    d = dz[b, j]
-                    row = weights[j]
-                    for k in range(n_in):
-                        below[k] += d * row[k]
-                for k in range(n_in):
-                    if a[k] <= 0.0:
-                        below[k] = 0.0
-            dz, da = da, dz
-
-
-@njit(**KERNEL)
-def _to_kernel_layout(params, sizes, offsets, w):
+def _to_kernel_layout(params, dims, offsets, w):
     """w (float64) = params with each W_l transposed to (out, in); biases as they are."""
-    for l in range(sizes.shape[0] - 1):
-        n_in = sizes[l]
-        n_out = sizes[l + 1]
+    for l in range(dims.shape[0] - 1):
+        n_in = dims[l]
+        n_out = dims[l + 1]
         p = offsets[l]
         for k in range(n_in):
             for j in range(n_out):
@@ -172,11 +85,12 @@ def _to_kernel_layout(params, sizes, offsets, w):
 
 
 @njit(**KERNEL)
-def _from_kernel_layout(w, sizes, offsets, params):
-    """The inverse of :func:`_to_kernel_layout`: params = w with each W_l back to (in, out)."""
-    for l in range(sizes.shape[0] - 1):
-        n_in = sizes[l]
-        n_out = sizes[l + 1]
+def _from_kernel_layout(w, dims, offsets, params):
+    """The inverse of :func:`_to_kernel_layout`, rounding: params = float32(w) with each
+    W_l back to (in, out)."""
+    for l in range(dims.shape[0] - 1):
+        n_in = dims[l]
+        n_out = dims[l + 1]
         p = offsets[l]
         for k in range(n_in):
             for j in range(n_out):
@@ -185,13 +99,151 @@ def _from_kernel_layout(w, sizes, offsets, params):
             params[i] = w[i]
 
 
-@njit(**KERNEL)
-def _gather(x, order, start, nb, acts):
-    """Input columns of ``acts`` = the batch's rows of x, in float64."""
+@njit(**HELPER)
+def _gather(x, rows, start, nb, acts):
+    """Input block of ``acts`` = the rows rows[start:start + nb] of x, in float64."""
+    n_features = np.uint64(x.shape[1])
     for b in range(nb):
-        row = x[order[start + b]]
-        for f in range(x.shape[1]):
-            acts[b, f] = row[f]
+        row = rows[start + b]
+        for f in range(n_features):
+            acts[b * n_features + f] = x[row, f]
+
+
+@njit(**HELPER)
+def _dot(u, pu, v, pv, n):
+    """sum_k u[pu + k] v[pv + k] in four interleaved partial sums (k = 4i + lane),
+    combined as (s0 + s1) + (s2 + s3), then the tail: four independent chains instead
+    of one (a reduction does not vectorise without fastmath)."""
+    n4 = n - n % np.uint64(4)
+    s0 = 0.0
+    s1 = 0.0
+    s2 = 0.0
+    s3 = 0.0
+    for i in range(np.uint64(0), n4, np.uint64(4)):
+        s0 += u[pu + i] * v[pv + i]
+        s1 += u[pu + i + np.uint64(1)] * v[pv + i + np.uint64(1)]
+        s2 += u[pu + i + np.uint64(2)] * v[pv + i + np.uint64(2)]
+        s3 += u[pu + i + np.uint64(3)] * v[pv + i + np.uint64(3)]
+    s = (s0 + s1) + (s2 + s3)
+    for k in range(n4, n):
+        s += u[pu + k] * v[pv + k]
+    return s
+
+
+@njit(**HELPER)
+def _dense(w, pw, n_in, n_out, acts, src, dst, nb, relu):
+    """One layer for rows 0..nb-1: z[b, j] = dot(a[b], W_l[:, j]) + b_j, then max(z, 0)
+    if ``relu``. a is acts[src:] and z acts[dst:], both (nb, width) row-major; W_l is
+    (out, in) at w[pw] and b_l follows it."""
+    pb = pw + n_in * n_out
+    for b in range(nb):
+        for j in range(n_out):
+            z = _dot(acts, src + b * n_in, w, pw + j * n_in, n_in) + w[pb + j]
+            acts[dst + b * n_out + j] = max(z, 0.0) if relu else z
+
+
+@njit(**HELPER)
+def _forward(w, dims, offsets, blocks, acts, nb):
+    """Fill the activation blocks of rows 0..nb-1 from the input block; the last block
+    holds the logits (no ReLU)."""
+    layers = dims.shape[0] - 1
+    for l in range(layers):
+        _dense(w, offsets[l], dims[l], dims[l + 1], acts, blocks[l], blocks[l + 1], nb, l < layers - 1)
+
+
+@njit(**HELPER)
+def _softmax_rows(acts, src, n_out, y, rows, start, nb, scale, dz):
+    """Cross-entropy of rows 0..nb-1 of the logits block acts[src:] (summed, float64),
+    whose labels are y[rows[start + b]], and, if ``scale`` is not 0,
+    dz[b, :] = scale (softmax - onehot) as an (nb, n_out) block.
+
+    Stable: loss = log(s) - (z_y - m) with m = max_j z_j and s = sum_j exp(z_j - m).
+    """
+    total = 0.0
+    for b in range(nb):
+        label = y[rows[start + b]]
+        z = src + b * n_out
+        d = b * n_out
+        m = acts[z]
+        for j in range(n_out):
+            m = max(m, acts[z + j])
+        s = 0.0
+        z_label = 0.0
+        for j in range(n_out):
+            shifted = acts[z + j] - m
+            if j == label:
+                z_label = shifted
+            e = np.exp(shifted)
+            dz[d + j] = e
+            s += e
+        total += np.log(s) - z_label
+        if scale != 0.0:
+            # one division per row; dz[d + label] gets its -scale below
+            ratio = scale / s
+            for j in range(n_out):
+                dz[d + j] *= ratio
+            for j in range(n_out):
+                if j == label:
+                    dz[d + j] -= scale
+    return total
+
+
+@njit(**HELPER)
+def _layer_gradient(pw, n_in, n_out, acts, src, nb, dz, grad):
+    """gW_l[j, :] = sum_b dz[b, j] a[b, :] and gb_l[j] = sum_b dz[b, j] (b in order), into
+    grad at W_l's offset pw ((out, in) layout); a is the (nb, n_in) block acts[src:]."""
+    pb = pw + n_in * n_out
+    for i in range(pw, pb + n_out):
+        grad[i] = 0.0
+    for b in range(nb):
+        a = src + b * n_in
+        for j in range(n_out):
+            d = dz[b * n_out + j]
+            g = pw + j * n_in
+            # an axpy over the layer's inputs: contiguous, independent, vectorised
+            for k in range(n_in):
+                grad[g + k] += d * acts[a + k]
+            grad[pb + j] += d
+
+
+@njit(**HELPER)
+def _backprop(w, pw, n_in, n_out, acts, src, nb, dz, da):
+    """da[b, :] = (sum_j dz[b, j] W_l[j, :]) * (a[b, :] > 0) (j in order): the gradient at
+    the ReLU output a (the (nb, n_in) block acts[src:]) that fed layer l."""
+    for b in range(nb):
+        below = b * n_in
+        for k in range(n_in):
+            da[below + k] = 0.0
+        for j in range(n_out):
+            d = dz[b * n_out + j]
+            row = pw + j * n_in
+            for k in range(n_in):
+                da[below + k] += d * w[row + k]
+        for k in range(n_in):
+            if acts[src + below + k] <= 0.0:
+                da[below + k] = 0.0
+
+
+@njit(**HELPER)
+def _backward(w, dims, offsets, blocks, acts, nb, dz, da, grad):
+    """grad = d(mean loss)/dw of the batch, given dz = d loss / d logits (already / nb),
+    layer by layer from the top; the two scratch buffers swap roles at each layer."""
+    for l in range(dims.shape[0] - 2, -1, -1):
+        _layer_gradient(offsets[l], dims[l], dims[l + 1], acts, blocks[l], nb, dz, grad)
+        if l > 0:
+            _backprop(w, offsets[l], dims[l], dims[l + 1], acts, blocks[l], nb, dz, da)
+            dz, da = da, dz
+
+
+@njit(**HELPER)
+def _step(w, grad, velocity, start_w, lr, momentum, weight_decay, mu):
+    """One SGD step on every parameter, one fused contiguous loop:
+    g += weight_decay w + mu (w - start_w); v = momentum v + g; w -= lr v."""
+    for i in range(w.shape[0]):
+        g = grad[i] + weight_decay * w[i] + mu * (w[i] - start_w[i])
+        v = momentum * velocity[i] + g
+        velocity[i] = v
+        w[i] -= lr * v
 
 
 @njit(**KERNEL)
@@ -203,34 +255,34 @@ def train(params, sizes, x, y, order, batch_size, lr, momentum, weight_decay, mu
     the last one smaller when batch_size does not divide n. Each step, with g the batch
     mean gradient: g += weight_decay w + mu (w - params); v = momentum v + g; w -= lr v.
     """
-    n = x.shape[0]
-    offsets = _offsets(sizes)
-    columns = _columns(sizes)
+    dims = sizes.astype(np.uint64)
+    n = np.uint64(x.shape[0])
+    batch = min(np.uint64(batch_size), n)
+    offsets = _offsets(dims)
+    blocks = _blocks(dims, batch)
     n_params = offsets[-1]
-    widest = sizes[1:].max()
-    batch = min(batch_size, n)
-    acts = np.empty((batch, columns[-1]), np.float64)
-    dz = np.empty((batch, widest), np.float64)
-    da = np.empty((batch, widest), np.float64)
+    widest = dims[1:].max()
+    acts = np.empty(blocks[-1], np.float64)
+    dz = np.empty(batch * widest, np.float64)
+    da = np.empty(batch * widest, np.float64)
     grad = np.empty(n_params, np.float64)
     velocity = np.zeros(n_params, np.float64)
     start_w = np.empty(n_params, np.float64)
-    _to_kernel_layout(params, sizes, offsets, start_w)
+    _to_kernel_layout(params, dims, offsets, start_w)
     w = start_w.copy()
-    c_out = columns[-2]
+    logits = blocks[-2]
+    n_out = dims[-1]
     total = 0.0
     for e in range(order.shape[0]):
-        for start in range(0, n, batch):
+        rows = order[e]
+        for start in range(np.uint64(0), n, batch):
             nb = min(batch, n - start)
-            _gather(x, order[e], start, nb, acts)
-            _forward(w, sizes, offsets, columns, acts, nb)
-            total += _softmax_rows(acts, c_out, y, order[e], start, nb, 1.0 / nb, dz) / nb
-            _backward(w, sizes, offsets, columns, acts, nb, dz, da, grad)
-            for i in range(n_params):
-                g = grad[i] + weight_decay * w[i] + mu * (w[i] - start_w[i])
-                velocity[i] = momentum * velocity[i] + g
-                w[i] -= lr * velocity[i]
-    _from_kernel_layout(w, sizes, offsets, grad)
+            _gather(x, rows, start, nb, acts)
+            _forward(w, dims, offsets, blocks, acts, nb)
+            total += _softmax_rows(acts, logits, n_out, y, rows, start, nb, 1.0 / nb, dz) / nb
+            _backward(w, dims, offsets, blocks, acts, nb, dz, da, grad)
+            _step(w, grad, velocity, start_w, lr, momentum, weight_decay, mu)
+    _from_kernel_layout(w, dims, offsets, grad)
     for i in range(n_params):
         delta_out[i] = np.float32(grad[i]) - params[i]
     return total
@@ -240,27 +292,29 @@ def train(params, sizes, x, y, order, batch_size, lr, momentum, weight_decay, mu
 def evaluate(params, sizes, x, y, predictions):
     """Sum over rows of the cross-entropy; predictions[i] = argmax of row i's logits
     (the first maximum on ties). Rows go through in blocks of 256 to bound the scratch."""
-    n = x.shape[0]
-    offsets = _offsets(sizes)
-    columns = _columns(sizes)
-    block = min(256, n)
-    acts = np.empty((block, columns[-1]), np.float64)
-    scratch = np.empty((block, sizes[-1]), np.float64)
+    dims = sizes.astype(np.uint64)
+    n = np.uint64(x.shape[0])
+    block = min(np.uint64(256), n)
+    offsets = _offsets(dims)
+    blocks = _blocks(dims, block)
+    acts = np.empty(blocks[-1], np.float64)
+    n_out = dims[-1]
+    scratch = np.empty(block * n_out, np.float64)
     w = np.empty(offsets[-1], np.float64)
-    _to_kernel_layout(params, sizes, offsets, w)
-    c_out = columns[-2]
-    n_out = sizes[-1]
-    identity = np.arange(n)
+    _to_kernel_layout(params, dims, offsets, w)
+    logits = blocks[-2]
+    identity = np.arange(x.shape[0])
     total = 0.0
-    for start in range(0, n, block):
+    for start in range(np.uint64(0), n, block):
         nb = min(block, n - start)
         _gather(x, identity, start, nb, acts)
-        _forward(w, sizes, offsets, columns, acts, nb)
-        total += _softmax_rows(acts, c_out, y, identity, start, nb, 0.0, scratch)
+        _forward(w, dims, offsets, blocks, acts, nb)
+        total += _softmax_rows(acts, logits, n_out, y, identity, start, nb, 0.0, scratch)
         for b in range(nb):
-            best = 0
-            for j in range(1, n_out):
-                if acts[b, c_out + j] > acts[b, c_out + best]:
+            z = logits + b * n_out
+            best = np.uint64(0)
+            for j in range(n_out):
+                if acts[z + j] > acts[z + best]:
                     best = j
             predictions[start + b] = best
     return total
