@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from fedkern import bench, cli
+from fedkern._errors import FedkernTypeError, FedkernValueError
 from fedkern.bench import SimSizes
 from fedkern.bench import sim as simbench
 
@@ -128,6 +129,28 @@ def test_first_round_runs_in_a_new_process():
     assert len(parts) == 3 and all(part >= 0 for part in parts)
     assert sum(parts) == pytest.approx(total)
     assert rows["launch -> round 1 done without data generation"]["value"] == pytest.approx(total - parts[1])
+
+
+def test_a_failing_first_round_process_says_why(monkeypatch):
+    monkeypatch.setattr(simbench, "_FIRST_ROUND", "import sys; sys.exit('no luck')")
+    with pytest.raises(RuntimeError, match=r"\(exit 1\):\nno luck"):
+        simbench.first_round(TINY)
+
+
+def test_sizes_are_validated():
+    with pytest.raises(FedkernValueError, match="device_rounds must be >= 1"):
+        SimSizes(device_rounds=0)
+    with pytest.raises(FedkernTypeError, match="workers must be an integer"):
+        SimSizes(workers=2.0)
+    with pytest.raises(FedkernValueError, match="scale_rounds must be two round counts"):
+        SimSizes(scale_rounds=(10, 10))
+    assert SimSizes(reference_rounds=0).reference_rounds == 0
+
+
+def test_without_reference_rounds_no_reference_is_timed():
+    sizes = SimSizes(**{**TINY.__dict__, "reference_rounds": 0})
+    rows = simbench.cross_device(sizes, simbench.device_data(sizes))
+    assert not any("reference" in row["candidate"] for row in rows)
 
 
 def test_table_aligns_columns_and_marks_verdicts():

@@ -7,12 +7,14 @@ workloads (:mod:`fedkern.bench.sim`) instead of the ops.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 
 from .. import _registry
+from .._errors import FedkernValueError
 from .._registry import OpSpec
+from .._validate import count
 
 #: Largest K x D float32 matrix the full grid builds (larger cells of the grid are skipped).
 FULL_GRID_BYTES = 8 << 30
@@ -68,6 +70,14 @@ class SimSizes:
     scale_per_round: int = 100
     scale_rounds: tuple[int, int] = (10, 1000)
     workers: int = 2
+
+    def __post_init__(self) -> None:
+        for field in fields(self):
+            if field.name != "scale_rounds":    # reference_rounds = 0 skips the reference model
+                count(getattr(self, field.name), field.name, low=0 if field.name == "reference_rounds" else 1)
+        early, late = self.scale_rounds
+        if not 1 <= early < late:
+            raise FedkernValueError(f"scale_rounds must be two round counts 1 <= early < late; got {self.scale_rounds}")
 
 
 @dataclass(frozen=True)

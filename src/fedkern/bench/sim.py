@@ -280,8 +280,9 @@ def _first_round_process(sizes: SimSizes) -> tuple[float, float, float, float]:
     package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
     launch = time.time()     # wall clock: the only clock two processes share by definition
-    done = subprocess.run([sys.executable, "-c", _FIRST_ROUND, settings], check=True, capture_output=True,
-                          text=True, env=env)
+    done = subprocess.run([sys.executable, "-c", _FIRST_ROUND, settings], capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"the first-round process failed (exit {done.returncode}):\n{done.stderr}")
     return (launch, *json.loads(done.stdout.strip().splitlines()[-1]))
 
 
@@ -397,6 +398,28 @@ def _figure(value: float | None) -> str:
     if abs(value) < 1:
         return f"{value:.3g}"
     return f"{value:,.{0 if abs(value) >= 100 else 1 if abs(value) >= 10 else 2}f}"
+
+
+def markdown(result: dict) -> str:
+    """A ``--sim --json`` run as a Markdown table, for the README (``python -m fedkern.bench.report``).
+
+    Examples
+    --------
+    >>> from fedkern.bench import sim
+    >>> run = dict(processor="a CPU", threads=2, results=[sim.row("w", "c", 4.2, "s", "< 5 s", True)])
+    >>> print(sim.markdown(run))
+    a CPU, 2 threads.
+    <BLANKLINE>
+    | workload | candidate | figure | target |
+    |---|---|---|---|
+    | w | c | 4.20 s | < 5 s (met) |
+    """
+    lines = ["| workload | candidate | figure | target |", "|---|---|---|---|"]
+    for r in result["results"]:
+        verdict = {True: " (met)", False: " (missed)", None: ""}[r["met"]]
+        lines.append(f"| {r['workload']} | {r['candidate'].strip()} | {_figure(r['value'])} {r['unit']} | "
+                     f"{r['target'] or ''}{verdict} |")
+    return f"{result['processor']}, {result['threads']} threads.\n\n" + "\n".join(lines)
 
 
 def table(rows: list[dict]) -> str:
