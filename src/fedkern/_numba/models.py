@@ -30,7 +30,8 @@ overheads, not arithmetic, decide):
   LLVM vectorises them without reassociating anything;
 * the forward pass is a reduction per output, z[b, j] = a[b, :] . W_l[j, :], which
   cannot vectorise without reassociation (no fastmath: results must not depend on
-  flags), so it runs in four interleaved partial sums;
+  flags), so it runs in four interleaved partial sums, two outputs per loop for more
+  independent chains;
 * the step is one fused contiguous loop over the parameters.
 
 The kernels are ``njit(cache=True, nogil=True)`` and serial: the simulator runs clients
@@ -131,15 +132,60 @@ def _dot(u, pu, v, pv, n):
 
 
 @njit(**HELPER)
+def _dot2(u, pu, v, pv, pv2, n):
+    """(u . v[pv:], u . v[pv2:]) over n entries, each summed exactly as :func:`_dot` does,
+    in one loop: eight independent chains instead of four, and u read once."""
+    n4 = n - n % np.uint64(4)
+    s0 = 0.0
+    s1 = 0.0
+    s2 = 0.0
+    s3 = 0.0
+    t0 = 0.0
+    t1 = 0.0
+    t2 = 0.0
+    t3 = 0.0
+    for i in range(np.uint64(0), n4, np.uint64(4)):
+        u0 = u[pu + i]
+        u1 = u[pu + i + np.uint64(1)]
+        u2 = u[pu + i + np.uint64(2)]
+        u3 = u[pu + i + np.uint64(3)]
+        s0 += u0 * v[pv + i]
+        s1 += u1 * v[pv + i + np.uint64(1)]
+        s2 += u2 * v[pv + i + np.uint64(2)]
+        s3 += u3 * v[pv + i + np.uint64(3)]
+        t0 += u0 * v[pv2 + i]
+        t1 += u1 * v[pv2 + i + np.uint64(1)]
+        t2 += u2 * v[pv2 + i + np.uint64(2)]
+        t3 += u3 * v[pv2 + i + np.uint64(3)]
+    s = (s0 + s1) + (s2 + s3)
+    t = (t0 + t1) + (t2 + t3)
+    for k in range(n4, n):
+        s += u[pu + k] * v[pv + k]
+        t += u[pu + k] * v[pv2 + k]
+    return s, t
+
+
+@njit(**HELPER)
 def _dense(w, pw, n_in, n_out, acts, src, dst, nb, relu):
     """One layer for rows 0..nb-1: z[b, j] = dot(a[b], W_l[:, j]) + b_j, then max(z, 0)
     if ``relu``. a is acts[src:] and z acts[dst:], both (nb, width) row-major; W_l is
-    (out, in) at w[pw] and b_l follows it."""
+    (out, in) at w[pw] and b_l follows it. Outputs go in pairs (:func:`_dot2`), the
+    last one alone when n_out is odd."""
     pb = pw + n_in * n_out
+    pairs = n_out - n_out % np.uint64(2)
     for b in range(nb):
-        for j in range(n_out):
-            z = _dot(acts, src + b * n_in, w, pw + j * n_in, n_in) + w[pb + j]
-            acts[dst + b * n_out + j] = max(z, 0.0) if relu else z
+        a = src + b * n_in
+        z = dst + b * n_out
+        for j in range(np.uint64(0), pairs, np.uint64(2)):
+            s, t = _dot2(acts, a, w, pw + j * n_in, pw + (j + np.uint64(1)) * n_in, n_in)
+            acts[z + j] = s + w[pb + j]
+            acts[z + j + np.uint64(1)] = t + w[pb + j + np.uint64(1)]
+        if pairs < n_out:
+            last = n_out - np.uint64(1)
+            acts[z + last] = _dot(acts, a, w, pw + last * n_in, n_in) + w[pb + last]
+        if relu:
+            for j in range(n_out):
+                acts[z + j] = max(acts[z + j], 0.0)
 
 
 @njit(**HELPER)
