@@ -15,3 +15,11 @@ cdef extern from *:
     int fk_openmp_enabled() noexcept nogil
     int fk_max_threads() noexcept nogil
     void fk_set_threads(int n) noexcept nogil
+
+
+from _blocks cimport SERIAL_BYTES  # why: src/fedkern/_blocks.py
+
+
+cdef inline int fk_threads_for(Py_ssize_t nbytes) noexcept nogil:
+    """OpenMP threads for a kernel that moves ``nbytes``: one below SERIAL_BYTES."""
+    return 1 if nbytes < SERIAL_BYTES else fk_max_threads()

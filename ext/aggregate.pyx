@@ -13,7 +13,7 @@ from libc.stdlib cimport free
 
 from _blocks cimport CHUNK, CLIP_GROUP_BYTES, NORM_BLOCK, NORM_LANES  # sizes, and why: src/fedkern/_blocks.py
 from _fused cimport in_t, out_t
-from _openmp cimport fk_max_threads
+from _openmp cimport fk_threads_for
 from _scratch cimport scratch
 
 
@@ -47,7 +47,7 @@ def _weighted_sum(const uintptr_t[::1] pointers, const in_t[::1] first,
     cdef const in_t** rows = <const in_t**> &pointers[0]
     cdef Py_ssize_t k = pointers.shape[0], d = first.shape[0]
     cdef Py_ssize_t nchunks = (d + CHUNK - 1) // CHUNK
-    cdef int nthreads = fk_max_threads()
+    cdef int nthreads = fk_threads_for(k * d * <Py_ssize_t> sizeof(in_t))
     cdef double* accumulators = <double*> scratch(nthreads * CHUNK * sizeof(double))
     cdef double* acc
     cdef out_t value
@@ -84,8 +84,9 @@ def accumulate(acc, update, double weight) -> None:
 
 def _accumulate(out_t[::1] acc, const in_t[::1] update, double weight):
     cdef Py_ssize_t j, d = acc.shape[0]
+    cdef int nthreads = fk_threads_for(d * <Py_ssize_t> (sizeof(in_t) + sizeof(out_t)))
     with nogil:
-        for j in prange(d, schedule="static"):
+        for j in prange(d, schedule="static", num_threads=nthreads):
             acc[j] = <out_t> (acc[j] + weight * update[j])
 
 
@@ -96,8 +97,9 @@ def count_nonfinite(values) -> int:
 
 def _count_nonfinite(const in_t[::1] values):
     cdef Py_ssize_t j, d = values.shape[0], count = 0
+    cdef int nthreads = fk_threads_for(d * <Py_ssize_t> sizeof(in_t))
     with nogil:
-        for j in prange(d, schedule="static"):
+        for j in prange(d, schedule="static", num_threads=nthreads):
             if not isfinite(values[j]):
                 count += 1
     return count
@@ -129,7 +131,8 @@ cdef void _sq_norm_partials(const in_t** rows, Py_ssize_t nrows, Py_ssize_t d,
     """partials[i * nblocks + b] = squared norm of block b of rows[i], in parallel."""
     cdef Py_ssize_t nblocks = (d + NORM_BLOCK - 1) // NORM_BLOCK
     cdef Py_ssize_t t
-    for t in prange(nrows * nblocks, schedule="static"):
+    cdef int nthreads = fk_threads_for(nrows * d * <Py_ssize_t> sizeof(in_t))
+    for t in prange(nrows * nblocks, schedule="static", num_threads=nthreads):
         partials[t] = _block_sq_norm(rows[t // nblocks] + (t % nblocks) * NORM_BLOCK,
                                      min(<Py_ssize_t> NORM_BLOCK, d - (t % nblocks) * NORM_BLOCK))
 
@@ -188,7 +191,7 @@ def _clip_by_norm(const uintptr_t[::1] pointers, const in_t[::1] first, double m
             _norms_from_partials(partials, g, nblocks, &norms[g0])
             for i in range(g):
                 scales[i] = max_norm / norms[g0 + i] if norms[g0 + i] > max_norm else 1.0
-            for t in prange(g * nblocks, schedule="static"):
+            for t in prange(g * nblocks, schedule="static", num_threads=fk_threads_for(g * d * <Py_ssize_t> sizeof(in_t))):
                 i = t // nblocks
                 j0 = (t % nblocks) * NORM_BLOCK
                 n = min(<Py_ssize_t> NORM_BLOCK, d - j0)

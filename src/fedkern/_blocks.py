@@ -33,6 +33,12 @@ NORM_LANES = 16
 #: second read of a group comes from L3 rather than memory.
 CLIP_GROUP_BYTES = 8 << 20
 
+#: Cython aggregation kernels that move fewer bytes than this run on one thread: one core
+#: reads them in microseconds, less than waking the OpenMP team costs, and on a loaded
+#: machine a parallel region can wait a whole scheduler time slice for its last thread
+#: (seen: a 7 x 610 float32 weighted sum took 0.3-2.5 ms on 2 threads, 5 us on one).
+SERIAL_BYTES = 256 << 10
+
 # -- optim (Cython) --------------------------------------------------------------------------
 #: Coordinates per prange task of a server-optimizer step; each block is a plain loop in an
 #: inline function, which the C compiler vectorises (loops directly under prange carry

@@ -28,9 +28,10 @@ fixed pipeline of stages, each using fedkern's public ops:
    **evaluate** the global model on the test data every ``eval_every`` rounds.
 
 Randomness: the model's initialisation, the Byzantine clients, each round's sampling and
-faults and each client's training draw from separate streams
-``SeedSequence(seed, spawn_key=(stream, round, client))``, so a run depends only on its
-seed, not on the executor, the thread count or a restart from a checkpoint.
+faults and each client's training draw from separate streams, each a Philox4x32
+counter-based generator keyed by (seed, stream, round, client) (:func:`stream`), so a
+run depends only on its seed, not on the executor, the thread count or a restart from a
+checkpoint.
 
 Examples
 --------
@@ -46,6 +47,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import threading
 import time
 from typing import Callable, Sequence
 
@@ -54,7 +56,7 @@ import numpy as np
 from .. import _validate as check
 from .. import attacks as attack_rules
 from .. import aggregate, optim, robust
-from .._errors import FedkernValueError, NonFiniteError
+from .._errors import FedkernValueError
 from ..buffers import UpdateMatrix
 from . import checkpoint
 from .algorithms import FedAvg
@@ -64,8 +66,10 @@ from .history import History
 from .models import LocalTraining, Model, TrainResult
 from .sampling import Uniform, online
 
-#: The first element of every random stream's spawn key.
+#: The kinds of random stream of a run (the first part of a stream's key).
 STREAM_INIT, STREAM_ROUND, STREAM_CLIENT = 0, 1, 2
+#: Rounds and clients that fit in a stream's key.
+MAX_ROUNDS, MAX_CLIENTS = 1 << 30, 1 << 32
 
 #: ``client_update(model, params, x, y, config, rng, delta_out) -> TrainResult``: a
 #: client's local work. The default is ``model.train``; pass your own to change it.
@@ -73,9 +77,37 @@ ClientUpdate = Callable[[Model, np.ndarray, np.ndarray, np.ndarray, LocalTrainin
                         TrainResult]
 
 
-def stream(seed: int, *key: int) -> np.random.Generator:
-    """The generator of one random stream of a run, e.g. ``stream(seed, STREAM_CLIENT, round, client)``."""
-    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(seed, spawn_key=key)))
+def _key(seed: int, kind: int, r: int, client: int) -> np.ndarray:
+    return np.array([seed, (kind << 62) | (r << 32) | client], np.uint64)
+
+
+def stream(seed: int, kind: int, r: int = 0, client: int = 0) -> np.random.Generator:
+    """The generator of one random stream of a run, e.g. ``stream(seed, STREAM_CLIENT, round, client)``.
+
+    Philox4x32-10 with the 128-bit key (seed, kind, round, client) and counter 0: Philox
+    is a keyed bijection of its counter, so distinct keys give independent streams, and
+    a stream is rebuilt from its key alone (no state to save, none shared by threads).
+    """
+    return np.random.Generator(np.random.Philox(key=_key(seed, kind, r, client)))
+
+
+class _ClientStreams(threading.local):
+    """One reusable generator per thread, rekeyed per client: a new Generator costs about
+    four times as much as resetting the state of one, and this runs once per client."""
+
+    def __init__(self):
+        self.bits = np.random.Philox(0)
+        self.generator = np.random.Generator(self.bits)
+
+    def get(self, seed: int, r: int, client: int) -> np.random.Generator:
+        # the state of a freshly keyed Philox: counter 0, nothing buffered
+        self.bits.state = {"bit_generator": "Philox",
+                           "state": {"counter": np.zeros(4, np.uint64), "key": _key(seed, STREAM_CLIENT, r, client)},
+                           "buffer": np.zeros(4, np.uint64), "buffer_pos": 4, "has_uint32": 0, "uinteger": 0}
+        return self.generator
+
+
+_streams = _ClientStreams()
 
 
 def _train(model, params, x, y, config, rng, delta_out):
@@ -268,7 +300,7 @@ class Aggregator:
 class _Chunk:
     """What training one chunk of the cohort returns to the round."""
 
-    partial: np.ndarray | None      # float64 weighted sum of the accepted deltas (streaming)
+    partial: np.ndarray | None      # float64 weighted sum of the accepted deltas (streaming; None: none)
     weight: float                   # their total weight
     loss: np.ndarray                # each client's mean local loss (nan if it did not train)
     steps: np.ndarray
@@ -309,6 +341,8 @@ class Simulation:
             raise check.FedkernTypeError(f"data must be a FederatedDataset; got {type(data).__name__}")
         self.data, self.model = data, model
         self.train_data = data.train
+        if data.train.n_clients > MAX_CLIENTS:
+            raise FedkernValueError(f"data has {data.train.n_clients} clients; at most {MAX_CLIENTS} fit a stream key")
         n_with_data = int(np.count_nonzero(self.train_data.sizes))
         self.clients_per_round = check.count(clients_per_round, "clients_per_round", low=1, high=n_with_data,
                                              why=f" (the number of clients with training data is {n_with_data})")
@@ -326,7 +360,7 @@ class Simulation:
             reject_norm_ratio, "reject_norm_ratio", low=1.0)
         self.executor = executor or SerialExecutor()
         self.client_update = client_update or _train
-        self.seed = check.count(seed, "seed")
+        self.seed = check.count(seed, "seed", high=(1 << 64) - 1)
         self.eval_every = check.count(eval_every, "eval_every", low=1)
         self.backend = backend
         self.needs_rows = (not self.aggregator.streaming or self.reject_norm_ratio is not None
@@ -383,32 +417,40 @@ class Simulation:
         return config
 
     def _train_chunk(self, positions: range, plan: dict) -> _Chunk:
-        """Train the clients at ``positions`` of the round's cohort (runs on an executor's worker)."""
-        clients, epochs, trains, flips, weights = (plan[k] for k in ("clients", "epochs", "trains", "flips", "weights"))
-        rows = plan["rows"]
-        n = len(positions)
-        loss, steps, accepted = np.full(n, math.nan), np.zeros(n, np.int64), np.ones(n, bool)
-        partial = None if rows is not None else np.zeros(self.params.shape[0])
-        delta = None if rows is not None else np.empty_like(self.params)
-        weight = 0.0
+        """Train the clients at ``positions`` of the round's cohort (runs on an executor's worker).
+
+        Each client writes its delta into a row: of the round's update matrix when the rule
+        needs every row, else of this chunk's own buffer, which is reduced to one float64
+        weighted sum of its finite rows before the chunk returns.
+        """
+        begin, end = positions.start, positions.stop
+        matrix = plan["rows"]
+        rows = matrix[begin:end] if matrix is not None else np.empty((end - begin, self.params.shape[0]), np.float32)
+        loss, steps = np.full(end - begin, math.nan), np.zeros(end - begin, np.int64)
+        data, r = self.train_data, plan["round"]
         for j, p in enumerate(positions):
-            if not trains[p]:
+            if not plan["trains"][p]:
                 continue
-            c = int(clients[p])
-            x, y = self.train_data.client(c)
-            if flips[p]:
-                y = (self.train_data.n_classes - 1) - y
-            out = rows[p] if rows is not None else delta
-            result = self.client_update(self.model, plan["params"], x, y, self._config(epochs[p]),
-                                        stream(self.seed, STREAM_CLIENT, plan["round"], c), out)
+            c = int(plan["clients"][p])
+            first, last = data.offsets[c], data.offsets[c + 1]
+            x, y = data.x[first:last], data.y[first:last]
+            if plan["flips"][p]:
+                y = (data.n_classes - 1) - y
+            result = self.client_update(self.model, plan["params"], x, y, self._config(plan["epochs"][p]),
+                                        _streams.get(self.seed, r, c), rows[j])
             loss[j], steps[j] = result.loss, result.steps
-            if partial is not None:
-                try:
-                    aggregate.accumulate(partial, delta, weights[p], backend=self.backend)
-                    weight += weights[p]
-                except NonFiniteError:
-                    accepted[j] = False
-        return _Chunk(partial, weight, loss, steps, accepted)
+        if matrix is not None:
+            return _Chunk(None, 0.0, loss, steps, np.ones(end - begin, bool))
+        norms = aggregate.l2_norms(rows, dtype=np.float64, check_finite=False, backend=self.backend)
+        accepted = np.isfinite(norms)
+        weights = plan["weights"][begin:end][accepted]
+        if accepted.all():
+            kept = rows
+        else:
+            kept = [rows[i] for i in np.flatnonzero(accepted)]
+        partial = aggregate.weighted_sum(kept, weights, dtype=np.float64, check_finite=False,
+                                         backend=self.backend) if weights.size else None
+        return _Chunk(partial, float(weights.sum()), loss, steps, accepted)
 
     def _rows(self, n: int) -> np.ndarray:
         if self._matrix is None:
@@ -428,6 +470,8 @@ class Simulation:
         """Run the next round; return its history record (also appended to :attr:`history`)."""
         start = time.perf_counter()
         r = self.round + 1
+        if r >= MAX_ROUNDS:
+            raise FedkernValueError(f"round {r}: at most {MAX_ROUNDS - 1} rounds fit a stream key")
         rng = stream(self.seed, STREAM_ROUND, r)
         selected = self._select(rng)
         arrives, epochs, straggles = self._faults(rng, selected.size)
@@ -459,7 +503,8 @@ class Simulation:
         elif accepted.sum() >= self.dropout.quorum:
             total = np.zeros(self.params.shape[0])
             for chunk in results:      # in chunk order: the same bits on every executor
-                aggregate.accumulate(total, chunk.partial, 1.0, check_finite=False, backend=self.backend)
+                if chunk.partial is not None:
+                    aggregate.accumulate(total, chunk.partial, 1.0, check_finite=False, backend=self.backend)
             delta = (total / sum(c.weight for c in results)).astype(np.float32)
         if delta is not None:
             self.optimizer.step(self.params, delta)
