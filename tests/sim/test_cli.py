@@ -136,3 +136,15 @@ def test_sigkill_mid_round_then_resume_is_bit_identical(tmp_path):
     straight.run(8)
     assert np.array_equal(resumed.params, straight.params)
     assert resumed.history.column("test_accuracy").tolist() == straight.history.column("test_accuracy").tolist()
+
+
+def test_the_built_in_experiment_runs_without_optional_packages():
+    from test_bench import run_plain
+
+    out = run_plain("""
+        from fedkern.sim import experiment
+        for title, settings in experiment.DEMO:
+            experiment.run({**settings, "rounds": 2})
+        print("demo ok")
+    """)
+    assert out.strip().endswith("demo ok")

@@ -22,20 +22,24 @@ CHECKPOINT = "checkpoint.npz"
 
 #: The built-in experiment of ``fedkern simulate`` without a config: (title, config).
 #: FedProx's Synthetic(1,1) protocol with 90% stragglers (FedAvg drops them, FedProx
-#: keeps their partial work), then digits with 20% sign-flipping clients under the mean
-#: and two robust rules.
+#: keeps their partial work, as in the FedProx paper), then Synthetic-IID with 20% of the
+#: clients sending inner-product-manipulation updates (-10 x the honest mean), under the
+#: mean and two robust rules. Generated data only: a plain install runs it.
 _FEDPROX = {"rounds": 200, "clients_per_round": 10, "local_epochs": 20, "batch_size": 10, "lr": 0.01,
             "dataset": {"name": "fedprox_synthetic", "alpha": 1.0, "beta": 1.0, "n_clients": 30},
-            "stragglers": {"fraction": 0.9}}
-_DIGITS = {"rounds": 50, "clients_per_round": 20, "local_epochs": 1, "batch_size": 10, "lr": 0.05,
-           "dataset": {"name": "digits"}, "partition": {"name": "iid", "n_clients": 50},
-           "attack": {"name": "sign_flip", "fraction": 0.2}}
+            "stragglers": {"fraction": 0.9}, "executor": {"name": "threads"}}
+_BYZANTINE = {"rounds": 50, "clients_per_round": 30, "local_epochs": 2, "batch_size": 10, "lr": 0.05,
+              "dataset": {"name": "fedprox_synthetic", "alpha": 0.0, "beta": 0.0, "iid": True, "n_clients": 30},
+              "aggregator": {"name": "mean", "weights": "equal"}, "executor": {"name": "threads"}}
+_IPM = {"name": "ipm", "fraction": 0.2, "tau": 10.0}
 DEMO: list[tuple[str, dict]] = [
     ("FedAvg, Synthetic(1,1), 90% stragglers dropped", {**_FEDPROX, "stragglers": {"fraction": 0.9, "mode": "drop"}}),
     ("FedProx mu=1, Synthetic(1,1), 90% stragglers", {**_FEDPROX, "algorithm": {"name": "fedprox", "mu": 1.0}}),
-    ("FedAvg mean, digits, 20% sign-flip", _DIGITS),
-    ("median, digits, 20% sign-flip", {**_DIGITS, "aggregator": {"name": "median"}}),
-    ("krum f=4, digits, 20% sign-flip", {**_DIGITS, "aggregator": {"name": "krum", "f": 4}}),
+    ("mean, Synthetic-IID, no attack", _BYZANTINE),
+    ("mean, Synthetic-IID, 20% IPM", {**_BYZANTINE, "attack": _IPM}),
+    ("median, Synthetic-IID, 20% IPM", {**_BYZANTINE, "attack": _IPM, "aggregator": "median"}),
+    ("Multi-Krum f=6 m=10, Synthetic-IID, 20% IPM",
+     {**_BYZANTINE, "attack": _IPM, "aggregator": {"name": "krum", "f": 6, "m": 10}}),
 ]
 
 
