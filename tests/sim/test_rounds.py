@@ -284,6 +284,7 @@ def test_restore_refuses_another_runs_checkpoint(tmp_path):
     (dict(availability=np.ones(3)), "availability"),
     (dict(reject_norm_ratio=0.5), "reject_norm_ratio"),
     (dict(eval_every=0), "eval_every"),
+    (dict(backend="fortran"), "backend"),
 ])
 def test_bad_settings_raise_before_any_round(bad, match):
     with pytest.raises((fedkern.FedkernValueError, fedkern.FedkernTypeError), match=match):
@@ -322,3 +323,10 @@ def test_local_settings_reach_the_clients():
     local = LocalTraining(epochs=3, batch_size=7, lr=0.2)
     simulation(local=local, algorithm=FedProx(mu=0.5), client_update=spy).step()
     assert set(configs) == {dataclasses.replace(local, mu=0.5)}
+
+
+def test_simulation_closes_its_executor_as_a_context_manager():
+    with simulation(executor=ThreadExecutor(2)) as run:
+        run.step()
+    with pytest.raises(fedkern.FedkernValueError, match="closed"):
+        run.step()

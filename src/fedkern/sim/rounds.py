@@ -55,7 +55,7 @@ import numpy as np
 
 from .. import _validate as check
 from .. import attacks as attack_rules
-from .. import aggregate, optim, robust
+from .. import aggregate, backends, optim, robust
 from .._errors import FedkernValueError
 from ..buffers import UpdateMatrix
 from . import checkpoint
@@ -362,6 +362,8 @@ class Simulation:
         self.client_update = client_update or _train
         self.seed = check.count(seed, "seed", high=(1 << 64) - 1)
         self.eval_every = check.count(eval_every, "eval_every", low=1)
+        if backend is not None:
+            backends.resolve("aggregate", backend)     # a misspelt backend fails now, not in round 1
         self.backend = backend
         self.needs_rows = (not self.aggregator.streaming or self.reject_norm_ratio is not None
                            or (attack is not None and attack.on_updates))
@@ -581,3 +583,9 @@ class Simulation:
     def close(self) -> None:
         """Release the executor's workers."""
         self.executor.close()
+
+    def __enter__(self) -> "Simulation":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
