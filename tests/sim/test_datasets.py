@@ -265,3 +265,39 @@ def test_load_digits_by_name(sklearn):
 def test_load_errors(name, params, match):
     with pytest.raises(FedkernValueError, match=match):
         D.load(name, **params)
+
+
+def test_generated_datasets_are_cached_on_disk_and_reloaded_identically(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDKERN_DATA_CACHE", str(tmp_path))
+    first = D.fedprox_synthetic(0.5, 0.5, n_clients=4, seed=3)
+    files = sorted(tmp_path.iterdir())
+    assert len(files) == 1 and files[0].name.startswith("fedprox_synthetic-")
+    again = D.fedprox_synthetic(0.5, 0.5, n_clients=4, seed=3)
+    for part in ("train", "test"):
+        for field in ("x", "y", "offsets"):
+            assert np.array_equal(getattr(getattr(first, part), field), getattr(getattr(again, part), field))
+    assert again.name == first.name and again.train.n_classes == first.train.n_classes
+    D.fedprox_synthetic(0.5, 0.5, n_clients=4, seed=4)
+    D.leaf_synthetic(3, n_features=5, n_classes=3, seed=1)
+    assert len(list(tmp_path.iterdir())) == 3
+
+
+def test_a_damaged_cache_entry_is_regenerated(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDKERN_DATA_CACHE", str(tmp_path))
+    fresh = D.fedprox_synthetic(1.0, 1.0, n_clients=3, seed=0)
+    (entry,) = tmp_path.iterdir()
+    whole = entry.read_bytes()
+    for damaged in (b"not an npz", whole[: len(whole) // 2]):      # garbage, and a truncated zip
+        entry.write_bytes(damaged)
+        again = D.fedprox_synthetic(1.0, 1.0, n_clients=3, seed=0)
+        assert np.array_equal(again.train.x, fresh.train.x)
+    with np.load(entry) as z:                   # and rewritten whole
+        assert np.array_equal(z["train_x"], fresh.train.x)
+
+
+def test_the_cache_can_be_turned_off(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDKERN_DATA_CACHE", "off")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    D.fedprox_synthetic(1.0, 1.0, n_clients=3, seed=0)
+    assert not list(tmp_path.rglob("*.npz"))
