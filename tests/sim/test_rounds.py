@@ -330,3 +330,12 @@ def test_simulation_closes_its_executor_as_a_context_manager():
         run.step()
     with pytest.raises(fedkern.FedkernValueError, match="closed"):
         run.step()
+
+
+def test_the_mean_never_allocates_the_k_by_d_matrix_but_robust_rules_do():
+    streaming = simulation(clients_per_round=12)
+    streaming.run(2)
+    assert streaming._matrix is None and not streaming.needs_rows
+    robust = simulation(clients_per_round=12, aggregator="median")
+    robust.run(2)
+    assert robust._matrix.shape == (12, 5)
