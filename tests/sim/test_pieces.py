@@ -79,17 +79,26 @@ def test_chunks_cover_the_cohort_in_order(k):
     assert [i for part in parts for i in part] == list(range(k))
 
 
+class Summer:
+    def train_chunk(self, positions, plan):
+        return plan["scale"] * sum(positions)
+
+
 @pytest.mark.parametrize("executor", [SerialExecutor(), ThreadExecutor(3)])
 def test_executors_return_results_in_item_order(executor):
     with executor:
-        assert list(executor.map(lambda part: sum(part), chunks(200))) == [sum(p) for p in chunks(200)]
+        executor.start(Summer())
+        assert list(executor.run({"scale": 2}, chunks(200))) == [2 * sum(p) for p in chunks(200)]
 
 
-def test_closed_thread_executor_refuses_work():
+def test_executor_errors():
+    with pytest.raises(FedkernValueError, match="before start"):
+        SerialExecutor().run({}, [range(2)])
     executor = ThreadExecutor(2)
+    executor.start(Summer())
     executor.close()
     with pytest.raises(FedkernValueError, match="closed"):
-        executor.map(len, [range(2)])
+        executor.run({"scale": 1}, [range(2)])
     with pytest.raises(FedkernValueError, match="workers"):
         ThreadExecutor(0)
 

@@ -1,25 +1,32 @@
 r"""Executors: where the clients of a round train.
 
 The round splits its cohort into fixed chunks of consecutive clients (in client-id
-order; the split depends only on the cohort, see :func:`chunks`). An executor runs
-``work(chunk)`` for every chunk, wherever it likes, and yields the results **in chunk
-order**; the round combines them in that order. Because neither the chunks nor the
-combination order depend on the executor or the number of workers, and every client
-draws its randomness from its own (seed, round, client) stream, every executor gives
-the same bits.
+order; the split depends only on the cohort, see :func:`chunks`). An executor trains
+every chunk, wherever it likes, and yields the results **in chunk order**; the round
+combines them in that order. Because neither the chunks nor the combination order depend
+on the executor or the number of workers, and every client draws its randomness from its
+own (seed, round, client) stream, every executor gives the same bits.
 
-To plug in another executor (processes, a cluster), implement :class:`Executor`:
-``start`` receives the round's trainer once, ``map`` runs chunks, ``close`` frees
-workers.
+The interface is made for workers in other processes or on other machines too:
+``start(trainer)`` hands over, once, the object that trains (the
+:class:`~fedkern.sim.rounds.Simulation`: model, data, settings); each round,
+``run(plan, items)`` gets the round's plan (the broadcast parameters and the cohort's
+small per-client arrays, all of it picklable) and yields
+``trainer.train_chunk(item, plan)`` for every item. A process or Ray executor ships the
+trainer to its workers once and only the plan each round.
 
 Examples
 --------
 >>> from fedkern.sim.executors import ThreadExecutor, chunks
 >>> chunks(10)
 [range(0, 1), range(1, 2), range(2, 3), range(3, 4), range(4, 5), range(5, 6), range(6, 7), range(7, 8), range(8, 9), range(9, 10)]
+>>> class Summer:                       # a stand-in trainer
+...     def train_chunk(self, chunk, plan):
+...         return plan["scale"] * sum(chunk)
 >>> with ThreadExecutor(workers=2) as executor:
-...     list(executor.map(lambda chunk: sum(chunk), chunks(40)))[:3]
-[3, 12, 21]
+...     executor.start(Summer())
+...     list(executor.run({"scale": 10}, chunks(40)))[:3]
+[30, 120, 210]
 """
 from __future__ import annotations
 
@@ -42,6 +49,13 @@ def chunks(k: int) -> list[range]:
     return [range(start, min(start + size, k)) for start in range(0, k, size)]
 
 
+class Trainer(Protocol):
+    """What an executor runs: ``train_chunk(positions, plan)`` for one chunk of a round."""
+
+    def train_chunk(self, positions: range, plan: dict) -> Any:
+        ...
+
+
 class Executor(Protocol):
     """What the round needs from an executor."""
 
@@ -50,17 +64,30 @@ class Executor(Protocol):
     #: number of clients trained at once
     workers: int
 
-    def start(self, trainer: Any) -> None:
-        """Called once before the first round with the object whose method ``map`` runs."""
+    def start(self, trainer: Trainer) -> None:
+        """Called once, before the first round, with the trainer."""
 
-    def map(self, work: Callable[[range], Any], items: Sequence[range]) -> Iterator[Any]:
-        """Run ``work`` on every item; yield the results in the items' order."""
+    def run(self, plan: dict, items: Sequence[range]) -> Iterator[Any]:
+        """Yield ``trainer.train_chunk(item, plan)`` for every item, in the items' order."""
 
     def close(self) -> None:
         """Release the workers (the executor may not be used afterwards)."""
 
 
-class _Context:
+class _Local:
+    """Executors in this process: they call the trainer they were started with."""
+
+    _trainer: Trainer | None = None
+
+    def start(self, trainer: Trainer) -> None:
+        self._trainer = trainer
+
+    def _work(self, plan: dict) -> Callable[[range], Any]:
+        if self._trainer is None:
+            raise check.FedkernValueError(f"{type(self).__name__}.run before start(trainer)")
+        trainer = self._trainer
+        return lambda positions: trainer.train_chunk(positions, plan)
+
     def __enter__(self):
         return self
 
@@ -68,19 +95,15 @@ class _Context:
         self.close()
 
 
-class SerialExecutor(_Context):
+class SerialExecutor(_Local):
     """Train clients one after another in the calling thread (the default)."""
 
     name = "serial"
     workers = 1
 
-    def start(self, trainer: Any) -> None:
-        pass
-
-    def map(self, work: Callable[[range], Any], items: Iterable[range]) -> Iterator[Any]:
-        # a generator: the round combines each chunk before the next one trains, so only
-        # one partial sum is alive at a time
-        return (work(item) for item in items)
+    def run(self, plan: dict, items: Iterable[range]) -> Iterator[Any]:
+        # a generator: the round takes each chunk before the next one trains
+        return map(self._work(plan), items)
 
     def close(self) -> None:
         pass
@@ -89,7 +112,7 @@ class SerialExecutor(_Context):
         return "SerialExecutor()"
 
 
-class ThreadExecutor(_Context):
+class ThreadExecutor(_Local):
     """Train chunks on a pool of threads (the Numba training kernels release the GIL).
 
     Parameters
@@ -103,13 +126,10 @@ class ThreadExecutor(_Context):
         self.workers = check.count(os.cpu_count() or 1 if workers is None else workers, "workers", low=1)
         self._pool: ThreadPoolExecutor | None = ThreadPoolExecutor(self.workers, thread_name_prefix="fedkern-sim")
 
-    def start(self, trainer: Any) -> None:
-        pass
-
-    def map(self, work: Callable[[range], Any], items: Iterable[range]) -> Iterator[Any]:
+    def run(self, plan: dict, items: Iterable[range]) -> Iterator[Any]:
         if self._pool is None:
             raise check.FedkernValueError("this ThreadExecutor was closed")
-        return self._pool.map(work, items)
+        return self._pool.map(self._work(plan), items)
 
     def close(self) -> None:
         if self._pool is not None:

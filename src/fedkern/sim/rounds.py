@@ -418,7 +418,7 @@ class Simulation:
             config = self._local_by_epochs[epochs] = dataclasses.replace(self.local, epochs=int(epochs))
         return config
 
-    def _train_chunk(self, positions: range, plan: dict) -> _Chunk:
+    def train_chunk(self, positions: range, plan: dict) -> _Chunk:
         """Train the clients at ``positions`` of the round's cohort (runs on an executor's worker).
 
         Each client writes its delta into a row: of the round's update matrix when the rule
@@ -488,7 +488,7 @@ class Simulation:
         plan["params"] = broadcast = self.params.copy()
         broadcast.flags.writeable = False     # no client can change what the others receive
 
-        results = list(self.executor.map(lambda positions: self._train_chunk(positions, plan), chunks(n))) if n else []
+        results = list(self.executor.run(plan, chunks(n))) if n else []
         cat = (lambda name: np.concatenate([getattr(c, name) for c in results])) if results else (
             lambda name: np.zeros(0))
         loss, accepted = cat("loss"), cat("accepted").astype(bool)
