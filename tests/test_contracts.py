@@ -23,8 +23,6 @@ def arguments(function) -> list[str]:
 
 @pytest.mark.parametrize("family", sorted(_contracts.CONTRACTS))
 def test_backend_modules_have_exactly_the_contracts_kernels(family, any_backend):
-    if any_backend == "cython" and family in _contracts.NOT_IN_CYTHON:
-        pytest.skip(f"the Cython backend has no {family} kernels")
     module = backends._load(any_backend, family)
     assert own_functions(module) == set(_contracts.kernel_names(family))
     contract = _contracts.CONTRACTS[family]

@@ -96,10 +96,6 @@ class ModelsKernels(Protocol):
 CONTRACTS: dict[str, type] = {"aggregate": AggregateKernels, "optim": OptimKernels, "robust": RobustKernels,
                               "random": RandomKernels, "models": ModelsKernels}
 
-#: Families the Cython backend does not build: the simulator's models train one client per
-#: call inside an executor's worker, where Numba's compiled loops (GIL released) suffice.
-NOT_IN_CYTHON = frozenset({"models"})
-
 
 def kernel_names(family: str) -> tuple[str, ...]:
     """The kernels of ``family``, in the order its contract lists them."""

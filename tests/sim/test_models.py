@@ -1,4 +1,4 @@
-"""fedkern.sim.models: the built-in models on both backends, against the numpy reference,
+"""fedkern.sim.models: the built-in models on every backend, against the numpy reference,
 finite differences and local steps worked out by hand."""
 import math
 
@@ -7,11 +7,20 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fedkern._errors import FedkernTypeError, FedkernValueError
+from fedkern import backends
+from fedkern._errors import BackendUnavailableError, FedkernTypeError, FedkernValueError
 from fedkern._reference import models as reference_kernels
 from fedkern.sim.models import MLP, Evaluation, LocalTraining, LogisticRegression, Model, TrainResult, make_model
 
-BACKENDS = ["numba", "reference"]
+
+def compiled(name):
+    """A compiled backend as a test parameter, skipped where it is not built."""
+    return pytest.param(name, marks=pytest.mark.skipif(not backends.is_available(name, "models"),
+                                                        reason=f"the {name} models kernels are not available"))
+
+
+COMPILED = [compiled("cython"), compiled("numba")]
+BACKENDS = COMPILED + ["reference"]
 
 
 def data(n, f, c, seed=0):
@@ -31,9 +40,9 @@ def trained_delta(model, params, x, y, config, seed):
     return delta, result
 
 
-def assert_backends_agree(kind, n, f, c, config, seed):
+def assert_backends_agree(backend, kind, n, f, c, config, seed):
     x, y = data(n, f, c, seed)
-    fast, slow = build(kind, f, c), build(kind, f, c, "reference")
+    fast, slow = build(kind, f, c, backend), build(kind, f, c, "reference")
     params = fast.init(np.random.default_rng(seed))
     d_fast, r_fast = trained_delta(fast, params, x, y, config, seed)
     d_slow, r_slow = trained_delta(slow, params, x, y, config, seed)
@@ -44,20 +53,42 @@ def assert_backends_agree(kind, n, f, c, config, seed):
 
 
 # ---------------------------------------------------------------- backends agree
+@pytest.mark.parametrize("backend", COMPILED)
 @pytest.mark.parametrize("kind", ["lr", "mlp"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("n, f, c, batch", [(40, 6, 3, 10), (37, 11, 5, 8), (9, 2, 2, 1)])
-def test_backends_agree(kind, seed, n, f, c, batch):
+def test_backends_agree(backend, kind, seed, n, f, c, batch):
     config = LocalTraining(epochs=3, batch_size=batch, lr=0.1, momentum=0.5, weight_decay=0.01, mu=0.1)
-    assert_backends_agree(kind, n, f, c, config, seed)
+    assert_backends_agree(backend, kind, n, f, c, config, seed)
 
 
+@pytest.mark.parametrize("backend", COMPILED)
+@pytest.mark.parametrize("hidden", [[], [1], [7], [8], [9], [16, 3], [24, 17, 8]])
+@pytest.mark.parametrize("f, c", [(1, 2), (8, 8), (9, 17), (16, 7)])
+def test_backends_agree_at_widths_around_the_vector_lanes(backend, hidden, f, c):
+    """The Cython kernel pads every layer's outputs to whole vectors of eight: widths just
+    below, at and above a multiple of eight, and batches that leave a row tile partial."""
+    x, y = data(23, f, c, seed=len(hidden) + f)
+    config = LocalTraining(epochs=2, batch_size=6, lr=0.1, momentum=0.9, weight_decay=0.01, mu=0.2)
+    fast, slow = MLP(f, hidden, c, backend=backend), MLP(f, hidden, c, backend="reference")
+    params = fast.init(np.random.default_rng(f))
+    params[fast.n_params - c:] = np.linspace(-0.5, 0.5, c)  # nonzero output biases
+    d_fast, r_fast = trained_delta(fast, params, x, y, config, 0)
+    d_slow, r_slow = trained_delta(slow, params, x, y, config, 0)
+    np.testing.assert_allclose(d_fast, d_slow, rtol=1e-4, atol=1e-5 * max(1e-3, float(np.abs(d_slow).max())))
+    assert r_fast.loss == pytest.approx(r_slow.loss, rel=1e-6)
+    e_fast, e_slow = fast.evaluate(params + d_fast, x, y), slow.evaluate(params + d_fast, x, y)
+    assert e_fast.loss == pytest.approx(e_slow.loss, rel=1e-9)
+    assert e_fast.accuracy == e_slow.accuracy
+
+
+@pytest.mark.parametrize("backend", COMPILED)
 @given(kind=st.sampled_from(["lr", "mlp"]), n=st.integers(1, 50), f=st.integers(1, 20), c=st.integers(2, 6),
        batch=st.sampled_from([1, 3, 10, 64]), momentum=st.sampled_from([0.0, 0.9]),
        weight_decay=st.sampled_from([0.0, 0.1]), mu=st.sampled_from([0.0, 0.5]), seed=st.integers(0, 2**16))
-def test_backends_agree_on_any_shape(kind, n, f, c, batch, momentum, weight_decay, mu, seed):
+def test_backends_agree_on_any_shape(backend, kind, n, f, c, batch, momentum, weight_decay, mu, seed):
     config = LocalTraining(epochs=2, batch_size=batch, lr=0.05, momentum=momentum, weight_decay=weight_decay, mu=mu)
-    assert_backends_agree(kind, n, f, c, config, seed)
+    assert_backends_agree(backend, kind, n, f, c, config, seed)
 
 
 # ---------------------------------------------------------------- gradients
@@ -266,6 +297,22 @@ def test_built_ins_follow_the_model_protocol():
     assert isinstance(MLP(2, [3], 2), Model)
 
 
+def test_auto_takes_cython_then_numba():
+    expected = next(name for name in ("cython", "numba", "reference") if backends.is_available(name, "models"))
+    assert LogisticRegression(2, 2).backend == expected == MLP(2, [3], 2, backend="auto").backend
+    assert repr(MLP(2, [3], 2)) == f"MLP(2, [3], 2, backend={expected!r})"
+
+
+def test_auto_falls_back_to_numba_and_an_unbuilt_cython_raises(monkeypatch):
+    """As on a machine without a C compiler: the Cython module does not import."""
+    if not backends.is_available("numba", "models"):
+        pytest.skip("the numba models kernels are not available")
+    monkeypatch.setitem(backends._modules, ("cython", "models"), ImportError("fedkern._cython.models was not built"))
+    assert LogisticRegression(2, 2).backend == "numba"
+    with pytest.raises(BackendUnavailableError, match="cython"):
+        LogisticRegression(2, 2, backend="cython")
+
+
 def test_make_model_builds_by_name():
     model = make_model("mlp", 4, 3, hidden=[8], backend="reference")
     assert isinstance(model, MLP) and model.backend == "reference" and model.n_params == 67
@@ -297,7 +344,8 @@ def test_bad_config_fields_are_named(field, value, error):
 @pytest.mark.parametrize("make, match", [
     (lambda: LogisticRegression(0, 2), "n_features"), (lambda: LogisticRegression(3, 1), "n_classes"),
     (lambda: LogisticRegression(3, 2, init_scale=-1.0), "init_scale"),
-    (lambda: LogisticRegression(3, 2, backend="cython"), "backend"),
+    (lambda: LogisticRegression(3, 2, backend="fortran"), "backend.*'auto', 'cython', 'numba', 'reference'"),
+    (lambda: MLP(3, [2], 2, backend=None), "backend"),
     (lambda: MLP(3, [4, 0], 2), r"hidden\[1\]"), (lambda: MLP(3, 4, 2), "hidden"),
 ])
 def test_bad_model_arguments(make, match):

@@ -1,13 +1,16 @@
-"""Models of the simulation engine: a protocol, and two built-ins trained by Numba kernels.
+"""Models of the simulation engine: a protocol, and two built-ins trained by compiled kernels.
 
 A model's parameters are one flat float32 vector. The round engine calls
 :meth:`Model.train` once per client with a preallocated ``delta_out`` row and
 :meth:`Model.evaluate` on held-out data; users plug in any object with these methods
 (e.g. one wrapping a torch module). The built-ins, :class:`LogisticRegression` and
 :class:`MLP`, are dense networks whose training loop runs entirely in one compiled
-kernel (``fedkern._numba.models``) that releases the GIL, so a thread executor trains
-clients in parallel; ``backend="reference"`` runs the numpy twin of the same math
-(``fedkern._reference.models``).
+kernel that releases the GIL, so a thread executor trains clients in parallel:
+``backend="cython"`` (``fedkern._cython.models``, the fastest: vectorised without
+reassociation) or ``"numba"`` (``fedkern._numba.models``); the default ``"auto"`` takes
+the first that imports, in that order. ``backend="reference"`` runs the numpy twin of
+the same math (``fedkern._reference.models``). The backends differ only in float64
+summation order, so they agree to float32 tolerance.
 
 Math of one local step on a minibatch B, with weights w, the round's global model
 w_g and logits z = f(x; w) of a row x with label y:
@@ -31,7 +34,6 @@ once; ``delta_out = float32(w_final) - params`` in float32.
 """
 from __future__ import annotations
 
-import importlib
 import inspect
 import math
 from collections.abc import Sequence
@@ -40,10 +42,12 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from .. import _validate
+from .. import _validate, backends
 from .._errors import FedkernTypeError, FedkernValueError
 
-BACKENDS = ("numba", "reference")
+#: The ``backend`` choices of the built-ins; "auto" resolves to the first of "cython",
+#: "numba" (then "reference") that imports here.
+BACKENDS = ("auto", "cython", "numba", "reference")
 
 
 @dataclass(frozen=True)
@@ -163,8 +167,9 @@ class _DenseNetwork:
     def __init__(self, widths: Sequence[int], backend: str):
         if backend not in BACKENDS:
             raise FedkernValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}; got {backend!r}")
-        self.backend = backend
-        self._kernels = importlib.import_module(f"fedkern._{backend}.models")
+        # an explicitly chosen backend that does not import raises BackendUnavailableError here
+        self._kernels = backends.kernels("models", backend)
+        self.backend = self._kernels.backend  # the concrete backend, also when "auto" chose it
         self._sizes = np.array(widths, np.int64)
         self.n_features = int(widths[0])
         self.n_classes = int(widths[-1])
@@ -250,8 +255,8 @@ class LogisticRegression(_DenseNetwork):
     ----------
     n_features, n_classes : int
         Input width (>= 1) and number of classes (>= 2).
-    backend : {"numba", "reference"}
-        The compiled kernel, or its numpy twin.
+    backend : {"auto", "cython", "numba", "reference"}
+        A compiled kernel ("auto": Cython if built, else Numba), or its numpy twin.
     init_scale : float
         :meth:`init` draws W from N(0, init_scale^2) (``rng.standard_normal``, float64
         rounded to float32); the default 0 gives zeros and draws nothing. b starts at 0.
@@ -272,7 +277,7 @@ class LogisticRegression(_DenseNetwork):
     True
     """
 
-    def __init__(self, n_features: int, n_classes: int, *, backend: str = "numba", init_scale: float = 0.0):
+    def __init__(self, n_features: int, n_classes: int, *, backend: str = "auto", init_scale: float = 0.0):
         _validate.count(n_features, "n_features", low=1)
         _validate.count(n_classes, "n_classes", low=2)
         self.init_scale = _validate.real(init_scale, "init_scale", low=0.0)
@@ -306,8 +311,8 @@ class MLP(_DenseNetwork):
         Widths of the hidden layers (each >= 1; empty is logistic regression).
     n_classes : int
         Number of classes (>= 2).
-    backend : {"numba", "reference"}
-        The compiled kernel, or its numpy twin.
+    backend : {"auto", "cython", "numba", "reference"}
+        A compiled kernel ("auto": Cython if built, else Numba), or its numpy twin.
 
     Notes
     -----
@@ -331,7 +336,7 @@ class MLP(_DenseNetwork):
     True
     """
 
-    def __init__(self, n_features: int, hidden: Sequence[int], n_classes: int, *, backend: str = "numba"):
+    def __init__(self, n_features: int, hidden: Sequence[int], n_classes: int, *, backend: str = "auto"):
         _validate.count(n_features, "n_features", low=1)
         if isinstance(hidden, (str, bytes)) or not isinstance(hidden, Sequence):
             raise FedkernTypeError(f"hidden must be a sequence of layer widths; got {type(hidden).__name__}")

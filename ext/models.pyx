@@ -1,0 +1,464 @@
+"""Cython kernels of the built-in models of :mod:`fedkern.sim.models`.
+
+Same kernels, arguments and math as ``fedkern._reference.models`` (a dense ReLU network
+with layer widths ``sizes``, softmax cross-entropy, minibatch SGD with momentum, weight
+decay and FedProx's proximal term); inputs are checked by the wrapper in
+``fedkern.sim.models``. Parameters and inputs are read as float32, every operation runs in
+float64, and the trained weights are rounded to float32 once.
+
+Layout: each call copies the flat parameters (per layer ``W_l`` as (in, out) row-major,
+then ``b_l``) into a float64 working vector with every output width padded to a multiple
+of FK_LANES = 8 (zeros in the padding): row k of W_l and the bias are runs of whole
+vectors. The momentum buffer and the start point share that layout, and so do the
+activation rows. Padded lanes stay exactly zero: their weights, start point and gradient
+are 0, so every step leaves them 0, and the loss reads only the real logits.
+
+Speed without reassociation (results must not depend on fast-math flags, and setup.py
+turns FMA contraction off): the loops are written in ``fk_v8``, eight float64 lanes with
+element-wise add and multiply (C vector extensions, a plain loop elsewhere), each lane its
+own sum in the scalar order, so the C compiler emits vector instructions and nothing else
+changes. (Left to itself, GCC vectorised the loop over k of such sums as in-order
+reductions, with permutes, slower than scalar.)
+
+* forward: a tile of FK_ROWS rows x 8 outputs, z[b, j:j+8] += a[b, k] W_l[k, j:j+8] for k
+  in order, stays in registers; the bias is added after the sum, as the reference does;
+* weight gradient and step, fused: a tile of FK_ROWS inputs x 8 outputs,
+  g[k, j:j+8] += a[b, k] dz[b, j:j+8] for b in order, then the SGD step of those weights
+  (a layer's input gradient is taken first, with its weights before the step);
+* input gradient: da[b, k] = sum_j dz[b, j] W_l[k, j] in 8 lanes (lane l sums
+  j = l, l + 8, ...), then lane 0 + lane 1 + ... + lane 7 in order.
+
+Summation orders differ from numpy's matmul, so results agree with the reference to
+float32 tolerance; they depend on the shapes only. The kernels are serial and release the
+GIL: the simulator trains clients in parallel threads, one kernel call per client.
+"""
+from libc.math cimport exp, log
+from libc.stdint cimport int32_t, int64_t, uintptr_t
+from libc.stdlib cimport free
+
+cdef extern from *:
+    """
+    /* Eight float64 lanes, one element-wise operation at a time: each lane is its own sum,
+       so results are those of the scalar loops whatever the vector width (the compiler
+       splits a vector into the registers it has; contraction into FMA is off, setup.py). */
+    #define FK_LANES 8
+    /* Rows per register tile of the forward pass and the weight step: FK_ROWS vectors of
+       sums plus the loaded row stay in registers (16 on AVX2) and give the adds FK_ROWS
+       independent chains, enough to cover their latency. (A size of the register tile of
+       these helpers; src/fedkern/_blocks.py holds the block sizes of memory loops.) */
+    #define FK_ROWS 4
+    #if defined(__GNUC__) || defined(__clang__)
+    typedef double fk_v8 __attribute__((vector_size(FK_LANES * sizeof(double))));
+    static inline fk_v8 fk_load(const double* p) { fk_v8 v; __builtin_memcpy(&v, p, sizeof v); return v; }
+    static inline void fk_store(double* p, fk_v8 v) { __builtin_memcpy(p, &v, sizeof v); }
+    static inline fk_v8 fk_zero(void) { fk_v8 v = {0.0}; return v; }
+    static inline fk_v8 fk_splat(double s) { fk_v8 v = {s, s, s, s, s, s, s, s}; return v; }
+    static inline fk_v8 fk_add(fk_v8 a, fk_v8 b) { return a + b; }
+    static inline fk_v8 fk_mul(fk_v8 a, fk_v8 b) { return a * b; }
+    static inline double fk_lane(fk_v8 a, int l) { return a[l]; }
+    #else
+    typedef struct { double v[FK_LANES]; } fk_v8;
+    static fk_v8 fk_load(const double* p) { fk_v8 r; int l; for (l = 0; l < FK_LANES; l++) r.v[l] = p[l]; return r; }
+    static void fk_store(double* p, fk_v8 a) { int l; for (l = 0; l < FK_LANES; l++) p[l] = a.v[l]; }
+    static fk_v8 fk_zero(void) { fk_v8 r = {{0.0}}; return r; }
+    static fk_v8 fk_splat(double s) { fk_v8 r; int l; for (l = 0; l < FK_LANES; l++) r.v[l] = s; return r; }
+    static fk_v8 fk_add(fk_v8 a, fk_v8 b) { int l; for (l = 0; l < FK_LANES; l++) a.v[l] += b.v[l]; return a; }
+    static fk_v8 fk_mul(fk_v8 a, fk_v8 b) { int l; for (l = 0; l < FK_LANES; l++) a.v[l] *= b.v[l]; return a; }
+    static double fk_lane(fk_v8 a, int l) { return a.v[l]; }
+    #endif
+    """
+    enum: FK_LANES, FK_ROWS
+    ctypedef struct fk_v8:
+        pass
+    fk_v8 fk_load(const double* p) noexcept nogil
+    void fk_store(double* p, fk_v8 v) noexcept nogil
+    fk_v8 fk_zero() noexcept nogil
+    fk_v8 fk_splat(double s) noexcept nogil
+    fk_v8 fk_add(fk_v8 a, fk_v8 b) noexcept nogil
+    fk_v8 fk_mul(fk_v8 a, fk_v8 b) noexcept nogil
+    double fk_lane(fk_v8 a, int l) noexcept nogil
+from _scratch cimport scratch
+
+#: Rows per block of ``evaluate``: bounds its scratch whatever the number of rows.
+cdef Py_ssize_t EVAL_ROWS = 256
+
+
+cdef inline Py_ssize_t _padded(Py_ssize_t n) noexcept nogil:
+    return (n + FK_LANES - 1) // FK_LANES * FK_LANES
+
+
+cdef class _Net:
+    """The shapes of one network and their offsets in the padded layout (all in doubles).
+
+    Layer l reads n_in[l] = sizes[l] inputs and writes padded[l] = padded(sizes[l + 1])
+    outputs; its W_l starts at weights[l], its bias at weights[l] + n_in[l] padded[l]."""
+    cdef Py_ssize_t layers, n_params, widest
+    cdef Py_ssize_t* n_in
+    cdef Py_ssize_t* n_out
+    cdef Py_ssize_t* padded
+    cdef Py_ssize_t* weights   # offset of W_l in the padded vector; weights[layers] = length
+    cdef Py_ssize_t* flat      # offset of W_l in the flat float32 parameters
+
+    def __cinit__(self, const int64_t[::1] sizes):
+        cdef Py_ssize_t l
+        self.layers = sizes.shape[0] - 1
+        self.n_in = <Py_ssize_t*> scratch(5 * (self.layers + 1) * sizeof(Py_ssize_t))
+        self.n_out = self.n_in + self.layers + 1
+        self.padded = self.n_out + self.layers + 1
+        self.weights = self.padded + self.layers + 1
+        self.flat = self.weights + self.layers + 1
+        self.weights[0] = 0
+        self.flat[0] = 0
+        self.widest = 0
+        for l in range(self.layers):
+            self.n_in[l] = sizes[l]
+            self.n_out[l] = sizes[l + 1]
+            self.padded[l] = _padded(sizes[l + 1])
+            self.weights[l + 1] = self.weights[l] + (self.n_in[l] + 1) * self.padded[l]
+            self.flat[l + 1] = self.flat[l] + (self.n_in[l] + 1) * self.n_out[l]
+            self.widest = max(self.widest, self.padded[l])
+        self.n_params = self.flat[self.layers]
+
+    def __dealloc__(self):
+        free(self.n_in)
+
+
+cdef double* _aligned(void* block) noexcept nogil:
+    """The first 64-byte boundary in ``block`` (allocated 64 bytes longer): whole vectors of
+    a padded row then never straddle a cache line."""
+    return <double*> ((<uintptr_t> block + 63) & ~(<uintptr_t> 63))
+
+
+cdef inline Py_ssize_t _output_block(_Net net, Py_ssize_t rows, Py_ssize_t f, Py_ssize_t l) noexcept nogil:
+    """Offset of layer l's (rows x padded[l]) output block in the activation scratch, after
+    the input block (rows x f, its length padded so the blocks after it stay aligned);
+    l = layers gives the scratch's length."""
+    cdef Py_ssize_t i, offset = _padded(rows * f)
+    for i in range(l):
+        offset = offset + rows * net.padded[i]
+    return offset
+
+
+cdef inline Py_ssize_t _input_block(_Net net, Py_ssize_t rows, Py_ssize_t f, Py_ssize_t l) noexcept nogil:
+    """Offset of the block layer l reads: the input for l = 0, else layer l - 1's output."""
+    return 0 if l == 0 else _output_block(net, rows, f, l - 1)
+
+
+cdef void _load(_Net net, const float* params, double* w) noexcept nogil:
+    """w = params in the padded layout (float64), zeros in the padding."""
+    cdef Py_ssize_t l, k, j, n_in, n_out, padded
+    cdef const float* src
+    cdef double* dst
+    for l in range(net.layers):
+        n_in, n_out, padded = net.n_in[l], net.n_out[l], net.padded[l]
+        for k in range(n_in + 1):  # the bias is one more row
+            src = params + net.flat[l] + k * n_out
+            dst = w + net.weights[l] + k * padded
+            for j in range(n_out):
+                dst[j] = src[j]
+            for j in range(n_out, padded):
+                dst[j] = 0.0
+
+
+cdef void _store_delta(_Net net, const double* w, const float* params, float* delta) noexcept nogil:
+    """delta = float32(w) - params in the flat layout (a float32 subtraction)."""
+    cdef Py_ssize_t l, k, j, n_in, n_out, padded
+    cdef Py_ssize_t p
+    for l in range(net.layers):
+        n_in, n_out, padded = net.n_in[l], net.n_out[l], net.padded[l]
+        for k in range(n_in + 1):
+            p = net.flat[l] + k * n_out
+            for j in range(n_out):
+                delta[p + j] = <float> w[net.weights[l] + k * padded + j] - params[p + j]
+
+
+cdef inline void _dense_rows(const double* W, Py_ssize_t n_in, Py_ssize_t padded, const double* a,
+                             Py_ssize_t a_stride, double* z, bint relu, Py_ssize_t R) noexcept nogil:
+    """z[r, :] = a[r, :n_in] W + bias (then max(., 0) if ``relu``) for rows r < R (a
+    constant once inlined, R <= FK_ROWS): one tile of R x FK_LANES sums at a time, in
+    registers, each output summed over k in order."""
+    cdef fk_v8 acc[FK_ROWS]
+    cdef fk_v8 row
+    cdef double v
+    cdef Py_ssize_t j, k, r, l
+    j = 0
+    while j < padded:
+        for r in range(R):
+            acc[r] = fk_zero()
+        for k in range(n_in):
+            row = fk_load(W + k * padded + j)
+            for r in range(R):
+                acc[r] = fk_add(acc[r], fk_mul(fk_splat(a[r * a_stride + k]), row))
+        row = fk_load(W + n_in * padded + j)  # the bias
+        for r in range(R):
+            acc[r] = fk_add(acc[r], row)
+            fk_store(z + r * padded + j, acc[r])
+            if relu:
+                for l in range(FK_LANES):
+                    v = z[r * padded + j + l]
+                    z[r * padded + j + l] = v if v > 0.0 else 0.0
+        j = j + FK_LANES
+
+
+cdef inline void _dense(const double* W, Py_ssize_t n_in, Py_ssize_t padded, const double* a,
+                        Py_ssize_t a_stride, double* z, Py_ssize_t nb, bint relu) noexcept nogil:
+    """One layer for rows 0..nb-1 (z rows have stride ``padded``, a rows ``a_stride``), in
+    tiles of FK_ROWS rows, the remaining rows one by one."""
+    cdef Py_ssize_t b = 0
+    while b + FK_ROWS <= nb:
+        _dense_rows(W, n_in, padded, a + b * a_stride, a_stride, z + b * padded, relu, FK_ROWS)
+        b = b + FK_ROWS
+    while b < nb:
+        _dense_rows(W, n_in, padded, a + b * a_stride, a_stride, z + b * padded, relu, 1)
+        b = b + 1
+
+
+cdef void _forward(_Net net, const double* w, double* acts, Py_ssize_t f, Py_ssize_t rows,
+                   Py_ssize_t nb) noexcept nogil:
+    """Every layer of rows 0..nb-1 of the input block; the last output block holds the
+    logits (no ReLU)."""
+    cdef Py_ssize_t l
+    for l in range(net.layers):
+        _dense(w + net.weights[l], net.n_in[l], net.padded[l], acts + _input_block(net, rows, f, l),
+               f if l == 0 else net.padded[l - 1], acts + _output_block(net, rows, f, l), nb,
+               l < net.layers - 1)
+
+
+cdef double _row_loss(const double* z, Py_ssize_t n_out, int32_t label, double* p) noexcept nogil:
+    """Cross-entropy log(sum_j exp(z_j - m)) - (z_label - m), m = max z; if p is not NULL,
+    p[j] = softmax(z)_j (the reference's exp / sum)."""
+    cdef double m = z[0], total = 0.0, shifted_label = 0.0, shifted
+    cdef Py_ssize_t j
+    for j in range(n_out):
+        m = z[j] if z[j] > m else m
+    for j in range(n_out):
+        shifted = z[j] - m
+        if j == label:  # compared, never an index: a bad label cannot read out of bounds
+            shifted_label = shifted
+        shifted = exp(shifted)
+        total = total + shifted
+        if p != NULL:
+            p[j] = shifted
+    if p != NULL:
+        for j in range(n_out):
+            p[j] = p[j] / total
+    return log(total) - shifted_label
+
+
+cdef double _softmax_grad(_Net net, const double* logits, const int32_t* y, const int64_t* rows,
+                          Py_ssize_t nb, double* dz) noexcept nogil:
+    """Mean loss of the batch; dz[b, :] = (softmax - onehot(label)) / nb, padding zero."""
+    cdef Py_ssize_t l = net.layers - 1, n_out = net.n_out[l], padded = net.padded[l]
+    cdef Py_ssize_t b, j
+    cdef double total = 0.0, scale = 1.0 / nb
+    cdef double* d
+    cdef int32_t label
+    for b in range(nb):
+        d = dz + b * padded
+        label = y[rows[b]]
+        total = total + _row_loss(logits + b * padded, n_out, label, d)
+        for j in range(n_out):
+            d[j] = ((d[j] - 1.0) if j == label else d[j]) * scale
+        for j in range(n_out, padded):
+            d[j] = 0.0
+    return total / nb
+
+
+cdef struct _Sgd:
+    double lr, momentum, weight_decay, mu
+
+
+cdef inline void _update_rows(double* W, double* V, const double* W0, Py_ssize_t padded, const double* a,
+                              Py_ssize_t a_stride, const double* dz, Py_ssize_t nb, _Sgd h,
+                              Py_ssize_t R) noexcept nogil:
+    """The SGD step of rows r < R of a layer's weights (W, velocity V, start point W0; R a
+    constant once inlined, R <= FK_ROWS) with gradient g[r, :] = sum_b a[b, r] dz[b, :],
+    b in order, one tile of R x FK_LANES sums at a time, in registers; then
+    g += weight_decay w + mu (w - w0); v = momentum v + g; w -= lr v."""
+    cdef fk_v8 acc[FK_ROWS]
+    cdef fk_v8 d, w, v
+    cdef fk_v8 lr = fk_splat(-h.lr), momentum = fk_splat(h.momentum)
+    cdef fk_v8 weight_decay = fk_splat(h.weight_decay), mu = fk_splat(h.mu), minus_one = fk_splat(-1.0)
+    cdef Py_ssize_t i, j, b, r
+    j = 0
+    while j < padded:
+        for r in range(R):
+            acc[r] = fk_zero()
+        for b in range(nb):
+            d = fk_load(dz + b * padded + j)
+            for r in range(R):
+                acc[r] = fk_add(acc[r], fk_mul(fk_splat(a[b * a_stride + r]), d))
+        for r in range(R):
+            i = r * padded + j
+            w = fk_load(W + i)
+            # w - w0 as w + (-1) w0 and w - lr v as w + (-lr) v: exact rewrites of the
+            # subtractions (negation is exact), so the helpers need no subtraction
+            d = fk_add(fk_mul(weight_decay, w), fk_mul(mu, fk_add(w, fk_mul(minus_one, fk_load(W0 + i)))))
+            v = fk_add(fk_mul(momentum, fk_load(V + i)), fk_add(acc[r], d))
+            fk_store(V + i, v)
+            fk_store(W + i, fk_add(w, fk_mul(lr, v)))
+        j = j + FK_LANES
+
+
+cdef inline void _update_layer(double* W, double* V, const double* W0, Py_ssize_t n_in, Py_ssize_t padded,
+                               const double* a, Py_ssize_t a_stride, const double* dz, Py_ssize_t nb,
+                               _Sgd h) noexcept nogil:
+    """The SGD step of one layer (weights in tiles of FK_ROWS input rows, then the bias,
+    whose gradient is sum_b dz[b, :]: the same loop with a = 1)."""
+    cdef double one = 1.0
+    cdef Py_ssize_t k = 0, o
+    while k + FK_ROWS <= n_in:
+        o = k * padded
+        _update_rows(W + o, V + o, W0 + o, padded, a + k, a_stride, dz, nb, h, FK_ROWS)
+        k = k + FK_ROWS
+    while k < n_in:
+        o = k * padded
+        _update_rows(W + o, V + o, W0 + o, padded, a + k, a_stride, dz, nb, h, 1)
+        k = k + 1
+    o = n_in * padded
+    _update_rows(W + o, V + o, W0 + o, padded, &one, 0, dz, nb, h, 1)
+
+
+cdef inline void _backprop(const double* W, Py_ssize_t n_in, Py_ssize_t padded, const double* a,
+                           Py_ssize_t a_stride, const double* dz, Py_ssize_t nb, double* da) noexcept nogil:
+    """da[b, k] = (sum_j dz[b, j] W[k, j]) * (a[b, k] > 0): the gradient at the ReLU output a
+    that fed this layer, zeros in its padding (da rows have stride a_stride). The sum over j runs in FK_LANES
+    lanes (lane l takes j = l, l + FK_LANES, ...), then lane 0 + lane 1 + ... in order."""
+    cdef fk_v8 lanes
+    cdef const double* row
+    cdef const double* d
+    cdef double total
+    cdef Py_ssize_t b, k, j, l
+    for b in range(nb):
+        d = dz + b * padded
+        for k in range(n_in):
+            if a[b * a_stride + k] <= 0.0:
+                da[b * a_stride + k] = 0.0
+                continue
+            row = W + k * padded
+            lanes = fk_mul(fk_load(d), fk_load(row))
+            j = FK_LANES
+            while j < padded:
+                lanes = fk_add(lanes, fk_mul(fk_load(d + j), fk_load(row + j)))
+                j = j + FK_LANES
+            total = fk_lane(lanes, 0)
+            for l in range(1, FK_LANES):
+                total = total + fk_lane(lanes, l)
+            da[b * a_stride + k] = total
+        for k in range(n_in, a_stride):  # padding: the layer below's gradient reads whole lanes
+            da[b * a_stride + k] = 0.0
+
+
+cdef void _backward_step(_Net net, double* w, double* velocity, const double* start, const double* acts,
+                         Py_ssize_t f, Py_ssize_t rows, Py_ssize_t nb, double* dz, double* da, _Sgd h) noexcept nogil:
+    """The SGD step of every layer, from the top, given dz = d(mean loss)/d logits: layer l's
+    input gradient is taken (with its weights before the step) before its step; dz and da
+    swap roles at each layer."""
+    cdef Py_ssize_t l, stride, o
+    cdef const double* a
+    cdef double* swap
+    for l in range(net.layers - 1, -1, -1):
+        stride = f if l == 0 else net.padded[l - 1]
+        a = acts + _input_block(net, rows, f, l)
+        o = net.weights[l]
+        if l > 0:
+            _backprop(w + o, net.n_in[l], net.padded[l], a, stride, dz, nb, da)
+        _update_layer(w + o, velocity + o, start + o, net.n_in[l], net.padded[l], a, stride, dz, nb, h)
+        if l > 0:
+            swap = dz
+            dz = da
+            da = swap
+
+
+cdef void _gather(const float* x, Py_ssize_t f, const int64_t* rows, Py_ssize_t nb, double* a) noexcept nogil:
+    cdef Py_ssize_t b, k
+    cdef const float* src
+    for b in range(nb):
+        src = x + rows[b] * f
+        for k in range(f):
+            a[b * f + k] = src[k]
+
+
+def train(const float[::1] params, const int64_t[::1] sizes, const float[:, ::1] x, const int32_t[::1] y,
+          const int64_t[:, ::1] order, Py_ssize_t batch_size, double lr, double momentum,
+          double weight_decay, double mu, float[::1] delta_out) -> float:
+    """Minibatch SGD from ``params`` over the row order (epochs, n); delta_out =
+    float32(w_final) - params; returns the sum over steps of each step's mean batch
+    cross-entropy (taken before the step). See ``fedkern._reference.models.train``."""
+    cdef _Net net = _Net(sizes)
+    cdef Py_ssize_t n = x.shape[0], f = x.shape[1], epochs = order.shape[0]
+    cdef Py_ssize_t rows = min(batch_size, n)
+    cdef Py_ssize_t p = net.weights[net.layers]
+    cdef Py_ssize_t n_acts = _output_block(net, rows, f, net.layers)
+    cdef Py_ssize_t n_dz = _padded(rows * net.widest)
+    cdef void* block = scratch((3 * p + n_acts + 2 * n_dz + 8) * sizeof(double))
+    cdef double* w = _aligned(block)
+    cdef double* start_w = w + p
+    cdef double* velocity = start_w + p
+    cdef double* dz = velocity + p
+    cdef double* da = dz + n_dz
+    cdef double* acts = da + n_dz
+    cdef double* logits = acts + _output_block(net, rows, f, net.layers - 1)
+    cdef _Sgd h = _Sgd(lr, momentum, weight_decay, mu)
+    cdef double total = 0.0
+    cdef Py_ssize_t e, s, nb, i
+    cdef const int64_t* batch
+    with nogil:
+        _load(net, &params[0], start_w)
+        for i in range(p):
+            w[i] = start_w[i]
+            velocity[i] = 0.0
+        for e in range(epochs):
+            s = 0
+            while s < n:
+                nb = min(rows, n - s)
+                batch = &order[e, s]
+                _gather(&x[0, 0], f, batch, nb, acts)
+                _forward(net, w, acts, f, rows, nb)
+                total = total + _softmax_grad(net, logits, &y[0], batch, nb, dz)
+                _backward_step(net, w, velocity, start_w, acts, f, rows, nb, dz, da, h)
+                s = s + nb
+        _store_delta(net, w, &params[0], &delta_out[0])
+    free(block)
+    return total
+
+
+def evaluate(const float[::1] params, const int64_t[::1] sizes, const float[:, ::1] x, const int32_t[::1] y,
+             int64_t[::1] predictions) -> float:
+    """Summed cross-entropy over the rows; predictions[i] = argmax of row i's logits (the
+    first maximum on ties). Rows go through in blocks of EVAL_ROWS to bound the scratch."""
+    cdef Py_ssize_t n = x.shape[0], f = x.shape[1]
+    if n == 0:
+        return 0.0
+    cdef _Net net = _Net(sizes)
+    cdef Py_ssize_t rows = min(EVAL_ROWS, n)
+    cdef Py_ssize_t p = net.weights[net.layers], last = net.layers - 1
+    cdef Py_ssize_t n_out = net.n_out[last], padded = net.padded[last]
+    cdef Py_ssize_t n_acts = _output_block(net, rows, f, net.layers)
+    cdef void* block = scratch((p + n_acts + 8) * sizeof(double))
+    cdef double* w = _aligned(block)
+    cdef double* acts = w + p
+    cdef double* logits = acts + _output_block(net, rows, f, last)
+    cdef double* z
+    cdef double total = 0.0
+    cdef Py_ssize_t s, nb, b, j, best
+    with nogil:
+        _load(net, &params[0], w)
+        s = 0
+        while s < n:
+            nb = min(rows, n - s)
+            for b in range(nb):
+                for j in range(f):
+                    acts[b * f + j] = x[s + b, j]
+            _forward(net, w, acts, f, rows, nb)
+            for b in range(nb):
+                z = logits + b * padded
+                total = total + _row_loss(z, n_out, y[s + b], NULL)
+                best = 0
+                for j in range(n_out):
+                    if z[j] > z[best]:
+                        best = j
+                predictions[s + b] = best
+            s = s + nb
+    free(block)
+    return total
