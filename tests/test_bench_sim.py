@@ -3,6 +3,7 @@ well-formed rows, the CLI's JSON parses. No timing is asserted, only the shape o
 results and the figures that follow from the data (bytes, row counts, identities)."""
 import json
 import math
+import os
 import sys
 
 import numpy as np
@@ -69,7 +70,7 @@ def test_fedprox_reports_totals_accuracies_and_the_reference_per_round(tiny_run)
 def test_cross_device_and_no_op_rounds_have_targets(tiny_run):
     rows = figures(tiny_run[0]["results"], "cross-device")
     assert rows["numba serial, median of 3 rounds"]["target"] == "< 20 ms"
-    assert rows["data generation (fedprox_synthetic)"]["value"] > 0
+    assert rows["data generation (fedprox_synthetic, dataset cache off)"]["value"] > 0
     no_op = figures(tiny_run[0]["results"], "no-op")
     assert no_op["numba threads(2), median of 3 rounds"]["target"] == "<= 1.03 ms (1 ms + 10 us x 3)"
     assert not any(name.startswith("reference") for name in no_op)
@@ -128,7 +129,19 @@ def test_first_round_runs_in_a_new_process():
     parts = [row["value"] for name, row in rows.items() if name.startswith("  of which")]
     assert len(parts) == 3 and all(part >= 0 for part in parts)
     assert sum(parts) == pytest.approx(total)
-    assert rows["launch -> round 1 done without data generation"]["value"] == pytest.approx(total - parts[1])
+    assert rows["launch -> round 1 done without the data"]["value"] == pytest.approx(total - parts[1])
+    assert "  of which: fedprox_synthetic (from the dataset cache)" in rows   # tests/conftest.py sets a cache
+
+
+def test_dataset_cache_off_restores_the_setting(monkeypatch):
+    monkeypatch.setenv("FEDKERN_DATA_CACHE", "/somewhere")
+    with simbench.dataset_cache_off():
+        assert os.environ["FEDKERN_DATA_CACHE"] == "off"
+    assert os.environ["FEDKERN_DATA_CACHE"] == "/somewhere"
+    monkeypatch.delenv("FEDKERN_DATA_CACHE")
+    with simbench.dataset_cache_off():
+        pass
+    assert "FEDKERN_DATA_CACHE" not in os.environ
 
 
 def test_a_failing_first_round_process_says_why(monkeypatch):
