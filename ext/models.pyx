@@ -172,45 +172,58 @@ cdef void _store_delta(_Net net, const double* w, const float* params, float* de
                 delta[p + j] = <float> w[net.weights[l] + k * padded + j] - params[p + j]
 
 
+cdef inline void _dense_tile(const double* W, Py_ssize_t n_in, Py_ssize_t padded, const double* a,
+                             Py_ssize_t a_stride, double* z, bint relu, Py_ssize_t R, Py_ssize_t J) noexcept nogil:
+    """z[r, :J*8] = a[r, :n_in] W[:, :J*8] + bias (then max(., 0) if ``relu``) for rows
+    r < R: R x J vectors of sums in registers (R <= FK_ROWS, J <= 2, constants once
+    inlined), each output summed over k in order. W, z point at the tile's first column."""
+    cdef fk_v8 acc[2 * FK_ROWS]
+    cdef fk_v8 row0, row1
+    cdef double v
+    cdef Py_ssize_t k, r, l
+    for r in range(R * J):
+        acc[r] = fk_zero()
+    for k in range(n_in):
+        row0 = fk_load(W + k * padded)
+        if J == 2:
+            row1 = fk_load(W + k * padded + FK_LANES)
+        for r in range(R):
+            acc[J * r] = fk_add(acc[J * r], fk_mul(fk_splat(a[r * a_stride + k]), row0))
+            if J == 2:
+                acc[J * r + 1] = fk_add(acc[J * r + 1], fk_mul(fk_splat(a[r * a_stride + k]), row1))
+    for r in range(R):
+        for l in range(J):  # the bias
+            fk_store(z + r * padded + l * FK_LANES, fk_add(acc[J * r + l], fk_load(W + n_in * padded + l * FK_LANES)))
+        if relu:
+            for l in range(J * FK_LANES):
+                v = z[r * padded + l]
+                z[r * padded + l] = v if v > 0.0 else 0.0
+
+
 cdef inline void _dense_rows(const double* W, Py_ssize_t n_in, Py_ssize_t padded, const double* a,
                              Py_ssize_t a_stride, double* z, bint relu, Py_ssize_t R) noexcept nogil:
-    """z[r, :] = a[r, :n_in] W + bias (then max(., 0) if ``relu``) for rows r < R (a
-    constant once inlined, R <= FK_ROWS): one tile of R x FK_LANES sums at a time, in
-    registers, each output summed over k in order."""
-    cdef fk_v8 acc[FK_ROWS]
-    cdef fk_v8 row
-    cdef double v
-    cdef Py_ssize_t j, k, r, l
-    j = 0
-    while j < padded:
-        for r in range(R):
-            acc[r] = fk_zero()
-        for k in range(n_in):
-            row = fk_load(W + k * padded + j)
-            for r in range(R):
-                acc[r] = fk_add(acc[r], fk_mul(fk_splat(a[r * a_stride + k]), row))
-        row = fk_load(W + n_in * padded + j)  # the bias
-        for r in range(R):
-            acc[r] = fk_add(acc[r], row)
-            fk_store(z + r * padded + j, acc[r])
-            if relu:
-                for l in range(FK_LANES):
-                    v = z[r * padded + j + l]
-                    z[r * padded + j + l] = v if v > 0.0 else 0.0
-        j = j + FK_LANES
+    """Rows r < R of one layer, 16 outputs per tile, then 8."""
+    cdef Py_ssize_t j = 0
+    while j + 2 * FK_LANES <= padded:
+        _dense_tile(W + j, n_in, padded, a, a_stride, z + j, relu, R, 2)
+        j = j + 2 * FK_LANES
+    if j < padded:
+        _dense_tile(W + j, n_in, padded, a, a_stride, z + j, relu, R, 1)
 
 
 cdef inline void _dense(const double* W, Py_ssize_t n_in, Py_ssize_t padded, const double* a,
                         Py_ssize_t a_stride, double* z, Py_ssize_t nb, bint relu) noexcept nogil:
     """One layer for rows 0..nb-1 (z rows have stride ``padded``, a rows ``a_stride``), in
-    tiles of FK_ROWS rows, the remaining rows one by one."""
+    tiles of FK_ROWS rows, then of 2 and 1."""
     cdef Py_ssize_t b = 0
     while b + FK_ROWS <= nb:
         _dense_rows(W, n_in, padded, a + b * a_stride, a_stride, z + b * padded, relu, FK_ROWS)
         b = b + FK_ROWS
-    while b < nb:
+    if b + 2 <= nb:
+        _dense_rows(W, n_in, padded, a + b * a_stride, a_stride, z + b * padded, relu, 2)
+        b = b + 2
+    if b < nb:
         _dense_rows(W, n_in, padded, a + b * a_stride, a_stride, z + b * padded, relu, 1)
-        b = b + 1
 
 
 cdef void _forward(_Net net, const double* w, double* acts, Py_ssize_t f, Py_ssize_t rows,
