@@ -12,8 +12,9 @@ The interface is made for workers in other processes or on other machines too:
 :class:`~fedkern.sim.rounds.Simulation`: model, data, settings); each round,
 ``run(plan, items)`` gets the round's plan (the broadcast parameters and the cohort's
 small per-client arrays, all of it picklable) and yields
-``trainer.train_chunk(item, plan)`` for every item. A process or Ray executor ships the
-trainer to its workers once and only the plan each round.
+``trainer.train_chunk(item, plan)`` for every item; ``plan["costs"]`` estimates each
+client's work (examples x epochs), for scheduling the longest chunks first. A process or
+Ray executor ships the trainer to its workers once and only the plan each round.
 
 Examples
 --------
@@ -74,6 +75,16 @@ class Executor(Protocol):
         """Release the workers (the executor may not be used afterwards)."""
 
 
+def longest_first(plan: dict, items: Sequence[range]) -> list[int]:
+    """Indices of ``items`` by decreasing work, ``plan["costs"]`` summed per item (LPT
+    scheduling: the longest chunk starts first, so it does not start last and finish late)."""
+    costs = plan.get("costs")
+    if costs is None:
+        return list(range(len(items)))
+    work = [float(sum(costs[p] for p in item)) for item in items]
+    return sorted(range(len(items)), key=lambda i: -work[i])
+
+
 class _Local:
     """Executors in this process: they call the trainer they were started with."""
 
@@ -126,10 +137,14 @@ class ThreadExecutor(_Local):
         self.workers = check.count(os.cpu_count() or 1 if workers is None else workers, "workers", low=1)
         self._pool: ThreadPoolExecutor | None = ThreadPoolExecutor(self.workers, thread_name_prefix="fedkern-sim")
 
-    def run(self, plan: dict, items: Iterable[range]) -> Iterator[Any]:
+    def run(self, plan: dict, items: Sequence[range]) -> Iterator[Any]:
         if self._pool is None:
             raise check.FedkernValueError("this ThreadExecutor was closed")
-        return self._pool.map(self._work(plan), items)
+        work = self._work(plan)
+        futures: list = [None] * len(items)
+        for i in longest_first(plan, items):
+            futures[i] = self._pool.submit(work, items[i])
+        return (future.result() for future in futures)
 
     def close(self) -> None:
         if self._pool is not None:

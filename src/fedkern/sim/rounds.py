@@ -483,6 +483,7 @@ class Simulation:
         forged = byzantine & bool(self.attack and self.attack.on_updates)
         sizes = self.train_data.sizes[clients].astype(np.float64)
         plan = {"round": r, "clients": clients, "epochs": epochs[arrives], "trains": ~forged,
+                "costs": sizes * epochs[arrives] * ~forged,
                 "flips": byzantine & bool(self.attack and not self.attack.on_updates), "weights": sizes,
                 "rows": self._rows(n) if self.needs_rows and n else None}
         plan["params"] = broadcast = self.params.copy()
