@@ -190,6 +190,9 @@ class Kernels:
         self._module = module
 
     def __getattr__(self, kernel: str):
+        if kernel.startswith("_"):
+            # not a kernel; also keeps copy/pickle probes from recursing before __init__ ran
+            raise AttributeError(kernel)
         function = getattr(self._module, kernel, None)
         if function is not None:
             return function

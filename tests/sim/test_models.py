@@ -386,3 +386,22 @@ def test_bad_train_inputs_raise_before_any_kernel(backend, name, arguments, erro
     if name in ("params", "x", "y"):
         with pytest.raises(error, match=match):
             model.evaluate(arguments["params"], arguments["x"], arguments["y"])
+
+
+@pytest.mark.parametrize("make", [lambda: LogisticRegression(5, 3), lambda: MLP(5, [4], 3)])
+def test_models_pickle_and_train_the_same_after(make):
+    import pickle
+
+    model = make()
+    copy = pickle.loads(pickle.dumps(model))
+    assert copy.backend == model.backend and copy.n_params == model.n_params
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((20, 5)).astype(np.float32)
+    y = rng.integers(0, 3, 20).astype(np.int32)
+    params = model.init(np.random.default_rng(1))
+    deltas = []
+    for m in (model, copy):
+        delta = np.empty(m.n_params, np.float32)
+        m.train(params, x, y, LocalTraining(epochs=2), np.random.default_rng(2), delta)
+        deltas.append(delta)
+    assert np.array_equal(deltas[0], deltas[1])

@@ -175,6 +175,15 @@ class _DenseNetwork:
         self.n_classes = int(widths[-1])
         self.n_params = int(sum((a + 1) * b for a, b in zip(widths[:-1], widths[1:])))
 
+    def __getstate__(self) -> dict:
+        # kernels are modules, which do not pickle: a copy sent to another process (a Flower
+        # or Ray worker, a process executor) loads the same concrete backend there
+        return {k: v for k, v in vars(self).items() if k != "_kernels"}
+
+    def __setstate__(self, state: dict) -> None:
+        vars(self).update(state)
+        self._kernels = backends.kernels("models", self.backend)
+
     def _check(self, params: np.ndarray, x, y) -> int:
         """Cheap checks of one call's inputs (shapes, dtypes, label range); returns n."""
         _check_array(params, "params", np.float32, (self.n_params,))
