@@ -7,7 +7,7 @@ in the comments.
 import numpy as np
 import pytest
 
-from fedkern import datasets, sim
+from fedkern import backends, datasets, sim
 from fedkern.sim import config
 
 SEEDS = range(5)
@@ -19,10 +19,11 @@ def final_accuracy(settings: dict) -> float:
     return simulation.history.last("test_accuracy")
 
 
-def test_numba_and_numpy_reference_runs_agree():
+@pytest.mark.parametrize("backend", [b for b in ("cython", "numba") if backends.is_available(b, "models")])
+def test_compiled_and_numpy_reference_runs_agree(backend):
     data = datasets.fedprox_synthetic(1.0, 1.0, n_clients=8, seed=2)
     runs = []
-    for backend in ("numba", "reference"):
+    for backend in (backend, "reference"):
         model = sim.LogisticRegression(data.train.n_features, data.train.n_classes, backend=backend)
         run = sim.Simulation(data, model, clients_per_round=4, local=sim.LocalTraining(epochs=3), seed=1)
         run.run(4)

@@ -5,7 +5,7 @@ Pieces, each usable alone inside another simulator:
 - :mod:`~fedkern.sim.data`: :class:`FederatedData` (one buffer, clients are slices);
   generators and loaders live in :mod:`fedkern.datasets`
 - :mod:`~fedkern.sim.partition`: IID, Dirichlet label skew, shards, labels per client, quantity skew
-- :mod:`~fedkern.sim.models`: logistic regression and an MLP trained by Numba kernels
+- :mod:`~fedkern.sim.models`: logistic regression and an MLP trained by compiled kernels (Cython or Numba)
 - :mod:`~fedkern.sim.sampling`: client samplers
 - :mod:`~fedkern.sim.algorithms`: client sides (FedAvg's local SGD, FedProx)
 - :mod:`~fedkern.sim.rounds`: :class:`Simulation`, the round's stages and their settings
