@@ -1,4 +1,4 @@
-"""pytest-benchmark: one round of each of the simulator's workloads, per model backend and executor.
+"""pytest-benchmark: rounds of the simulator's workloads, per model backend and executor.
 
 ``fedkern bench --sim`` runs the whole workloads (all rounds, first-round latency, memory);
 here one group per workload times its rounds, from the same builders
@@ -20,10 +20,10 @@ QUICK = PROFILE == "quick"
 SIZES = SimSizes(fedprox_epochs=2, device_clients=20, device_per_round=5) if QUICK else SimSizes()
 #: Rounds per benchmark in the quick profile (None: pytest-benchmark decides).
 ROUNDS = 3 if QUICK else None
-#: (model backend, executor) of each candidate.
-CANDIDATES = [pytest.param("numba", "serial", id="numba-serial"),
-              pytest.param("numba", "threads", id=f"numba-threads{SIZES.workers}"),
-              pytest.param("reference", "serial", id="reference-serial")]
+#: (model backend, executor) of each candidate: every compiled model backend on both executors, the reference.
+CANDIDATES = [pytest.param(backend, executor, id=f"{backend}-{executor}")
+              for backend in simbench.compiled_backends() for executor in ("serial", "threads")]
+CANDIDATES.append(pytest.param("reference", "serial", id="reference-serial"))
 
 
 @pytest.fixture(scope="module")

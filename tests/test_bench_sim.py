@@ -19,12 +19,13 @@ TINY = SimSizes(fedprox_clients=4, fedprox_per_round=2, fedprox_epochs=1, fedpro
                 scale_rows=4, scale_per_round=5, scale_rounds=(2, 4))
 ROW_KEYS = {"workload", "candidate", "value", "unit", "target", "met"}
 LINUX = sys.platform.startswith("linux")
+COMPILED = simbench.compiled_backends()
 
 
 @pytest.fixture(scope="module")
 def tiny_run():
     lines = []
-    result = simbench.run(TINY, with_first_round=False, echo=lines.append)
+    result = simbench.run(TINY, with_first_round=False, echo=lines.append)   # every compiled backend
     return result, lines
 
 
@@ -43,6 +44,7 @@ def figures(rows, workload_start):
 def test_run_returns_every_workload_as_json(tiny_run):
     result, _ = tiny_run
     assert result["profile"] == "sim" and result["sizes"]["fedprox_rounds"] == 3
+    assert result["model_backends"] == list(COMPILED) and COMPILED
     assert result["processor"] == bench.cpu_name() and result["threads"] >= 1
     check_rows(result["results"])
     assert json.loads(bench.to_json(result)) == result
@@ -57,23 +59,28 @@ def test_run_prints_a_progress_line_per_workload_then_the_table(tiny_run):
     assert lines[-1] == simbench.table(result["results"])
 
 
-def test_fedprox_reports_totals_accuracies_and_the_reference_per_round(tiny_run):
+@pytest.mark.parametrize("backend", COMPILED)
+def test_fedprox_reports_totals_accuracies_and_the_reference_per_round(tiny_run, backend):
     rows = figures(tiny_run[0]["results"], "FedProx")
-    serial, threads = rows["numba serial, final test accuracy"], rows["numba threads(2), final test accuracy"]
+    serial = rows[f"{backend} serial, final test accuracy"]
+    threads = rows[f"{backend} threads(2), final test accuracy"]
     assert 0 <= serial["value"] <= 100
     assert serial["value"] == threads["value"]           # executors give the same bits
-    assert rows["numba serial, total"]["target"] == "< 5 s"
+    assert rows[f"{backend} serial, total"]["target"] == "< 5 s"
+    assert f"{backend}, warm-up round in its own run ({simbench.WARM_UP[backend]})" in rows
     assert rows["reference serial, median of 2 rounds"]["unit"] == "ms/round"
-    assert rows["reference / numba serial, per-round medians of rounds 1-2"]["value"] > 0
+    assert rows[f"reference / {backend} serial, per-round medians of rounds 1-2"]["value"] > 0
 
 
-def test_cross_device_and_no_op_rounds_have_targets(tiny_run):
+@pytest.mark.parametrize("backend", COMPILED)
+def test_cross_device_and_no_op_rounds_have_targets(tiny_run, backend):
     rows = figures(tiny_run[0]["results"], "cross-device")
-    assert rows["numba serial, median of 3 rounds"]["target"] == "< 20 ms"
+    assert rows[f"{backend} serial, median of 3 rounds"]["target"] == "< 20 ms"
+    assert rows["reference serial, median of 2 rounds"]["target"] is None
     assert rows["data generation (fedprox_synthetic, dataset cache off)"]["value"] > 0
     no_op = figures(tiny_run[0]["results"], "no-op")
-    assert no_op["numba threads(2), median of 3 rounds"]["target"] == "<= 1.03 ms (1 ms + 10 us x 3)"
-    assert not any(name.startswith("reference") for name in no_op)
+    assert no_op["threads(2), median of 3 rounds"]["target"] == "<= 1.03 ms (1 ms + 10 us x 3)"
+    assert set(no_op) == {"serial, median of 3 rounds", "threads(2), median of 3 rounds"}   # the model is moot
 
 
 def test_ratio_compares_the_reference_with_numba_on_the_same_rounds():
@@ -131,6 +138,7 @@ def test_first_round_runs_in_a_new_process():
     assert sum(parts) == pytest.approx(total)
     assert rows["launch -> round 1 done without the data"]["value"] == pytest.approx(total - parts[1])
     assert "  of which: fedprox_synthetic (from the dataset cache)" in rows   # tests/conftest.py sets a cache
+    assert f"  of which: model ({COMPILED[0]}), Simulation, round 1" in rows   # the default model backend
 
 
 def test_dataset_cache_off_restores_the_setting(monkeypatch):
@@ -162,8 +170,9 @@ def test_sizes_are_validated():
 
 def test_without_reference_rounds_no_reference_is_timed():
     sizes = SimSizes(**{**TINY.__dict__, "reference_rounds": 0})
-    rows = simbench.cross_device(sizes, simbench.device_data(sizes))
-    assert not any("reference" in row["candidate"] for row in rows)
+    rows = simbench.cross_device(sizes, simbench.device_data(sizes), ("numba",))
+    assert {row["candidate"] for row in rows} == {"numba serial, median of 3 rounds",
+                                                  "numba threads(2), median of 3 rounds"}
 
 
 def test_table_aligns_columns_and_marks_verdicts():
@@ -185,10 +194,18 @@ def test_cli_bench_sim_json_parses(monkeypatch, capsys):
     check_rows(result["results"])
 
 
-def test_sim_profile_is_a_cli_flag_and_takes_no_backends():
+def test_sim_profile_is_a_cli_flag_and_needs_a_compiled_model_backend():
     assert bench.PROFILES["sim"].sim == SimSizes()
     with pytest.raises(SystemExit):
         cli.main(["bench", "--sim", "--quick"])          # profiles exclude each other
-    with pytest.raises(ValueError, match="takes no backend_names"):
-        bench.run("sim", ("numba",))
+    with pytest.raises(ValueError, match="need a compiled model backend"):
+        bench.run("sim", ("reference",))
     assert bench.cases("sim") == []                      # no op cases: the profile is the simulator's
+
+
+def test_backends_pick_the_model_backends_timed(monkeypatch, capsys):
+    monkeypatch.setitem(bench.PROFILES, "sim", bench.Profile("tiny", sim=TINY))
+    assert cli.main(["bench", "--sim", "--json", "--no-cold-start", "--backends", "numba"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["model_backends"] == ["numba"]
+    assert not any(row["candidate"].startswith("cython") for row in result["results"])

@@ -124,17 +124,15 @@ def run(profile: str = "default", backend_names: tuple[str, ...] | None = None,
     """Run the bench; return its results as a dict (what ``--json`` prints).
 
     A profile with simulator sizes (``--sim``) runs :func:`fedkern.bench.sim.run`
-    instead: ``with_cold_start=False`` skips its first-round-latency subprocesses, and
-    ``backend_names`` does not apply (its candidates are the simulator's models and executors).
+    instead: ``backend_names`` picks the model backends it times and
+    ``with_cold_start=False`` skips its first-round-latency subprocesses.
     """
     sizes = PROFILES[profile].sim if profile in PROFILES else None
     if sizes is not None:
         from . import sim  # here, not at the top: bench.sim imports this module
 
-        if backend_names:
-            raise ValueError(f"profile {profile!r} times the simulator's models and executors; "
-                             f"it takes no backend_names (got {backend_names})")
-        return sim.run(sizes, profile=profile, with_first_round=with_cold_start is not False, echo=echo)
+        return sim.run(sizes, profile=profile, model_backends=backend_names,
+                       with_first_round=with_cold_start is not False, echo=echo)
     names = [b for b in (backend_names or backends.NAMES) if backends.is_available(b)]
     if "reference" not in names:
         names.insert(0, "reference")

@@ -5,13 +5,14 @@ are the issue's targets, which are printed beside each figure, never asserted):
 
 1. **FedProx's protocol** (Li et al., "Federated Optimization in Heterogeneous
    Networks", MLSys 2020): Synthetic(1,1) with 30 devices, 10 a round, 20 local epochs,
-   batch 10, lr 0.01, multinomial logistic regression, test accuracy every round. The
-   total of 200 rounds on the serial and a thread executor, after one warm-up round in a
-   separate run (Numba's compilation or cache load, reported apart), and the final
-   accuracy; the numpy twin of the same model (``backend="reference"``, a plain numpy
-   training loop) over the first few rounds only, compared by per-round medians.
+   batch 10, lr 0.01, multinomial logistic regression, test accuracy every round. For
+   each compiled model backend (Cython, Numba) the total of 200 rounds on the serial and
+   a thread executor, after one warm-up round in a separate run (Numba's compilation or
+   cache load, reported apart), and the final accuracy; the numpy twin of the same model
+   (``backend="reference"``, a plain numpy training loop) over the first few rounds
+   only, compared by per-round medians.
 2. **Cross-device**: 1000 devices, 100 a round, 1 local epoch, no evaluation in the
-   timed rounds: the median round.
+   timed rounds: the median round, per model backend and executor.
 3. **No-op clients**: the same rounds with a client that sends a zero update, so the
    median round is the engine's own cost (sampling, streams, accumulation, server
    step). Target: 1 ms + 10 us per client.
@@ -19,9 +20,10 @@ are the issue's targets, which are printed beside each figure, never asserted):
    cross-device data and finishes round 1, with Numba's and the dataset's on-disk caches
    warm (as in any run after the first); seconds from launching the process, with the
    data's share reported apart. The data's generation time is reported with workload 2.
-5. **Memory at scale**: 100,000 clients x 20 rows x 60 features, 100 a round; the
-   resident set size (``/proc/self/statm``: the current RSS, not the peak) after
-   building the data and after rounds 10 and 1000, against the data's own bytes.
+5. **Memory at scale**: 100,000 clients x 20 rows x 60 features, 100 a round, the
+   default model backend (as in workload 4); the resident set size
+   (``/proc/self/statm``: the current RSS, not the peak) after building the data and
+   after rounds 10 and 1000, against the data's own bytes.
 
 Candidates run interleaved, one round of each in turn, so the machine's noise hits
 them alike; a run's total is the sum of its rounds' wall times.
@@ -56,6 +58,10 @@ from ..sim import (FederatedData, FederatedDataset, LocalTraining, LogisticRegre
 from .cases import SimSizes
 from .runner import cpu_name
 
+#: The compiled model backends the workloads time, side by side (and the reference).
+COMPILED = ("cython", "numba")
+#: What a backend's first round does beyond the others.
+WARM_UP = {"cython": "loads the extension", "numba": "compiles, or loads Numba's cache"}
 #: Local training of every workload but the epochs (FedProx's Synthetic settings).
 BATCH_SIZE, LR = 10, 0.01
 #: The issue's targets: all FedProx rounds (s), a cross-device round (ms), launch to round 1 (s).
@@ -69,7 +75,7 @@ NEVER = 10**9
 
 
 # --------------------------------------------------------------------------- building blocks
-def simulation(data: FederatedDataset, clients_per_round: int, epochs: int, *, backend: str = "numba",
+def simulation(data: FederatedDataset, clients_per_round: int, epochs: int, *, backend: str = "auto",
                executor=None, client_update=None, eval_every: int = 1) -> Simulation:
     """A FedAvg run with logistic regression, batch 10, lr 0.01 and seed 0 (every workload's)."""
     model = LogisticRegression(data.train.n_features, data.train.n_classes, backend=backend)
@@ -170,16 +176,25 @@ def row(workload: str, candidate: str, value: float | None, unit: str, target: s
                 target=target, met=met)
 
 
-def _threads(sizes: SimSizes) -> str:
-    return f"numba threads({sizes.workers})"
+def compiled_backends(names: tuple[str, ...] | None = None) -> tuple[str, ...]:
+    """The compiled model backends this machine runs (of ``names``, if given), fastest first."""
+    return tuple(b for b in COMPILED if (names is None or b in names) and backends.is_available(b, "models"))
+
+
+def _name(backend: str | None, executor: str) -> str:
+    return executor if backend is None else f"{backend} {executor}"
 
 
 @contextlib.contextmanager
-def _candidates(make: Callable[[str, object], Simulation], sizes: SimSizes, rounds: int,
-                reference_rounds: int = 0) -> Iterator[dict[str, tuple[Simulation, int]]]:
-    """name -> (run, rounds): Numba on the serial and the thread executor, the reference serially."""
-    runs = {"numba serial": (make("numba", SerialExecutor()), rounds),
-            _threads(sizes): (make("numba", ThreadExecutor(sizes.workers)), rounds)}
+def _candidates(make: Callable[[str | None, object], Simulation], sizes: SimSizes, rounds: int,
+                model_backends: tuple[str | None, ...], reference_rounds: int = 0
+                ) -> Iterator[dict[str, tuple[Simulation, int]]]:
+    """name -> (run, rounds): each model backend on the serial and the thread executor, the
+    reference serially; backend None is the default model (the name then says the executor only)."""
+    runs = {}
+    for backend in model_backends:
+        runs[_name(backend, "serial")] = (make(backend, SerialExecutor()), rounds)
+        runs[_name(backend, f"threads({sizes.workers})")] = (make(backend, ThreadExecutor(sizes.workers)), rounds)
     if reference_rounds:
         runs["reference serial"] = (make("reference", SerialExecutor()), reference_rounds)
     try:
@@ -201,9 +216,9 @@ def _interleaved(runs: dict[str, tuple[Simulation, int]]) -> dict[str, list[floa
     return times
 
 
-def _warm_up(make: Callable[[str, object], Simulation]) -> float:
-    """Seconds of one round of a throwaway Numba run: compiles the kernels (or loads Numba's cache)."""
-    run = make("numba", SerialExecutor())
+def _warm_up(make: Callable[[str | None, object], Simulation], backend: str) -> float:
+    """Seconds of one round of a throwaway run (Numba compiles its kernels or loads its cache)."""
+    run = make(backend, SerialExecutor())
     start = time.perf_counter()
     run.step()
     return time.perf_counter() - start
@@ -211,34 +226,36 @@ def _warm_up(make: Callable[[str, object], Simulation]) -> float:
 
 def _per_round(workload: str, times: dict[str, list[float]], target: str | None = None,
                limit_ms: float | None = None) -> list[dict]:
-    """Median round (ms) of every candidate, and the reference's over Numba's on the same rounds."""
+    """Median round (ms) of every candidate, and the reference's over each compiled backend's
+    (serial) on the same rounds."""
     rows = []
     for name, seconds in times.items():
         median_ms = 1e3 * statistics.median(seconds)
-        limited = limit_ms is not None and name.startswith("numba")
+        limited = limit_ms is not None and not name.startswith("reference")
         rows.append(row(workload, f"{name}, median of {len(seconds)} rounds", median_ms, "ms/round",
                         target if limited else None, median_ms <= limit_ms if limited else None))
-    if "reference serial" in times:
-        reference = times["reference serial"]
-        same = times["numba serial"][:len(reference)]   # the same rounds, so the same clients
-        rows.append(row(workload, f"reference / numba serial, per-round medians of rounds 1-{len(reference)}",
+    reference = times.get("reference serial")
+    for name in [name for name in times if name.endswith(" serial") and reference and name != "reference serial"]:
+        same = times[name][:len(reference)]   # the same rounds, so the same clients
+        rows.append(row(workload, f"reference / {name}, per-round medians of rounds 1-{len(reference)}",
                         statistics.median(reference) / statistics.median(same), "x"))
     return rows
 
 
 # --------------------------------------------------------------------------- the workloads
-def fedprox(sizes: SimSizes) -> list[dict]:
-    """Workload 1: FedProx's Synthetic(1,1) protocol, the whole run per executor."""
+def fedprox(sizes: SimSizes, model_backends: tuple[str, ...]) -> list[dict]:
+    """Workload 1: FedProx's Synthetic(1,1) protocol, the whole run per model backend and executor."""
     data = fedprox_data(sizes)
 
     def make(backend: str, executor) -> Simulation:
         return simulation(data, sizes.fedprox_per_round, sizes.fedprox_epochs, backend=backend, executor=executor)
 
     name = f"FedProx {sizes.fedprox_rounds} rounds"
-    rows = [row(name, "numba, warm-up round in its own run (compile or cache load)", _warm_up(make), "s")]
-    with _candidates(make, sizes, sizes.fedprox_rounds, sizes.reference_rounds) as runs:
+    rows = [row(name, f"{backend}, warm-up round in its own run ({WARM_UP[backend]})", _warm_up(make, backend), "s")
+            for backend in model_backends]
+    with _candidates(make, sizes, sizes.fedprox_rounds, model_backends, sizes.reference_rounds) as runs:
         times = _interleaved(runs)
-        for candidate in ("numba serial", _threads(sizes)):
+        for candidate in [name for name in runs if not name.startswith("reference")]:
             total = sum(times[candidate])
             rows.append(row(name, f"{candidate}, total", total, "s", f"< {FEDPROX_TARGET_S:g} s",
                             total < FEDPROX_TARGET_S))
@@ -247,13 +264,14 @@ def fedprox(sizes: SimSizes) -> list[dict]:
     return rows + _per_round("FedProx per round", times)
 
 
-def cross_device(sizes: SimSizes, data: FederatedDataset) -> list[dict]:
+def cross_device(sizes: SimSizes, data: FederatedDataset, model_backends: tuple[str, ...]) -> list[dict]:
     """Workload 2: 1 epoch on ``device_per_round`` clients a round, no evaluation; median rounds."""
     def make(backend: str, executor) -> Simulation:
         return simulation(data, sizes.device_per_round, 1, backend=backend, executor=executor, eval_every=NEVER)
 
-    _warm_up(make)
-    with _candidates(make, sizes, sizes.device_rounds, sizes.reference_rounds) as runs:
+    for backend in model_backends:
+        _warm_up(make, backend)
+    with _candidates(make, sizes, sizes.device_rounds, model_backends, sizes.reference_rounds) as runs:
         times = _interleaved(runs)
     return _per_round(f"cross-device, {sizes.device_per_round} of {sizes.device_clients} a round", times,
                       f"< {DEVICE_TARGET_MS:g} ms", DEVICE_TARGET_MS)
@@ -261,11 +279,11 @@ def cross_device(sizes: SimSizes, data: FederatedDataset) -> list[dict]:
 
 def no_op(sizes: SimSizes, data: FederatedDataset) -> list[dict]:
     """Workload 3: the cross-device rounds with :func:`no_op_update` clients (the engine's own cost)."""
-    def make(backend: str, executor) -> Simulation:
-        return simulation(data, sizes.device_per_round, 1, backend=backend, executor=executor,
-                          client_update=no_op_update, eval_every=NEVER)
+    def make(backend: None, executor) -> Simulation:    # the model never trains: its backend is moot
+        return simulation(data, sizes.device_per_round, 1, executor=executor, client_update=no_op_update,
+                          eval_every=NEVER)
 
-    with _candidates(make, sizes, sizes.no_op_rounds) as runs:
+    with _candidates(make, sizes, sizes.no_op_rounds, (None,)) as runs:
         times = _interleaved(runs)
     limit = NO_OP_BASE_MS + NO_OP_PER_CLIENT_MS * sizes.device_per_round
     target = f"<= {limit:g} ms (1 ms + 10 us x {sizes.device_per_round})"
@@ -284,12 +302,12 @@ model = sim.LogisticRegression(data.train.n_features, data.train.n_classes)
 run = sim.Simulation(data, model, clients_per_round=per_round, seed=0, eval_every=10**9,
                      local=sim.LocalTraining(epochs=1, batch_size=batch_size, lr=lr))
 run.step()
-print(json.dumps([imported, built, time.time()]))
+print(json.dumps([imported, built, time.time(), model.backend]))
 """
 
 
-def _first_round_process(sizes: SimSizes) -> tuple[float, float, float, float]:
-    """Wall-clock (launch, imported, data built, round 1 done) of one new process."""
+def _first_round_process(sizes: SimSizes) -> tuple[float, float, float, float, str]:
+    """Wall-clock (launch, imported, data built, round 1 done) of one new process, and its model's backend."""
     settings = json.dumps([sizes.device_clients, sizes.device_per_round, BATCH_SIZE, LR])
     # the child finds this very fedkern, wherever it was imported from
     package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -308,7 +326,7 @@ def first_round(sizes: SimSizes) -> list[dict]:
     (generated afresh if ``FEDKERN_DATA_CACHE=off``); its time is also reported apart.
     """
     _first_round_process(sizes)     # fills Numba's on-disk cache and the dataset cache
-    launch, imported, built, done = _first_round_process(sizes)
+    launch, imported, built, done, backend = _first_round_process(sizes)
     name = f"first round, new process, {sizes.device_clients} clients"
     target = f"< {FIRST_ROUND_TARGET_S:g} s"
     total, loading = done - launch, built - imported
@@ -316,7 +334,7 @@ def first_round(sizes: SimSizes) -> list[dict]:
     return [row(name, "launch -> round 1 done (all included)", total, "s", target, total < FIRST_ROUND_TARGET_S),
             row(name, "  of which: start Python + import fedkern", imported - launch, "s"),
             row(name, f"  of which: fedprox_synthetic ({source})", loading, "s"),
-            row(name, "  of which: model, Simulation, round 1", done - built, "s"),
+            row(name, f"  of which: model ({backend}), Simulation, round 1", done - built, "s"),
             row(name, "launch -> round 1 done without the data", total - loading, "s", target,
                 total - loading < FIRST_ROUND_TARGET_S)]
 
@@ -374,17 +392,24 @@ def _flushing(echo: Callable[[str], None] | None) -> Callable[[str], None]:
     return say
 
 
-def run(sizes: SimSizes | None = None, *, profile: str = "sim", with_first_round: bool = True,
-        echo: Callable[[str], None] | None = print) -> dict:
+def run(sizes: SimSizes | None = None, *, profile: str = "sim", model_backends: tuple[str, ...] | None = None,
+        with_first_round: bool = True, echo: Callable[[str], None] | None = print) -> dict:
     """Run the workloads; print a progress line per workload and the table; return the results.
 
+    ``model_backends`` picks the compiled model backends to time (default: every one this
+    machine runs, of :data:`COMPILED`); the numpy reference always runs its few rounds.
     The dict (what ``fedkern bench --sim --json`` prints) holds the machine, the sizes
     and ``results``: one :func:`row` per figure.
     """
     sizes = sizes or SimSizes()
+    compiled = compiled_backends(model_backends)
+    if not compiled:
+        raise ValueError(f"the simulator's workloads need a compiled model backend, one of {COMPILED} "
+                         f"that imports here; got {model_backends}")
     say = _flushing(echo)
     say(f"fedkern bench ({profile}): {cpu_name()} ({platform.machine()}), {backends.get_num_threads()} threads "
-        f"for the kernels, thread executors with {sizes.workers} workers")
+        f"for the kernels, thread executors with {sizes.workers} workers, model backends "
+        f"{', '.join(compiled)} and the reference")
     steps = 5 if with_first_round else 4
     started = time.perf_counter()
 
@@ -393,14 +418,14 @@ def run(sizes: SimSizes | None = None, *, profile: str = "sim", with_first_round
 
     progress(1, f"FedProx protocol: {sizes.fedprox_rounds} rounds per executor, the reference "
                 f"{sizes.reference_rounds}")
-    rows = fedprox(sizes)
+    rows = fedprox(sizes, compiled)
     progress(2, f"cross-device: {sizes.device_rounds} rounds per executor, the reference {sizes.reference_rounds}")
     with dataset_cache_off():      # the generator's own time, whatever the cache holds
         start = time.perf_counter()
         data = device_data(sizes)
         rows.append(row(f"cross-device, {sizes.device_per_round} of {sizes.device_clients} a round",
                         "data generation (fedprox_synthetic, dataset cache off)", time.perf_counter() - start, "s"))
-    rows += cross_device(sizes, data)
+    rows += cross_device(sizes, data, compiled)
     progress(3, f"no-op clients: {sizes.no_op_rounds} rounds per executor")
     rows += no_op(sizes, data)
     del data
@@ -412,7 +437,7 @@ def run(sizes: SimSizes | None = None, *, profile: str = "sim", with_first_round
     say(f"done in {time.perf_counter() - started:.0f} s\n")
     say(table(rows))
     return dict(profile=profile, machine=platform.machine(), processor=cpu_name(),
-                threads=backends.get_num_threads(),
+                threads=backends.get_num_threads(), model_backends=list(compiled),
                 sizes={name: list(value) if isinstance(value, tuple) else value for name, value in asdict(sizes).items()},
                 results=rows)
 
