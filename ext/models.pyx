@@ -27,12 +27,15 @@ reductions, with permutes, slower than scalar.)
   (a layer's input gradient is taken first, with its weights before the step);
 * input gradient: da[b, k] = sum_j dz[b, j] W_l[k, j] in 8 lanes (lane l sums
   j = l, l + 8, ...), then lane 0 + lane 1 + ... + lane 7 in order.
+* softmax: exp(z - max z) by ``fk_exp``, eight lanes at a time over the whole batch
+  (range reduction and a polynomial in plain adds and multiplies, within 1 ulp of libm's
+  exp, the same bits everywhere), then e / sum e and the one-hot subtraction in vectors.
 
-Summation orders differ from numpy's matmul, so results agree with the reference to
-float32 tolerance; they depend on the shapes only. The kernels are serial and release the
+Summation orders differ from numpy's matmul (and fk_exp from numpy's exp by up to 1 ulp),
+so results agree with the reference to float32 tolerance; they depend on the shapes only. The kernels are serial and release the
 GIL: the simulator trains clients in parallel threads, one kernel call per client.
 """
-from libc.math cimport exp, log
+from libc.math cimport log
 from libc.stdint cimport int32_t, int64_t, uintptr_t
 from libc.stdlib cimport free
 
@@ -47,6 +50,9 @@ cdef extern from *:
        independent chains, enough to cover their latency. (A size of the register tile of
        these helpers; src/fedkern/_blocks.py holds the block sizes of memory loops.) */
     #define FK_ROWS 4
+    /* 1.5 2^52: x + FK_SHIFT - FK_SHIFT rounds x to an integer (|x| < 2^51), exactly. */
+    #define FK_SHIFT 6755399441055744.0
+    #include <string.h>
     #if defined(__GNUC__) || defined(__clang__)
     typedef double fk_v8 __attribute__((vector_size(FK_LANES * sizeof(double))));
     static inline fk_v8 fk_load(const double* p) { fk_v8 v; __builtin_memcpy(&v, p, sizeof v); return v; }
@@ -56,6 +62,34 @@ cdef extern from *:
     static inline fk_v8 fk_add(fk_v8 a, fk_v8 b) { return a + b; }
     static inline fk_v8 fk_mul(fk_v8 a, fk_v8 b) { return a * b; }
     static inline double fk_lane(fk_v8 a, int l) { return a[l]; }
+    static inline fk_v8 fk_div(fk_v8 a, fk_v8 b) { return a / b; }
+    typedef long long fk_i8 __attribute__((vector_size(FK_LANES * sizeof(double))));
+    static inline fk_i8 fk_lane_index(void) { fk_i8 i = {0, 1, 2, 3, 4, 5, 6, 7}; return i; }
+    static inline fk_i8 fk_isplat(long long s) { fk_i8 v = {s, s, s, s, s, s, s, s}; return v; }
+    /* a with lanes l >= count set to value */
+    static inline fk_v8 fk_fill_from(fk_v8 a, long long count, double value) {
+        fk_i8 keep = (fk_i8) (fk_lane_index() < fk_isplat(count));
+        return (fk_v8) (((fk_i8) a & keep) | ((fk_i8) fk_splat(value) & ~keep));
+    }
+    /* value in lane l == lane (none if lane is not in 0..7), +0.0 elsewhere */
+    static inline fk_v8 fk_onehot(long long lane, double value) { return (fk_v8) ((fk_i8) fk_splat(value) & (fk_i8) (fk_lane_index() == fk_isplat(lane))); }
+    /* Lanes of a below lo become lo, above hi become hi; NaN stays NaN (the comparisons
+       are false): a select on the comparison masks, no min/max whose NaN rule varies. */
+    static inline fk_v8 fk_clamp(fk_v8 a, double lo, double hi) {
+        fk_i8 low = (fk_i8) (a < fk_splat(lo)), high = (fk_i8) (a > fk_splat(hi));
+        fk_i8 bits = ((fk_i8) a & ~(low | high)) | ((fk_i8) fk_splat(lo) & low) | ((fk_i8) fk_splat(hi) & high);
+        return (fk_v8) bits;
+    }
+    /* a 2^n for integer-valued n in [-1076, 1023] and a in [0.5, 2] (NaN passes through):
+       the two factors 2^floor(n/2), 2^(n - floor(n/2)) are normal doubles built from their
+       exponent bits; the first product is exact, the second rounds once if subnormal. The
+       integer n is read from the bits of n + 1.5 2^52 (exact, ulp 1), never converted, so
+       a NaN lane cannot hit undefined behaviour. */
+    static inline fk_v8 fk_scale(fk_v8 a, fk_v8 n) {
+        fk_i8 k = (fk_i8) (n + fk_splat(FK_SHIFT)) - (fk_i8) fk_splat(FK_SHIFT);
+        fk_i8 k1 = k >> 1, k2 = k - k1;
+        return a * (fk_v8) ((k1 + 1023) << 52) * (fk_v8) ((k2 + 1023) << 52);
+    }
     #else
     typedef struct { double v[FK_LANES]; } fk_v8;
     static fk_v8 fk_load(const double* p) { fk_v8 r; int l; for (l = 0; l < FK_LANES; l++) r.v[l] = p[l]; return r; }
@@ -65,7 +99,49 @@ cdef extern from *:
     static fk_v8 fk_add(fk_v8 a, fk_v8 b) { int l; for (l = 0; l < FK_LANES; l++) a.v[l] += b.v[l]; return a; }
     static fk_v8 fk_mul(fk_v8 a, fk_v8 b) { int l; for (l = 0; l < FK_LANES; l++) a.v[l] *= b.v[l]; return a; }
     static double fk_lane(fk_v8 a, int l) { return a.v[l]; }
+    static fk_v8 fk_div(fk_v8 a, fk_v8 b) { int l; for (l = 0; l < FK_LANES; l++) a.v[l] /= b.v[l]; return a; }
+    static fk_v8 fk_fill_from(fk_v8 a, long long count, double value) { int l; for (l = 0; l < FK_LANES; l++) if (l >= count) a.v[l] = value; return a; }
+    static fk_v8 fk_onehot(long long lane, double value) { fk_v8 r = {{0.0}}; if (lane >= 0 && lane < FK_LANES) r.v[lane] = value; return r; }
+    static fk_v8 fk_clamp(fk_v8 a, double lo, double hi) {
+        int l;
+        for (l = 0; l < FK_LANES; l++) a.v[l] = a.v[l] < lo ? lo : (a.v[l] > hi ? hi : a.v[l]);
+        return a;
+    }
+    static double fk_pow2(long long k) { unsigned long long bits = (unsigned long long) (k + 1023) << 52; double d; memcpy(&d, &bits, sizeof d); return d; }
+    static fk_v8 fk_scale(fk_v8 a, fk_v8 n) {
+        int l;
+        for (l = 0; l < FK_LANES; l++) {
+            double t = n.v[l] + FK_SHIFT, s = FK_SHIFT;
+            long long bt, bs, k1, k2;
+            memcpy(&bt, &t, sizeof t); memcpy(&bs, &s, sizeof s);
+            k1 = (bt - bs) >> 1; k2 = (bt - bs) - k1;
+            a.v[l] = a.v[l] * fk_pow2(k1) * fk_pow2(k2);
+        }
+        return a;
+    }
     #endif
+    /* exp(x) of each lane, for x <= 0 (what the softmax passes: z - max z), to about 1
+       ulp; 0 below about -745.13 (and for -inf), NaN for NaN. Cody-Waite range reduction
+       x = n ln2 + r, |r| <= ln2/2 (n ln2_hi is exact: ln2_hi has 32 significant bits,
+       and x - n ln2_hi is exact), then the Taylor polynomial of degree 13 (its truncation
+       error is below 0.05 ulp on that range), then the scaling by 2^n. Plain adds and
+       multiplies in a fixed order: the same bits on every machine and build. */
+    static inline fk_v8 fk_exp(fk_v8 x) {
+        static const double inverse_factorial[12] = {
+            1.0 / 2, 1.0 / 6, 1.0 / 24, 1.0 / 120, 1.0 / 720, 1.0 / 5040, 1.0 / 40320, 1.0 / 362880,
+            1.0 / 3628800, 1.0 / 39916800, 1.0 / 479001600, 1.0 / 6227020800.0};
+        fk_v8 n, r, p;
+        int k;
+        x = fk_clamp(x, -746.0, 709.0);  /* keeps n in fk_scale's range; exp(-746) rounds to 0 */
+        n = fk_add(fk_add(fk_mul(x, fk_splat(1.4426950408889634)), fk_splat(FK_SHIFT)), fk_splat(-FK_SHIFT));
+        r = fk_add(fk_add(x, fk_mul(n, fk_splat(-6.93147180369123816490e-01))), fk_mul(n, fk_splat(-1.90821492927058770002e-10)));
+        p = fk_splat(inverse_factorial[11]);
+        for (k = 10; k >= 0; k--)  /* p = 1/2! + r/3! + ... + r^11/13! */
+            p = fk_add(fk_mul(p, r), fk_splat(inverse_factorial[k]));
+        /* 1 + (r + r^2 p): the small part first, so its rounding error is far below 1 ulp */
+        p = fk_add(fk_splat(1.0), fk_add(r, fk_mul(fk_mul(r, r), p)));
+        return fk_scale(p, n);
+    }
     """
     enum: FK_LANES, FK_ROWS
     ctypedef struct fk_v8:
@@ -77,6 +153,10 @@ cdef extern from *:
     fk_v8 fk_add(fk_v8 a, fk_v8 b) noexcept nogil
     fk_v8 fk_mul(fk_v8 a, fk_v8 b) noexcept nogil
     double fk_lane(fk_v8 a, int l) noexcept nogil
+    fk_v8 fk_div(fk_v8 a, fk_v8 b) noexcept nogil
+    fk_v8 fk_exp(fk_v8 x) noexcept nogil
+    fk_v8 fk_fill_from(fk_v8 a, long long count, double value) noexcept nogil
+    fk_v8 fk_onehot(long long lane, double value) noexcept nogil
 from _scratch cimport scratch
 
 #: Rows per block of ``evaluate``: bounds its scratch whatever the number of rows.
@@ -237,43 +317,74 @@ cdef void _forward(_Net net, const double* w, double* acts, Py_ssize_t f, Py_ssi
                l < net.layers - 1)
 
 
-cdef double _row_loss(const double* z, Py_ssize_t n_out, int32_t label, double* p) noexcept nogil:
-    """Cross-entropy log(sum_j exp(z_j - m)) - (z_label - m), m = max z; if p is not NULL,
-    p[j] = softmax(z)_j (the reference's exp / sum)."""
-    cdef double m = z[0], total = 0.0, shifted_label = 0.0, shifted
+cdef inline double _row_max(const double* z, Py_ssize_t n_out) noexcept nogil:
+    """max_j z[j] over the real outputs (the first of the NaN-free comparisons)."""
+    cdef double m = z[0]
     cdef Py_ssize_t j
     for j in range(n_out):
         m = z[j] if z[j] > m else m
+    return m
+
+
+cdef void _shifted_exp(const double* logits, Py_ssize_t n_out, Py_ssize_t padded, Py_ssize_t nb,
+                       double* e) noexcept nogil:
+    """e[b, j] = exp(z[b, j] - m_b), m_b = max_j z[b, j], for rows b < nb; +0.0 in the padding.
+    All the rows' shifted logits first, then one pass of fk_exp over the block: its vectors
+    are independent, so the CPU overlaps their long dependency chains (a row at a time,
+    the polynomial's latency set the pace). The padding goes through the exp as 0 and is
+    cleared after it: an exp that underflows costs a microcode assist on x86 (a subnormal
+    or zero product), so it must not happen in every row's padding."""
+    cdef fk_v8 shift
+    cdef Py_ssize_t b, j, i
+    for b in range(nb):
+        shift = fk_splat(-_row_max(logits + b * padded, n_out))
+        j = 0
+        while j < padded:
+            i = b * padded + j
+            fk_store(e + i, fk_fill_from(fk_add(fk_load(logits + i), shift), n_out - j, 0.0))
+            j = j + FK_LANES
+    for b in range(nb):
+        j = 0
+        while j < padded:
+            i = b * padded + j
+            fk_store(e + i, fk_fill_from(fk_exp(fk_load(e + i)), n_out - j, 0.0))
+            j = j + FK_LANES
+
+
+cdef inline double _row_loss(const double* z, const double* e, Py_ssize_t n_out, int32_t label,
+                             double* sum_e) noexcept nogil:
+    """Cross-entropy log(sum_j exp(z_j - m)) - (z_label - m), m = max z, given the row's
+    e = exp(z - m) of ``_shifted_exp``; their sum, j in order, goes to ``sum_e``."""
+    cdef double total = 0.0
+    cdef Py_ssize_t j
     for j in range(n_out):
-        shifted = z[j] - m
-        if j == label:  # compared, never an index: a bad label cannot read out of bounds
-            shifted_label = shifted
-        shifted = exp(shifted)
-        total = total + shifted
-        if p != NULL:
-            p[j] = shifted
-    if p != NULL:
-        for j in range(n_out):
-            p[j] = p[j] / total
-    return log(total) - shifted_label
+        total = total + e[j]
+    sum_e[0] = total
+    # checked, so that a bad label cannot read out of bounds
+    return log(total) - (z[label] - _row_max(z, n_out) if 0 <= label < n_out else 0.0)
 
 
 cdef double _softmax_grad(_Net net, const double* logits, const int32_t* y, const int64_t* rows,
                           Py_ssize_t nb, double* dz) noexcept nogil:
-    """Mean loss of the batch; dz[b, :] = (softmax - onehot(label)) / nb, padding zero."""
+    """Mean loss of the batch; dz[b, :] = (softmax - onehot(label)) / nb, padding zero, in
+    the reference's order: p = e / sum e, p_label - 1, times 1/nb (an exact + 0.0 in the
+    other lanes)."""
     cdef Py_ssize_t l = net.layers - 1, n_out = net.n_out[l], padded = net.padded[l]
     cdef Py_ssize_t b, j
-    cdef double total = 0.0, scale = 1.0 / nb
+    cdef double total = 0.0, sum_e
+    cdef fk_v8 scale = fk_splat(1.0 / nb), sums
     cdef double* d
     cdef int32_t label
+    _shifted_exp(logits, n_out, padded, nb, dz)
     for b in range(nb):
         d = dz + b * padded
         label = y[rows[b]]
-        total = total + _row_loss(logits + b * padded, n_out, label, d)
-        for j in range(n_out):
-            d[j] = ((d[j] - 1.0) if j == label else d[j]) * scale
-        for j in range(n_out, padded):
-            d[j] = 0.0
+        total = total + _row_loss(logits + b * padded, d, n_out, label, &sum_e)
+        sums = fk_splat(sum_e)
+        j = 0
+        while j < padded:
+            fk_store(d + j, fk_mul(fk_add(fk_div(fk_load(d + j), sums), fk_onehot(label - j, -1.0)), scale))
+            j = j + FK_LANES
     return total / nb
 
 
@@ -448,12 +559,13 @@ def evaluate(const float[::1] params, const int64_t[::1] sizes, const float[:, :
     cdef Py_ssize_t p = net.weights[net.layers], last = net.layers - 1
     cdef Py_ssize_t n_out = net.n_out[last], padded = net.padded[last]
     cdef Py_ssize_t n_acts = _output_block(net, rows, f, net.layers)
-    cdef void* block = scratch((p + n_acts + 8) * sizeof(double))
+    cdef void* block = scratch((p + rows * padded + n_acts + 8) * sizeof(double))
     cdef double* w = _aligned(block)
-    cdef double* acts = w + p
+    cdef double* e = w + p
+    cdef double* acts = e + rows * padded
     cdef double* logits = acts + _output_block(net, rows, f, last)
     cdef double* z
-    cdef double total = 0.0
+    cdef double total = 0.0, sum_e
     cdef Py_ssize_t s, nb, b, j, best
     with nogil:
         _load(net, &params[0], w)
@@ -464,9 +576,10 @@ def evaluate(const float[::1] params, const int64_t[::1] sizes, const float[:, :
                 for j in range(f):
                     acts[b * f + j] = x[s + b, j]
             _forward(net, w, acts, f, rows, nb)
+            _shifted_exp(logits, n_out, padded, nb, e)
             for b in range(nb):
                 z = logits + b * padded
-                total = total + _row_loss(z, n_out, y[s + b], NULL)
+                total = total + _row_loss(z, e + b * padded, n_out, y[s + b], &sum_e)
                 best = 0
                 for j in range(n_out):
                     if z[j] > z[best]:
@@ -475,3 +588,15 @@ def evaluate(const float[::1] params, const int64_t[::1] sizes, const float[:, :
             s = s + nb
     free(block)
     return total
+
+
+def _exp(const double[::1] x, double[::1] out) -> None:
+    """out = fk_exp(x), the softmax's exponential (for the tests: its accuracy against
+    libm's exp); len(x) must be a multiple of FK_LANES = 8."""
+    cdef Py_ssize_t i = 0
+    if x.shape[0] % FK_LANES or out.shape[0] != x.shape[0]:
+        raise ValueError("x and out must have the same length, a multiple of 8")
+    with nogil:
+        while i < x.shape[0]:
+            fk_store(&out[i], fk_exp(fk_load(&x[i])))
+            i = i + FK_LANES

@@ -405,3 +405,63 @@ def test_models_pickle_and_train_the_same_after(make):
         m.train(params, x, y, LocalTraining(epochs=2), np.random.default_rng(2), delta)
         deltas.append(delta)
     assert np.array_equal(deltas[0], deltas[1])
+
+
+# ---------------------------------------------------------------- the Cython kernel's exp
+def cython_kernels():
+    if not backends.is_available("cython", "models"):
+        pytest.skip("the cython models kernels are not available")
+    from fedkern._cython import models
+
+    return models
+
+
+def cython_exp(x):
+    padded = np.concatenate([np.asarray(x, np.float64), np.zeros(-len(x) % 8)])
+    out = np.empty_like(padded)
+    cython_kernels()._exp(padded, out)
+    return out[:len(x)]
+
+
+def test_cython_exp_is_within_one_ulp_of_libm_down_to_underflow():
+    """The softmax's own vectorised exp (inputs z - max z <= 0), against math.exp."""
+    rng = np.random.default_rng(0)
+    x = np.concatenate([-rng.uniform(0, 1, 20000) * 10.0 ** rng.uniform(-18, 2.85, 20000),
+                        -rng.uniform(700, 746, 2000), -np.log(2) / 2 * np.array([1, 1 + 1e-15, 1 - 1e-15])])
+    got = cython_exp(x)
+    expected = np.array([math.exp(v) for v in x])
+    normal = expected >= np.finfo(np.float64).tiny
+    assert normal.sum() > 20000 and (~normal).sum() > 500
+    assert np.all(np.abs(got[normal] - expected[normal]) <= np.spacing(expected[normal]))
+    # subnormal results: within one step of the smallest subnormal (the last product rounds)
+    assert np.all(np.abs(got[~normal] - expected[~normal]) <= 5e-324)
+
+
+def test_cython_exp_special_values():
+    x = np.array([0.0, -0.0, -1e-300, -5e-324, -745.2, -746.0, -1e300, -np.inf, np.nan])
+    got = cython_exp(x)
+    np.testing.assert_array_equal(got[:4], 1.0)
+    np.testing.assert_array_equal(got[4:8], 0.0)
+    assert np.isnan(got[8])
+
+
+def test_cython_exp_checks_lengths():
+    kernels = cython_kernels()
+    with pytest.raises(ValueError, match="multiple of 8"):
+        kernels._exp(np.zeros(5), np.zeros(5))
+    with pytest.raises(ValueError, match="same length"):
+        kernels._exp(np.zeros(8), np.zeros(16))
+
+
+@pytest.mark.parametrize("backend", COMPILED)
+def test_backends_agree_when_softmax_probabilities_underflow(backend):
+    """Confident logits (gaps of thousands): exp(z - max z) is subnormal or 0 in most lanes."""
+    x, y = data(30, 4, 12, seed=7)
+    fast, slow = LogisticRegression(4, 12, backend=backend), LogisticRegression(4, 12, backend="reference")
+    params = (400.0 * np.random.default_rng(7).standard_normal(fast.n_params)).astype(np.float32)
+    config = LocalTraining(epochs=2, batch_size=7, lr=0.1, momentum=0.5)
+    d_fast, r_fast = trained_delta(fast, params, x, y, config, 0)
+    d_slow, r_slow = trained_delta(slow, params, x, y, config, 0)
+    np.testing.assert_allclose(d_fast, d_slow, rtol=1e-5, atol=1e-6)
+    assert r_fast.loss == pytest.approx(r_slow.loss, rel=1e-9)
+    assert fast.evaluate(params, x, y).loss == pytest.approx(slow.evaluate(params, x, y).loss, rel=1e-12)
