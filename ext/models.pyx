@@ -20,10 +20,10 @@ own sum in the scalar order, so the C compiler emits vector instructions and not
 changes. (Left to itself, GCC vectorised the loop over k of such sums as in-order
 reductions, with permutes, slower than scalar.)
 
-* forward: a tile of FK_ROWS rows x 8 outputs, z[b, j:j+8] += a[b, k] W_l[k, j:j+8] for k
+* forward: a tile of up to FK_ROWS rows x 16 outputs, z[b, j:j+16] += a[b, k] W_l[k, j:j+16] for k
   in order, stays in registers; the bias is added after the sum, as the reference does;
-* weight gradient and step, fused: a tile of FK_ROWS inputs x 8 outputs,
-  g[k, j:j+8] += a[b, k] dz[b, j:j+8] for b in order, then the SGD step of those weights
+* weight gradient and step, fused: a tile of up to FK_ROWS inputs x 16 outputs,
+  g[k, j:j+16] += a[b, k] dz[b, j:j+16] for b in order, then the SGD step of those weights
   (a layer's input gradient is taken first, with its weights before the step);
 * input gradient: da[b, k] = sum_j dz[b, j] W_l[k, j] in 8 lanes (lane l sums
   j = l, l + 8, ...), then lane 0 + lane 1 + ... + lane 7 in order.
@@ -392,36 +392,56 @@ cdef struct _Sgd:
     double lr, momentum, weight_decay, mu
 
 
+cdef inline void _step(double* W, double* V, const double* W0, fk_v8 g, _Sgd h) noexcept nogil:
+    """One vector of the SGD step given its gradient sum g: g += weight_decay w +
+    mu (w - w0); v = momentum v + g; w -= lr v."""
+    cdef fk_v8 w = fk_load(W), v
+    # w - w0 as w + (-1) w0 and w - lr v as w + (-lr) v: exact rewrites of the
+    # subtractions (negation is exact), so the helpers need no subtraction
+    cdef fk_v8 d = fk_add(fk_mul(fk_splat(h.weight_decay), w),
+                          fk_mul(fk_splat(h.mu), fk_add(w, fk_mul(fk_splat(-1.0), fk_load(W0)))))
+    v = fk_add(fk_mul(fk_splat(h.momentum), fk_load(V)), fk_add(g, d))
+    fk_store(V, v)
+    fk_store(W, fk_add(w, fk_mul(fk_splat(-h.lr), v)))
+
+
+cdef inline void _update_tile(double* W, double* V, const double* W0, Py_ssize_t padded, const double* a,
+                              Py_ssize_t a_stride, const double* dz, Py_ssize_t nb, _Sgd h,
+                              Py_ssize_t R, Py_ssize_t J) noexcept nogil:
+    """The SGD step of weight rows r < R, columns :J*8 (R <= FK_ROWS, J <= 2, constants once
+    inlined) with gradient g[r, :] = sum_b a[b, r] dz[b, :], b in order: R x J vectors of
+    sums in registers, each a[b, r] loaded once for its J vectors. W, V, W0 and dz point at
+    the tile's first column."""
+    cdef fk_v8 acc[2 * FK_ROWS]
+    cdef fk_v8 d0, d1, s
+    cdef Py_ssize_t b, r, l
+    for r in range(R * J):
+        acc[r] = fk_zero()
+    for b in range(nb):
+        d0 = fk_load(dz + b * padded)
+        if J == 2:
+            d1 = fk_load(dz + b * padded + FK_LANES)
+        for r in range(R):
+            s = fk_splat(a[b * a_stride + r])
+            acc[J * r] = fk_add(acc[J * r], fk_mul(s, d0))
+            if J == 2:
+                acc[J * r + 1] = fk_add(acc[J * r + 1], fk_mul(s, d1))
+    for r in range(R):
+        for l in range(J):
+            _step(W + r * padded + l * FK_LANES, V + r * padded + l * FK_LANES, W0 + r * padded + l * FK_LANES,
+                  acc[J * r + l], h)
+
+
 cdef inline void _update_rows(double* W, double* V, const double* W0, Py_ssize_t padded, const double* a,
                               Py_ssize_t a_stride, const double* dz, Py_ssize_t nb, _Sgd h,
                               Py_ssize_t R) noexcept nogil:
-    """The SGD step of rows r < R of a layer's weights (W, velocity V, start point W0; R a
-    constant once inlined, R <= FK_ROWS) with gradient g[r, :] = sum_b a[b, r] dz[b, :],
-    b in order, one tile of R x FK_LANES sums at a time, in registers; then
-    g += weight_decay w + mu (w - w0); v = momentum v + g; w -= lr v."""
-    cdef fk_v8 acc[FK_ROWS]
-    cdef fk_v8 d, w, v
-    cdef fk_v8 lr = fk_splat(-h.lr), momentum = fk_splat(h.momentum)
-    cdef fk_v8 weight_decay = fk_splat(h.weight_decay), mu = fk_splat(h.mu), minus_one = fk_splat(-1.0)
-    cdef Py_ssize_t i, j, b, r
-    j = 0
-    while j < padded:
-        for r in range(R):
-            acc[r] = fk_zero()
-        for b in range(nb):
-            d = fk_load(dz + b * padded + j)
-            for r in range(R):
-                acc[r] = fk_add(acc[r], fk_mul(fk_splat(a[b * a_stride + r]), d))
-        for r in range(R):
-            i = r * padded + j
-            w = fk_load(W + i)
-            # w - w0 as w + (-1) w0 and w - lr v as w + (-lr) v: exact rewrites of the
-            # subtractions (negation is exact), so the helpers need no subtraction
-            d = fk_add(fk_mul(weight_decay, w), fk_mul(mu, fk_add(w, fk_mul(minus_one, fk_load(W0 + i)))))
-            v = fk_add(fk_mul(momentum, fk_load(V + i)), fk_add(acc[r], d))
-            fk_store(V + i, v)
-            fk_store(W + i, fk_add(w, fk_mul(lr, v)))
-        j = j + FK_LANES
+    """The SGD step of weight rows r < R of a layer, 16 columns per tile, then 8."""
+    cdef Py_ssize_t j = 0
+    while j + 2 * FK_LANES <= padded:
+        _update_tile(W + j, V + j, W0 + j, padded, a, a_stride, dz + j, nb, h, R, 2)
+        j = j + 2 * FK_LANES
+    if j < padded:
+        _update_tile(W + j, V + j, W0 + j, padded, a, a_stride, dz + j, nb, h, R, 1)
 
 
 cdef inline void _update_layer(double* W, double* V, const double* W0, Py_ssize_t n_in, Py_ssize_t padded,
