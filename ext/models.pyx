@@ -25,8 +25,8 @@ reductions, with permutes, slower than scalar.)
 * weight gradient and step, fused: a tile of up to FK_ROWS inputs x 16 outputs,
   g[k, j:j+16] += a[b, k] dz[b, j:j+16] for b in order, then the SGD step of those weights
   (a layer's input gradient is taken first, with its weights before the step);
-* input gradient: da[b, k] = sum_j dz[b, j] W_l[k, j] in 8 lanes (lane l sums
-  j = l, l + 8, ...), then lane 0 + lane 1 + ... + lane 7 in order.
+* input gradient: da[b, k:k+8] = sum_j dz[b, j] W_l^T[j, k:k+8], j in order, from a
+  transposed copy of W_l made before the step;
 * softmax: exp(z - max z) by ``fk_exp``, eight lanes at a time over the whole batch
   (range reduction and a polynomial in plain adds and multiplies, within 1 ulp of libm's
   exp, the same bits everywhere), then e / sum e and the one-hot subtraction in vectors.
@@ -61,11 +61,12 @@ cdef extern from *:
     static inline fk_v8 fk_splat(double s) { fk_v8 v = {s, s, s, s, s, s, s, s}; return v; }
     static inline fk_v8 fk_add(fk_v8 a, fk_v8 b) { return a + b; }
     static inline fk_v8 fk_mul(fk_v8 a, fk_v8 b) { return a * b; }
-    static inline double fk_lane(fk_v8 a, int l) { return a[l]; }
     static inline fk_v8 fk_div(fk_v8 a, fk_v8 b) { return a / b; }
     typedef long long fk_i8 __attribute__((vector_size(FK_LANES * sizeof(double))));
     static inline fk_i8 fk_lane_index(void) { fk_i8 i = {0, 1, 2, 3, 4, 5, 6, 7}; return i; }
     static inline fk_i8 fk_isplat(long long s) { fk_i8 v = {s, s, s, s, s, s, s, s}; return v; }
+    /* x where a > 0, +0.0 elsewhere (a ReLU's derivative as a select) */
+    static inline fk_v8 fk_where_positive(fk_v8 x, fk_v8 a) { return (fk_v8) ((fk_i8) x & (fk_i8) (a > fk_zero())); }
     /* a with lanes l >= count set to value */
     static inline fk_v8 fk_fill_from(fk_v8 a, long long count, double value) {
         fk_i8 keep = (fk_i8) (fk_lane_index() < fk_isplat(count));
@@ -98,8 +99,8 @@ cdef extern from *:
     static fk_v8 fk_splat(double s) { fk_v8 r; int l; for (l = 0; l < FK_LANES; l++) r.v[l] = s; return r; }
     static fk_v8 fk_add(fk_v8 a, fk_v8 b) { int l; for (l = 0; l < FK_LANES; l++) a.v[l] += b.v[l]; return a; }
     static fk_v8 fk_mul(fk_v8 a, fk_v8 b) { int l; for (l = 0; l < FK_LANES; l++) a.v[l] *= b.v[l]; return a; }
-    static double fk_lane(fk_v8 a, int l) { return a.v[l]; }
     static fk_v8 fk_div(fk_v8 a, fk_v8 b) { int l; for (l = 0; l < FK_LANES; l++) a.v[l] /= b.v[l]; return a; }
+    static fk_v8 fk_where_positive(fk_v8 x, fk_v8 a) { int l; for (l = 0; l < FK_LANES; l++) if (!(a.v[l] > 0.0)) x.v[l] = 0.0; return x; }
     static fk_v8 fk_fill_from(fk_v8 a, long long count, double value) { int l; for (l = 0; l < FK_LANES; l++) if (l >= count) a.v[l] = value; return a; }
     static fk_v8 fk_onehot(long long lane, double value) { fk_v8 r = {{0.0}}; if (lane >= 0 && lane < FK_LANES) r.v[lane] = value; return r; }
     static fk_v8 fk_clamp(fk_v8 a, double lo, double hi) {
@@ -152,10 +153,10 @@ cdef extern from *:
     fk_v8 fk_splat(double s) noexcept nogil
     fk_v8 fk_add(fk_v8 a, fk_v8 b) noexcept nogil
     fk_v8 fk_mul(fk_v8 a, fk_v8 b) noexcept nogil
-    double fk_lane(fk_v8 a, int l) noexcept nogil
     fk_v8 fk_div(fk_v8 a, fk_v8 b) noexcept nogil
     fk_v8 fk_exp(fk_v8 x) noexcept nogil
     fk_v8 fk_fill_from(fk_v8 a, long long count, double value) noexcept nogil
+    fk_v8 fk_where_positive(fk_v8 x, fk_v8 a) noexcept nogil
     fk_v8 fk_onehot(long long lane, double value) noexcept nogil
 from _scratch cimport scratch
 
@@ -463,41 +464,46 @@ cdef inline void _update_layer(double* W, double* V, const double* W0, Py_ssize_
     _update_rows(W + o, V + o, W0 + o, padded, &one, 0, dz, nb, h, 1)
 
 
-cdef inline void _backprop(const double* W, Py_ssize_t n_in, Py_ssize_t padded, const double* a,
-                           Py_ssize_t a_stride, const double* dz, Py_ssize_t nb, double* da) noexcept nogil:
-    """da[b, k] = (sum_j dz[b, j] W[k, j]) * (a[b, k] > 0): the gradient at the ReLU output a
-    that fed this layer, zeros in its padding (da rows have stride a_stride). The sum over j runs in FK_LANES
-    lanes (lane l takes j = l, l + FK_LANES, ...), then lane 0 + lane 1 + ... in order."""
-    cdef fk_v8 lanes
-    cdef const double* row
+cdef void _transpose(const double* W, Py_ssize_t n_in, Py_ssize_t padded, Py_ssize_t n_out,
+                     Py_ssize_t in_padded, double* WT) noexcept nogil:
+    """WT[j, k] = W[k, j] (rows j < n_out of stride in_padded), zeros for k in n_in ..
+    in_padded: the layout in which the input gradient is a sum of whole vectors."""
+    cdef Py_ssize_t j, k
+    for j in range(n_out):
+        for k in range(n_in):
+            WT[j * in_padded + k] = W[k * padded + j]
+        for k in range(n_in, in_padded):
+            WT[j * in_padded + k] = 0.0
+
+
+cdef inline void _backprop(const double* WT, Py_ssize_t n_out, const double* a, Py_ssize_t a_stride,
+                           const double* dz, Py_ssize_t padded, Py_ssize_t nb, double* da) noexcept nogil:
+    """da[b, k] = (sum_j dz[b, j] W[k, j]) * (a[b, k] > 0), j in order, given WT = W^T of
+    ``_transpose``: the gradient at the ReLU output a that fed this layer, zeros in its
+    padding (a's padding is 0; da rows have stride a_stride). Eight k at a time, a vector
+    of sums over the real outputs j (a horizontal sum per k would cost more than the
+    sums themselves); the mask is a select, not a branch, since a > 0 about half the
+    time, at random."""
+    cdef fk_v8 acc
     cdef const double* d
-    cdef double total
-    cdef Py_ssize_t b, k, j, l
+    cdef Py_ssize_t b, k, j
     for b in range(nb):
         d = dz + b * padded
-        for k in range(n_in):
-            if a[b * a_stride + k] <= 0.0:
-                da[b * a_stride + k] = 0.0
-                continue
-            row = W + k * padded
-            lanes = fk_mul(fk_load(d), fk_load(row))
-            j = FK_LANES
-            while j < padded:
-                lanes = fk_add(lanes, fk_mul(fk_load(d + j), fk_load(row + j)))
-                j = j + FK_LANES
-            total = fk_lane(lanes, 0)
-            for l in range(1, FK_LANES):
-                total = total + fk_lane(lanes, l)
-            da[b * a_stride + k] = total
-        for k in range(n_in, a_stride):  # padding: the layer below's gradient reads whole lanes
-            da[b * a_stride + k] = 0.0
+        k = 0
+        while k < a_stride:
+            acc = fk_mul(fk_splat(d[0]), fk_load(WT + k))
+            for j in range(1, n_out):
+                acc = fk_add(acc, fk_mul(fk_splat(d[j]), fk_load(WT + j * a_stride + k)))
+            fk_store(da + b * a_stride + k, fk_where_positive(acc, fk_load(a + b * a_stride + k)))
+            k = k + FK_LANES
 
 
 cdef void _backward_step(_Net net, double* w, double* velocity, const double* start, const double* acts,
-                         Py_ssize_t f, Py_ssize_t rows, Py_ssize_t nb, double* dz, double* da, _Sgd h) noexcept nogil:
+                         Py_ssize_t f, Py_ssize_t rows, Py_ssize_t nb, double* dz, double* da, double* WT,
+                         _Sgd h) noexcept nogil:
     """The SGD step of every layer, from the top, given dz = d(mean loss)/d logits: layer l's
-    input gradient is taken (with its weights before the step) before its step; dz and da
-    swap roles at each layer."""
+    input gradient is taken (with its weights before the step, transposed into WT) before
+    its step; dz and da swap roles at each layer."""
     cdef Py_ssize_t l, stride, o
     cdef const double* a
     cdef double* swap
@@ -506,12 +512,21 @@ cdef void _backward_step(_Net net, double* w, double* velocity, const double* st
         a = acts + _input_block(net, rows, f, l)
         o = net.weights[l]
         if l > 0:
-            _backprop(w + o, net.n_in[l], net.padded[l], a, stride, dz, nb, da)
+            _transpose(w + o, net.n_in[l], net.padded[l], net.n_out[l], stride, WT)
+            _backprop(WT, net.n_out[l], a, stride, dz, net.padded[l], nb, da)
         _update_layer(w + o, velocity + o, start + o, net.n_in[l], net.padded[l], a, stride, dz, nb, h)
         if l > 0:
             swap = dz
             dz = da
             da = swap
+
+
+cdef Py_ssize_t _transposed_length(_Net net) noexcept nogil:
+    """Doubles of the largest W^T that ``_backprop`` reads (layers 1 .. layers - 1)."""
+    cdef Py_ssize_t l, length = 0
+    for l in range(1, net.layers):
+        length = max(length, net.n_out[l] * net.padded[l - 1])
+    return length
 
 
 cdef void _gather(const float* x, Py_ssize_t f, const int64_t* rows, Py_ssize_t nb, double* a) noexcept nogil:
@@ -535,7 +550,8 @@ def train(const float[::1] params, const int64_t[::1] sizes, const float[:, ::1]
     cdef Py_ssize_t p = net.weights[net.layers]
     cdef Py_ssize_t n_acts = _output_block(net, rows, f, net.layers)
     cdef Py_ssize_t n_dz = _padded(rows * net.widest)
-    cdef void* block = scratch((3 * p + n_acts + 2 * n_dz + 8) * sizeof(double))
+    cdef Py_ssize_t n_wt = _transposed_length(net)
+    cdef void* block = scratch((3 * p + n_acts + 2 * n_dz + n_wt + 8) * sizeof(double))
     cdef double* w = _aligned(block)
     cdef double* start_w = w + p
     cdef double* velocity = start_w + p
@@ -543,6 +559,7 @@ def train(const float[::1] params, const int64_t[::1] sizes, const float[:, ::1]
     cdef double* da = dz + n_dz
     cdef double* acts = da + n_dz
     cdef double* logits = acts + _output_block(net, rows, f, net.layers - 1)
+    cdef double* WT = acts + n_acts
     cdef _Sgd h = _Sgd(lr, momentum, weight_decay, mu)
     cdef double total = 0.0
     cdef Py_ssize_t e, s, nb, i
@@ -560,7 +577,7 @@ def train(const float[::1] params, const int64_t[::1] sizes, const float[:, ::1]
                 _gather(&x[0, 0], f, batch, nb, acts)
                 _forward(net, w, acts, f, rows, nb)
                 total = total + _softmax_grad(net, logits, &y[0], batch, nb, dz)
-                _backward_step(net, w, velocity, start_w, acts, f, rows, nb, dz, da, h)
+                _backward_step(net, w, velocity, start_w, acts, f, rows, nb, dz, da, WT, h)
                 s = s + nb
         _store_delta(net, w, &params[0], &delta_out[0])
     free(block)
