@@ -20,7 +20,7 @@ own sum in the scalar order, so the C compiler emits vector instructions and not
 changes. (Left to itself, GCC vectorised the loop over k of such sums as in-order
 reductions, with permutes, slower than scalar.)
 
-* forward: a tile of up to FK_ROWS rows x 16 outputs, z[b, j:j+16] += a[b, k] W_l[k, j:j+16] for k
+* forward: a tile of FK_BATCH_ROWS rows x 16 outputs, z[b, j:j+16] += a[b, k] W_l[k, j:j+16] for k
   in order, stays in registers; the bias is added after the sum, as the reference does;
 * weight gradient and step, fused: a tile of up to FK_ROWS inputs x 16 outputs,
   g[k, j:j+16] += a[b, k] dz[b, j:j+16] for b in order, then the SGD step of those weights
@@ -45,11 +45,19 @@ cdef extern from *:
        so results are those of the scalar loops whatever the vector width (the compiler
        splits a vector into the registers it has; contraction into FMA is off, setup.py). */
     #define FK_LANES 8
-    /* Rows per register tile of the forward pass and the weight step: FK_ROWS vectors of
+    /* Input rows per register tile of the weight step: FK_ROWS vectors of
        sums plus the loaded row stay in registers (16 on AVX2) and give the adds FK_ROWS
        independent chains, enough to cover their latency. (A size of the register tile of
        these helpers; src/fedkern/_blocks.py holds the block sizes of memory loops.) */
     #define FK_ROWS 4
+    /* Batch rows per register tile of the forward pass: 5 x 2 vectors of sums (plus the two
+       loaded) fit AVX-512's 32 registers and make the default batch of 10 two whole tiles;
+       4 elsewhere. Any tile shape gives the same sums (each output's k loop is in order). */
+    #if defined(__AVX512F__)
+    #define FK_BATCH_ROWS 5
+    #else
+    #define FK_BATCH_ROWS 4
+    #endif
     /* 1.5 2^52: x + FK_SHIFT - FK_SHIFT rounds x to an integer (|x| < 2^51), exactly. */
     #define FK_SHIFT 6755399441055744.0
     #include <string.h>
@@ -144,7 +152,7 @@ cdef extern from *:
         return fk_scale(p, n);
     }
     """
-    enum: FK_LANES, FK_ROWS
+    enum: FK_LANES, FK_ROWS, FK_BATCH_ROWS
     ctypedef struct fk_v8:
         pass
     fk_v8 fk_load(const double* p) noexcept nogil
@@ -166,6 +174,12 @@ cdef Py_ssize_t EVAL_ROWS = 256
 
 cdef inline Py_ssize_t _padded(Py_ssize_t n) noexcept nogil:
     return (n + FK_LANES - 1) // FK_LANES * FK_LANES
+
+
+cdef inline Py_ssize_t _tiled(Py_ssize_t rows) noexcept nogil:
+    """Rows of an activation block holding ``rows`` rows: a multiple of FK_BATCH_ROWS, so
+    the forward pass's last row tile stays inside (its spare rows are zeroed once)."""
+    return (rows + FK_BATCH_ROWS - 1) // FK_BATCH_ROWS * FK_BATCH_ROWS
 
 
 cdef class _Net:
@@ -254,25 +268,27 @@ cdef void _store_delta(_Net net, const double* w, const float* params, float* de
 
 
 cdef inline void _dense_tile(const double* W, Py_ssize_t n_in, Py_ssize_t padded, const double* a,
-                             Py_ssize_t a_stride, double* z, bint relu, Py_ssize_t R, Py_ssize_t J) noexcept nogil:
+                             Py_ssize_t a_stride, double* z, bint relu, Py_ssize_t J) noexcept nogil:
     """z[r, :J*8] = a[r, :n_in] W[:, :J*8] + bias (then max(., 0) if ``relu``) for rows
-    r < R: R x J vectors of sums in registers (R <= FK_ROWS, J <= 2, constants once
-    inlined), each output summed over k in order. W, z point at the tile's first column."""
-    cdef fk_v8 acc[2 * FK_ROWS]
+    r < FK_BATCH_ROWS: FK_BATCH_ROWS x J vectors of sums in registers (J <= 2, a constant
+    once inlined), each output summed over k in order. W, z point at the tile's first
+    column. (Always FK_BATCH_ROWS rows: with the row count a parameter too, GCC kept the
+    sums in memory.)"""
+    cdef fk_v8 acc[2 * FK_BATCH_ROWS]
     cdef fk_v8 row0, row1
     cdef double v
     cdef Py_ssize_t k, r, l
-    for r in range(R * J):
+    for r in range(FK_BATCH_ROWS * J):
         acc[r] = fk_zero()
     for k in range(n_in):
         row0 = fk_load(W + k * padded)
         if J == 2:
             row1 = fk_load(W + k * padded + FK_LANES)
-        for r in range(R):
+        for r in range(FK_BATCH_ROWS):
             acc[J * r] = fk_add(acc[J * r], fk_mul(fk_splat(a[r * a_stride + k]), row0))
             if J == 2:
                 acc[J * r + 1] = fk_add(acc[J * r + 1], fk_mul(fk_splat(a[r * a_stride + k]), row1))
-    for r in range(R):
+    for r in range(FK_BATCH_ROWS):
         for l in range(J):  # the bias
             fk_store(z + r * padded + l * FK_LANES, fk_add(acc[J * r + l], fk_load(W + n_in * padded + l * FK_LANES)))
         if relu:
@@ -281,30 +297,20 @@ cdef inline void _dense_tile(const double* W, Py_ssize_t n_in, Py_ssize_t padded
                 z[r * padded + l] = v if v > 0.0 else 0.0
 
 
-cdef inline void _dense_rows(const double* W, Py_ssize_t n_in, Py_ssize_t padded, const double* a,
-                             Py_ssize_t a_stride, double* z, bint relu, Py_ssize_t R) noexcept nogil:
-    """Rows r < R of one layer, 16 outputs per tile, then 8."""
-    cdef Py_ssize_t j = 0
-    while j + 2 * FK_LANES <= padded:
-        _dense_tile(W + j, n_in, padded, a, a_stride, z + j, relu, R, 2)
-        j = j + 2 * FK_LANES
-    if j < padded:
-        _dense_tile(W + j, n_in, padded, a, a_stride, z + j, relu, R, 1)
-
-
 cdef inline void _dense(const double* W, Py_ssize_t n_in, Py_ssize_t padded, const double* a,
                         Py_ssize_t a_stride, double* z, Py_ssize_t nb, bint relu) noexcept nogil:
     """One layer for rows 0..nb-1 (z rows have stride ``padded``, a rows ``a_stride``), in
-    tiles of FK_ROWS rows, then of 2 and 1."""
-    cdef Py_ssize_t b = 0
-    while b + FK_ROWS <= nb:
-        _dense_rows(W, n_in, padded, a + b * a_stride, a_stride, z + b * padded, relu, FK_ROWS)
-        b = b + FK_ROWS
-    if b + 2 <= nb:
-        _dense_rows(W, n_in, padded, a + b * a_stride, a_stride, z + b * padded, relu, 2)
-        b = b + 2
-    if b < nb:
-        _dense_rows(W, n_in, padded, a + b * a_stride, a_stride, z + b * padded, relu, 1)
+    tiles of FK_BATCH_ROWS rows, 16 outputs per tile, then 8. The last tile may run past
+    nb into the blocks' spare rows (``_tiled``): their outputs are computed, never read."""
+    cdef Py_ssize_t b = 0, j
+    while b < nb:
+        j = 0
+        while j + 2 * FK_LANES <= padded:
+            _dense_tile(W + j, n_in, padded, a + b * a_stride, a_stride, z + b * padded + j, relu, 2)
+            j = j + 2 * FK_LANES
+        if j < padded:
+            _dense_tile(W + j, n_in, padded, a + b * a_stride, a_stride, z + b * padded + j, relu, 1)
+        b = b + FK_BATCH_ROWS
 
 
 cdef void _forward(_Net net, const double* w, double* acts, Py_ssize_t f, Py_ssize_t rows,
@@ -546,9 +552,9 @@ def train(const float[::1] params, const int64_t[::1] sizes, const float[:, ::1]
     cross-entropy (taken before the step). See ``fedkern._reference.models.train``."""
     cdef _Net net = _Net(sizes)
     cdef Py_ssize_t n = x.shape[0], f = x.shape[1], epochs = order.shape[0]
-    cdef Py_ssize_t rows = min(batch_size, n)
+    cdef Py_ssize_t rows = min(batch_size, n), tiled = _tiled(rows)
     cdef Py_ssize_t p = net.weights[net.layers]
-    cdef Py_ssize_t n_acts = _output_block(net, rows, f, net.layers)
+    cdef Py_ssize_t n_acts = _output_block(net, tiled, f, net.layers)
     cdef Py_ssize_t n_dz = _padded(rows * net.widest)
     cdef Py_ssize_t n_wt = _transposed_length(net)
     cdef void* block = scratch((3 * p + n_acts + 2 * n_dz + n_wt + 8) * sizeof(double))
@@ -558,7 +564,7 @@ def train(const float[::1] params, const int64_t[::1] sizes, const float[:, ::1]
     cdef double* dz = velocity + p
     cdef double* da = dz + n_dz
     cdef double* acts = da + n_dz
-    cdef double* logits = acts + _output_block(net, rows, f, net.layers - 1)
+    cdef double* logits = acts + _output_block(net, tiled, f, net.layers - 1)
     cdef double* WT = acts + n_acts
     cdef _Sgd h = _Sgd(lr, momentum, weight_decay, mu)
     cdef double total = 0.0
@@ -569,15 +575,17 @@ def train(const float[::1] params, const int64_t[::1] sizes, const float[:, ::1]
         for i in range(p):
             w[i] = start_w[i]
             velocity[i] = 0.0
+        for i in range(n_acts):  # the rows past a batch's end stay finite
+            acts[i] = 0.0
         for e in range(epochs):
             s = 0
             while s < n:
                 nb = min(rows, n - s)
                 batch = &order[e, s]
                 _gather(&x[0, 0], f, batch, nb, acts)
-                _forward(net, w, acts, f, rows, nb)
+                _forward(net, w, acts, f, tiled, nb)
                 total = total + _softmax_grad(net, logits, &y[0], batch, nb, dz)
-                _backward_step(net, w, velocity, start_w, acts, f, rows, nb, dz, da, WT, h)
+                _backward_step(net, w, velocity, start_w, acts, f, tiled, nb, dz, da, WT, h)
                 s = s + nb
         _store_delta(net, w, &params[0], &delta_out[0])
     free(block)
@@ -592,27 +600,29 @@ def evaluate(const float[::1] params, const int64_t[::1] sizes, const float[:, :
     if n == 0:
         return 0.0
     cdef _Net net = _Net(sizes)
-    cdef Py_ssize_t rows = min(EVAL_ROWS, n)
+    cdef Py_ssize_t rows = min(EVAL_ROWS, n), tiled = _tiled(rows)
     cdef Py_ssize_t p = net.weights[net.layers], last = net.layers - 1
     cdef Py_ssize_t n_out = net.n_out[last], padded = net.padded[last]
-    cdef Py_ssize_t n_acts = _output_block(net, rows, f, net.layers)
+    cdef Py_ssize_t n_acts = _output_block(net, tiled, f, net.layers)
     cdef void* block = scratch((p + rows * padded + n_acts + 8) * sizeof(double))
     cdef double* w = _aligned(block)
     cdef double* e = w + p
     cdef double* acts = e + rows * padded
-    cdef double* logits = acts + _output_block(net, rows, f, last)
+    cdef double* logits = acts + _output_block(net, tiled, f, last)
     cdef double* z
     cdef double total = 0.0, sum_e
     cdef Py_ssize_t s, nb, b, j, best
     with nogil:
         _load(net, &params[0], w)
+        for b in range(n_acts):  # the rows past a block's end stay finite
+            acts[b] = 0.0
         s = 0
         while s < n:
             nb = min(rows, n - s)
             for b in range(nb):
                 for j in range(f):
                     acts[b * f + j] = x[s + b, j]
-            _forward(net, w, acts, f, rows, nb)
+            _forward(net, w, acts, f, tiled, nb)
             _shifted_exp(logits, n_out, padded, nb, e)
             for b in range(nb):
                 z = logits + b * padded
