@@ -105,7 +105,7 @@ PROFILES: dict[str, Profile] = {
     "flwr": Profile("fedkern.compat.flwr against Flower's own helpers, K in {10, 100} x D=1e6 (needs flwr; "
                     "Flower's Bulyan alone takes minutes)", flwr=((10, 1_000_000), (100, 1_000_000))),
     "sim": Profile("the simulator: FedProx's protocol, cross-device rounds, the engine's overhead, first-round "
-                   "latency and memory at 100,000 clients (about three minutes)", sim=SimSizes()),
+                   "latency and memory at 100,000 clients (about a minute and a half)", sim=SimSizes()),
 }
 
 
