@@ -35,7 +35,7 @@ from ._errors import FedkernTypeError, FedkernValueError
 from ._validate import count, real
 from .sim.data import FederatedData, FederatedDataset
 
-__all__ = ["Dataset", "fedprox_synthetic", "leaf_synthetic", "digits", "breast_cancer", "mnist5k",
+__all__ = ["Dataset", "cache_directory", "fedprox_synthetic", "leaf_synthetic", "digits", "breast_cancer", "mnist5k",
            "from_npz", "LOADERS", "load"]
 
 
@@ -54,11 +54,18 @@ class Dataset(NamedTuple):
 _SOURCE_DIGEST = hashlib.sha256(Path(__file__).read_bytes() + np.__version__.encode()).hexdigest()
 
 
-def _cache_path(kind: str, params: tuple) -> Path | None:
+def cache_directory() -> Path | None:
+    """Where generated datasets are cached (``FEDKERN_DATA_CACHE``), or None when it is off."""
     setting = os.environ.get("FEDKERN_DATA_CACHE", "")
     if setting.lower() in ("off", "0", "false", "no"):
         return None
-    root = Path(setting) if setting else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fedkern" / "datasets"
+    return Path(setting) if setting else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fedkern" / "datasets"
+
+
+def _cache_path(kind: str, params: tuple) -> Path | None:
+    root = cache_directory()
+    if root is None:
+        return None
     digest = hashlib.sha256(repr((kind, params, _SOURCE_DIGEST)).encode()).hexdigest()[:32]
     return root / f"{kind}-{digest}.npz"
 

@@ -301,3 +301,13 @@ def test_the_cache_can_be_turned_off(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     D.fedprox_synthetic(1.0, 1.0, n_clients=3, seed=0)
     assert not list(tmp_path.rglob("*.npz"))
+
+
+def test_cache_directory_follows_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDKERN_DATA_CACHE", str(tmp_path))
+    assert D.cache_directory() == tmp_path
+    monkeypatch.setenv("FEDKERN_DATA_CACHE", "off")
+    assert D.cache_directory() is None
+    monkeypatch.delenv("FEDKERN_DATA_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert D.cache_directory() == tmp_path / "fedkern" / "datasets"

@@ -21,6 +21,10 @@ def _ms(seconds: float) -> str:
 
 def table(result: dict) -> str:
     """One Markdown table of a bench result (what :func:`fedkern.bench.run` returns)."""
+    if "sizes" in result:       # a ``--sim`` run: its rows are workloads, not ops
+        from . import sim
+
+        return sim.markdown(result)
     groups: dict[tuple[str, str], dict[str, dict]] = {}
     for row in result["results"]:
         groups.setdefault((row["op"], row["size"]), {})[row["backend"]] = row

@@ -330,17 +330,13 @@ def first_round(sizes: SimSizes) -> list[dict]:
     name = f"first round, new process, {sizes.device_clients} clients"
     target = f"< {FIRST_ROUND_TARGET_S:g} s"
     total, loading = done - launch, built - imported
-    source = "generated, cache off" if _cache_disabled() else "from the dataset cache"
+    source = "generated, cache off" if datasets.cache_directory() is None else "from the dataset cache"
     return [row(name, "launch -> round 1 done (all included)", total, "s", target, total < FIRST_ROUND_TARGET_S),
             row(name, "  of which: start Python + import fedkern", imported - launch, "s"),
             row(name, f"  of which: fedprox_synthetic ({source})", loading, "s"),
             row(name, f"  of which: model ({backend}), Simulation, round 1", done - built, "s"),
             row(name, "launch -> round 1 done without the data", total - loading, "s", target,
                 total - loading < FIRST_ROUND_TARGET_S)]
-
-
-def _cache_disabled() -> bool:
-    return os.environ.get("FEDKERN_DATA_CACHE", "").lower() in ("off", "0", "false", "no")
 
 
 def _mb(nbytes: int | None) -> float | None:
