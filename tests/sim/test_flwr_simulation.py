@@ -25,5 +25,6 @@ def test_flower_simulation_recipe_runs_and_learns():
     done = subprocess.run([sys.executable, "-c", recipe()], capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     accuracy = float(re.search(r"test accuracy ([0-9.]+)", done.stdout).group(1))
-    # three rounds of FedAvg on Synthetic(1,1) from zeros: clearly above chance (0.1)
-    assert accuracy > 0.3, done.stdout[-2000:]
+    # every client trains every round, so nothing is left to Flower's (unseeded) sampling:
+    # fedkern's own loop gives 0.558 after these three rounds; chance is 0.1
+    assert accuracy > 0.4, done.stdout[-2000:]
