@@ -443,15 +443,18 @@ class Simulation:
             loss[j], steps[j] = result.loss, result.steps
         if matrix is not None:
             return _Chunk(None, 0.0, loss, steps, np.ones(end - begin, bool))
-        norms = aggregate.l2_norms(rows, dtype=np.float64, check_finite=False, backend=self.backend)
-        accepted = np.isfinite(norms)
-        weights = plan["weights"][begin:end][accepted]
-        if accepted.all():
-            kept = rows
-        else:
+        weights = plan["weights"][begin:end]
+        partial = aggregate.weighted_sum(rows, weights, dtype=np.float64, check_finite=False, backend=self.backend)
+        accepted = np.ones(end - begin, bool)
+        if not np.isfinite(partial).all():
+            # some update holds NaN or inf (a float64 sum of finite float32 rows cannot
+            # overflow): find them by their norms and sum the others again
+            accepted = np.isfinite(aggregate.l2_norms(rows, dtype=np.float64, check_finite=False,
+                                                      backend=self.backend))
+            weights = weights[accepted]
             kept = [rows[i] for i in np.flatnonzero(accepted)]
-        partial = aggregate.weighted_sum(kept, weights, dtype=np.float64, check_finite=False,
-                                         backend=self.backend) if weights.size else None
+            partial = aggregate.weighted_sum(kept, weights, dtype=np.float64, check_finite=False,
+                                             backend=self.backend) if kept else None
         return _Chunk(partial, float(weights.sum()), loss, steps, accepted)
 
     def _rows(self, n: int) -> np.ndarray:
