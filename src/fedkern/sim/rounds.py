@@ -98,12 +98,15 @@ class _ClientStreams(threading.local):
     def __init__(self):
         self.bits = np.random.Philox(0)
         self.generator = np.random.Generator(self.bits)
+        self.key = np.zeros(2, np.uint64)
+        # the state of a freshly keyed Philox: counter 0, nothing buffered; only the key changes
+        self.state = {"bit_generator": "Philox", "state": {"counter": np.zeros(4, np.uint64), "key": self.key},
+                      "buffer": np.zeros(4, np.uint64), "buffer_pos": 4, "has_uint32": 0, "uinteger": 0}
 
     def get(self, seed: int, r: int, client: int) -> np.random.Generator:
-        # the state of a freshly keyed Philox: counter 0, nothing buffered
-        self.bits.state = {"bit_generator": "Philox",
-                           "state": {"counter": np.zeros(4, np.uint64), "key": _key(seed, STREAM_CLIENT, r, client)},
-                           "buffer": np.zeros(4, np.uint64), "buffer_pos": 4, "has_uint32": 0, "uinteger": 0}
+        self.key[0] = seed
+        self.key[1] = (STREAM_CLIENT << 62) | (r << 32) | client     # as _key, without a new array
+        self.bits.state = self.state
         return self.generator
 
 
@@ -429,17 +432,21 @@ class Simulation:
         matrix = plan["rows"]
         rows = matrix[begin:end] if matrix is not None else np.empty((end - begin, self.params.shape[0]), np.float32)
         loss, steps = np.full(end - begin, math.nan), np.zeros(end - begin, np.int64)
-        data, r = self.train_data, plan["round"]
-        for j, p in enumerate(positions):
-            if not plan["trains"][p]:
+        data, r, update, params = self.train_data, plan["round"], self.client_update, plan["params"]
+        offsets, top_label = data.offsets, data.n_classes - 1
+        # Python ints: indexing them costs less than numpy scalars, once per client
+        clients, epochs = plan["clients"][begin:end].tolist(), plan["epochs"][begin:end].tolist()
+        trains, flips = plan["trains"][begin:end].tolist(), plan["flips"][begin:end].tolist()
+        for j in range(end - begin):
+            if not trains[j]:
                 continue
-            c = int(plan["clients"][p])
-            first, last = data.offsets[c], data.offsets[c + 1]
-            x, y = data.x[first:last], data.y[first:last]
-            if plan["flips"][p]:
-                y = (data.n_classes - 1) - y
-            result = self.client_update(self.model, plan["params"], x, y, self._config(plan["epochs"][p]),
-                                        _streams.get(self.seed, r, c), rows[j])
+            c = clients[j]
+            first, last = offsets[c], offsets[c + 1]
+            y = data.y[first:last]
+            if flips[j]:
+                y = top_label - y
+            result = update(self.model, params, data.x[first:last], y, self._config(epochs[j]),
+                            _streams.get(self.seed, r, c), rows[j])
             loss[j], steps[j] = result.loss, result.steps
         if matrix is not None:
             return _Chunk(None, 0.0, loss, steps, np.ones(end - begin, bool))
