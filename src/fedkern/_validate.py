@@ -7,8 +7,9 @@ raise live in :mod:`fedkern._errors`, the kernel-input view they return in
 """
 from __future__ import annotations
 
+import inspect
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -231,3 +232,19 @@ def raise_nonfinite(op: str, inputs: Updates | Sequence[np.ndarray], result: np.
         f"{'' if position is None else f' at index {position}'}; use dtype=np.float64 or smaller weights",
         client=None, position=position,
     )
+
+
+def parameters(function: Callable, params: dict, what: str, given: Sequence[str] = ()) -> None:
+    """Check that ``function`` takes every keyword of ``params`` and gets each it requires.
+
+    ``what`` names the thing being configured (e.g. ``"dataset 'digits'"``); ``given`` are
+    the parameters the caller passes itself, which ``params`` may not set.
+    """
+    signature = inspect.signature(function).parameters
+    accepted = [p for p in signature if p not in given]
+    unknown = sorted(set(params) - set(accepted))
+    if unknown:
+        raise FedkernValueError(f"{what} takes no parameter {unknown[0]!r}; its parameters are {', '.join(accepted)}")
+    missing = [p for p in accepted if signature[p].default is inspect.Parameter.empty and p not in params]
+    if missing:
+        raise FedkernValueError(f"{what} needs parameter {missing[0]!r}")

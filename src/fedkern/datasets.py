@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import inspect
 import os
 import random
 import zipfile
@@ -32,7 +31,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ._errors import FedkernTypeError, FedkernValueError
-from ._validate import count, real
+from ._validate import count, parameters, real
 from .sim.data import FederatedData, FederatedDataset
 
 __all__ = ["Dataset", "cache_directory", "fedprox_synthetic", "leaf_synthetic", "digits", "breast_cancer", "mnist5k",
@@ -533,13 +532,5 @@ def load(name: str, **params) -> FederatedDataset | Dataset:
     """
     if name not in LOADERS:
         raise FedkernValueError(f"unknown dataset {name!r}; choose one of {', '.join(LOADERS)}")
-    loader = LOADERS[name]
-    signature = inspect.signature(loader).parameters
-    unknown = sorted(set(params) - set(signature))
-    if unknown:
-        raise FedkernValueError(f"dataset {name!r} takes no parameter {unknown[0]!r}; "
-                                f"its parameters are {', '.join(signature)}")
-    missing = [p for p in signature if signature[p].default is inspect.Parameter.empty and p not in params]
-    if missing:
-        raise FedkernValueError(f"dataset {name!r} needs parameter {missing[0]!r}")
-    return loader(**params)
+    parameters(LOADERS[name], params, f"dataset {name!r}")
+    return LOADERS[name](**params)

@@ -7,7 +7,7 @@ import pytest
 
 import fedkern
 from fedkern.sim import (Aggregator, Attack, Dropout, FederatedData, FederatedDataset, LocalTraining,
-                         SerialExecutor, Simulation, Stragglers, ThreadExecutor)
+                         Simulation, Stragglers, ThreadExecutor)
 from fedkern.sim.history import FIELDS
 from fedkern.sim.rounds import STREAM_CLIENT, stream
 from fedkern.sim.sampling import BySize, PowerOfChoice

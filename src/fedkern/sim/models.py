@@ -34,7 +34,6 @@ once; ``delta_out = float32(w_final) - params`` in float32.
 """
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -387,13 +386,5 @@ def make_model(name: str, n_features: int, n_classes: int, **params) -> Model:
     """
     if name not in MODELS:
         raise FedkernValueError(f"unknown model {name!r}; choose one of {', '.join(map(repr, MODELS))}")
-    cls = MODELS[name]
-    signature = inspect.signature(cls).parameters
-    valid = [p for p in signature if p not in ("n_features", "n_classes")]
-    unknown = sorted(set(params) - set(valid))
-    if unknown:
-        raise FedkernValueError(f"{name} takes no parameter {unknown[0]!r}; valid ones: {', '.join(valid)}")
-    missing = [p for p in valid if signature[p].default is inspect.Parameter.empty and p not in params]
-    if missing:
-        raise FedkernValueError(f"{name} needs the parameter {missing[0]!r}")
-    return cls(n_features=n_features, n_classes=n_classes, **params)
+    _validate.parameters(MODELS[name], params, f"model {name!r}", given=("n_features", "n_classes"))
+    return MODELS[name](n_features=n_features, n_classes=n_classes, **params)

@@ -27,7 +27,7 @@ from collections.abc import Callable
 import numpy as np
 
 from .._errors import FedkernTypeError, FedkernValueError
-from .._validate import count, real
+from .._validate import count, parameters, real
 from ..datasets import Dataset
 from .data import FederatedData, FederatedDataset
 
@@ -395,16 +395,8 @@ def partition(dataset: Dataset, name: str, n_clients: int, **params) -> Federate
     if not isinstance(dataset, Dataset):
         raise FedkernTypeError(f"dataset must be a fedkern.datasets.Dataset; got {type(dataset).__name__}")
     scheme = _scheme(name)
-    signature = inspect.signature(scheme).parameters
-    accepted = [p for p in signature if p not in ("labels", "n_clients")]
-    unknown = sorted(set(params) - set(accepted))
-    if unknown:
-        raise FedkernValueError(f"partition {name!r} takes no parameter {unknown[0]!r}; "
-                                f"its parameters are {', '.join(accepted)}")
-    missing = [p for p in accepted if signature[p].default is inspect.Parameter.empty and p not in params]
-    if missing:
-        raise FedkernValueError(f"partition {name!r} needs parameter {missing[0]!r}")
-    if "n_classes" in accepted:
+    parameters(scheme, params, f"partition {name!r}", given=("labels", "n_clients"))
+    if "n_classes" in inspect.signature(scheme).parameters:
         params.setdefault("n_classes", dataset.n_classes)
     train_labels = np.asarray(dataset.y_train)
     parts = scheme(train_labels, n_clients, **params)

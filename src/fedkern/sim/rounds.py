@@ -397,11 +397,12 @@ class Simulation:
     def _select(self, rng: np.random.Generator) -> np.ndarray:
         sizes = self.train_data.sizes
         candidates = online(rng, sizes, self.availability)
-        loss = None
-        if self.sampler.needs_loss:
-            def loss(ids):
-                return np.array([self.model.loss(self.params, *self.train_data.client(int(c))) for c in ids])
+        loss = self._client_losses if self.sampler.needs_loss else None
         return np.sort(self.sampler.select(rng, self.clients_per_round, candidates, sizes, loss))
+
+    def _client_losses(self, clients: np.ndarray) -> np.ndarray:
+        """The global model's loss on each client's training data (for power-of-choice)."""
+        return np.array([self.model.loss(self.params, *self.train_data.client(int(c))) for c in clients])
 
     def _faults(self, rng: np.random.Generator, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(arrives, epochs, straggles) for the k selected clients, in one fixed order of draws."""
