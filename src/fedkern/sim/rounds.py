@@ -113,6 +113,21 @@ class _ClientStreams(threading.local):
 _streams = _ClientStreams()
 
 
+class _ChunkRows(threading.local):
+    """Each thread's buffer for the deltas of the chunk it trains, kept across chunks and
+    rounds: a fresh (chunk, D) array per chunk would fault in its pages every time."""
+
+    array: np.ndarray | None = None
+
+    def get(self, n: int, d: int) -> np.ndarray:
+        if self.array is None or self.array.shape[1] != d or self.array.shape[0] < n:
+            self.array = np.empty((n, d), np.float32)
+        return self.array[:n]
+
+
+_chunk_rows = _ChunkRows()
+
+
 def _train(model, params, x, y, config, rng, delta_out):
     return model.train(params, x, y, config, rng, delta_out)
 
@@ -431,7 +446,7 @@ class Simulation:
         """
         begin, end = positions.start, positions.stop
         matrix = plan["rows"]
-        rows = matrix[begin:end] if matrix is not None else np.empty((end - begin, self.params.shape[0]), np.float32)
+        rows = matrix[begin:end] if matrix is not None else _chunk_rows.get(end - begin, self.params.shape[0])
         loss, steps = np.full(end - begin, math.nan), np.zeros(end - begin, np.int64)
         data, r, update, params = self.train_data, plan["round"], self.client_update, plan["params"]
         offsets, top_label = data.offsets, data.n_classes - 1
