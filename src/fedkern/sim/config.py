@@ -185,8 +185,8 @@ def build(config: dict, data: FederatedDataset | None = None) -> tuple[Simulatio
     algorithm = _call("algorithm", _choose("algorithm", ALGORITHMS, algorithm_name), **algorithm_params)
     sampler_name, sampler_params = _params(settings, "sampler")
     sampler = _call("sampler", _choose("sampler", SAMPLERS, sampler_name), **sampler_params)
-    aggregator = _call("aggregator", Aggregator, *_params(settings, "aggregator")[:1],
-                       **_params(settings, "aggregator")[1])
+    aggregator_name, aggregator_params = _params(settings, "aggregator")
+    aggregator = _call("aggregator", Aggregator, aggregator_name, **aggregator_params)
     _call("aggregator", aggregator.validate, settings["clients_per_round"])
     optimizer_name, optimizer_params = _params(settings, "server_optimizer")
     optimizer = _call("server_optimizer", _choose("server_optimizer", _OPTIMIZERS, optimizer_name),

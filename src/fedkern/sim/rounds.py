@@ -77,8 +77,11 @@ ClientUpdate = Callable[[Model, np.ndarray, np.ndarray, np.ndarray, LocalTrainin
                         TrainResult]
 
 
-def _key(seed: int, kind: int, r: int, client: int) -> np.ndarray:
-    return np.array([seed, (kind << 62) | (r << 32) | client], np.uint64)
+def _key(seed: int, kind: int, r: int, client: int, out: np.ndarray | None = None) -> np.ndarray:
+    """The 128-bit Philox key of a stream, as two uint64 words (written into ``out`` if given)."""
+    out = np.empty(2, np.uint64) if out is None else out
+    out[0], out[1] = seed, (kind << 62) | (r << 32) | client
+    return out
 
 
 def stream(seed: int, kind: int, r: int = 0, client: int = 0) -> np.random.Generator:
@@ -104,8 +107,7 @@ class _ClientStreams(threading.local):
                       "buffer": np.zeros(4, np.uint64), "buffer_pos": 4, "has_uint32": 0, "uinteger": 0}
 
     def get(self, seed: int, r: int, client: int) -> np.random.Generator:
-        self.key[0] = seed
-        self.key[1] = (STREAM_CLIENT << 62) | (r << 32) | client     # as _key, without a new array
+        _key(seed, STREAM_CLIENT, r, client, out=self.key)
         self.bits.state = self.state
         return self.generator
 
