@@ -57,6 +57,7 @@ from .. import _validate as check
 from .. import attacks as attack_rules
 from .. import aggregate, backends, optim, robust
 from .._errors import FedkernValueError
+from .._updates import Updates
 from ..buffers import UpdateMatrix
 from . import checkpoint
 from .algorithms import FedAvg
@@ -117,14 +118,20 @@ _streams = _ClientStreams()
 
 class _ChunkRows(threading.local):
     """Each thread's buffer for the deltas of the chunk it trains, kept across chunks and
-    rounds: a fresh (chunk, D) array per chunk would fault in its pages every time."""
+    rounds: a fresh (chunk, D) array per chunk would fault in its pages every time. Its
+    first n rows come with their kernel view (:class:`Updates`), made once per n."""
 
     array: np.ndarray | None = None
+    views: dict[int, Updates]
 
-    def get(self, n: int, d: int) -> np.ndarray:
+    def get(self, n: int, d: int) -> Updates:
         if self.array is None or self.array.shape[1] != d or self.array.shape[0] < n:
             self.array = np.empty((n, d), np.float32)
-        return self.array[:n]
+            self.views = {}
+        view = self.views.get(n)
+        if view is None:
+            view = self.views[n] = Updates(None, self.array[:n])
+        return view
 
 
 _chunk_rows = _ChunkRows()
@@ -448,7 +455,8 @@ class Simulation:
         """
         begin, end = positions.start, positions.stop
         matrix = plan["rows"]
-        rows = matrix[begin:end] if matrix is not None else _chunk_rows.get(end - begin, self.params.shape[0])
+        view = None if matrix is not None else _chunk_rows.get(end - begin, self.params.shape[0])
+        rows = matrix[begin:end] if matrix is not None else view.matrix
         loss, steps = np.full(end - begin, math.nan), np.zeros(end - begin, np.int64)
         data, r, update, params = self.train_data, plan["round"], self.client_update, plan["params"]
         offsets, top_label = data.offsets, data.n_classes - 1
@@ -469,9 +477,11 @@ class Simulation:
         if matrix is not None:
             return _Chunk(None, 0.0, loss, steps, np.ones(end - begin, bool))
         weights = plan["weights"][begin:end]
-        partial = aggregate.weighted_sum(rows, weights, dtype=np.float64, check_finite=False, backend=self.backend)
+        partial = np.empty(self.params.shape[0])
         accepted = np.ones(end - begin, bool)
-        if not np.isfinite(partial).all():
+        # the kernel itself, without the API's checks: the rows and weights are this
+        # round's own buffers (float32 and float64, contiguous, of the right shapes)
+        if plan["sum_kernels"].weighted_sum(view, weights, 1.0, partial):
             # some update holds NaN or inf (a float64 sum of finite float32 rows cannot
             # overflow): find them by their norms and sum the others again
             accepted = np.isfinite(aggregate.l2_norms(rows, dtype=np.float64, check_finite=False,
@@ -513,7 +523,8 @@ class Simulation:
         plan = {"round": r, "clients": clients, "epochs": epochs[arrives], "trains": ~forged,
                 "costs": sizes * epochs[arrives] * ~forged,
                 "flips": byzantine & bool(self.attack and not self.attack.on_updates), "weights": sizes,
-                "rows": self._rows(n) if self.needs_rows and n else None}
+                "rows": self._rows(n) if self.needs_rows and n else None,
+                "sum_kernels": backends.kernels("aggregate", self.backend, "weighted_sum")}
         plan["params"] = broadcast = self.params.copy()
         broadcast.flags.writeable = False     # no client can change what the others receive
 
@@ -535,7 +546,7 @@ class Simulation:
             total = np.zeros(self.params.shape[0])
             for chunk in results:      # in chunk order: the same bits on every executor
                 if chunk.partial is not None:
-                    aggregate.accumulate(total, chunk.partial, 1.0, check_finite=False, backend=self.backend)
+                    total += chunk.partial
             delta = (total / sum(c.weight for c in results)).astype(np.float32)
         if delta is not None:
             self.optimizer.step(self.params, delta)
