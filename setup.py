@@ -121,7 +121,9 @@ write_blocks_pxd()
 omp = openmp_flags()
 native = native_flags()
 # -fno-math-errno lets sqrt vectorise; it changes no result (kernels never take sqrt of a negative).
-optimise = ["/O2"] if sys.platform == "win32" else ["-O3", "-fno-math-errno"] + native
+# -fno-trapping-math lets the compiler evaluate both sides of a float select (if-conversion),
+# so loops with them vectorise; it changes no value, only when exception flags may be raised.
+optimise = ["/O2"] if sys.platform == "win32" else ["-O3", "-fno-math-errno", "-fno-trapping-math"] + native
 build_info = [("FEDKERN_ISA", '"' + " ".join(native_isa(native)) + '"')] + ([("FEDKERN_NATIVE", "1")] if native else [])
 extensions = [
     Extension(

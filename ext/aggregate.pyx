@@ -7,35 +7,20 @@ fixed-size chunks and every sum over clients or over a row runs in a fixed order
 results do not depend on the number of threads.
 """
 from cython.parallel cimport prange, threadid
-from libc.math cimport frexp, isfinite, sqrt
+from libc.math cimport frexp, isfinite
 from libc.stdint cimport uintptr_t
 from libc.stdlib cimport free
 
-from _blocks cimport CHUNK, CLIP_GROUP_BYTES, NORM_BLOCK, NORM_LANES  # sizes, and why: src/fedkern/_blocks.py
+from _blocks cimport CHUNK, CLIP_GROUP_BYTES, NORM_BLOCK  # sizes, and why: src/fedkern/_blocks.py
 from _fused cimport in_t, out_t
 from _openmp cimport fk_threads_for
+from _rows cimport add_rows, norms_from_partials, sq_norm_partials
 from _scratch cimport scratch
 
 
 def weighted_sum(updates, const double[::1] weights, double divisor, out) -> int:
     """out = (sum_i weights[i] * updates[i]) / divisor; return the number of non-finite outputs."""
     return _weighted_sum(updates.pointers, updates.first, weights, divisor, out)
-
-
-cdef inline void _add_rows4(double* acc, const in_t* r0, const in_t* r1, const in_t* r2,
-                            const in_t* r3, double w0, double w1, double w2, double w3,
-                            Py_ssize_t n) noexcept nogil:
-    # Four rows per pass over acc: a quarter of the accumulator loads and stores, and the
-    # same additions in the same order as one row at a time, so the result is unchanged.
-    cdef Py_ssize_t j
-    for j in range(n):
-        acc[j] = (((acc[j] + w0 * r0[j]) + w1 * r1[j]) + w2 * r2[j]) + w3 * r3[j]
-
-
-cdef inline void _add_row(double* acc, const in_t* row, double w, Py_ssize_t n) noexcept nogil:
-    cdef Py_ssize_t j
-    for j in range(n):
-        acc[j] = acc[j] + w * row[j]
 
 
 def _weighted_sum(const uintptr_t[::1] pointers, const in_t[::1] first,
@@ -51,7 +36,7 @@ def _weighted_sum(const uintptr_t[::1] pointers, const in_t[::1] first,
     cdef double* accumulators = <double*> scratch(nthreads * CHUNK * sizeof(double))
     cdef double* acc
     cdef out_t value
-    cdef Py_ssize_t c, i, j, j0, n, nonfinite = 0
+    cdef Py_ssize_t c, j, j0, n, nonfinite = 0
     with nogil:
         for c in prange(nchunks, schedule="static", num_threads=nthreads):
             acc = accumulators + threadid() * CHUNK
@@ -59,14 +44,7 @@ def _weighted_sum(const uintptr_t[::1] pointers, const in_t[::1] first,
             n = min(<Py_ssize_t> CHUNK, d - j0)
             for j in range(n):
                 acc[j] = 0.0
-            i = 0
-            while i + 4 <= k:
-                _add_rows4(acc, rows[i] + j0, rows[i + 1] + j0, rows[i + 2] + j0, rows[i + 3] + j0,
-                           weights[i], weights[i + 1], weights[i + 2], weights[i + 3], n)
-                i = i + 4
-            while i < k:
-                _add_row(acc, rows[i] + j0, weights[i], n)
-                i = i + 1
+            add_rows(acc, rows, &weights[0], k, j0, n)
             for j in range(n):
                 # the float64 sum is divided, then rounded once
                 value = <out_t> (acc[j] * reciprocal if by_reciprocal else acc[j] / divisor)
@@ -105,49 +83,6 @@ def _count_nonfinite(const in_t[::1] values):
     return count
 
 
-cdef inline double _block_sq_norm(const in_t* x, Py_ssize_t n) noexcept nogil:
-    # NORM_LANES interleaved partial sums in a fixed-size inner loop: the compiler keeps
-    # them in vector registers, so the loop keeps up with memory (four scalar sums did not)
-    cdef double lanes[NORM_LANES]
-    cdef double total = 0.0
-    cdef Py_ssize_t j, l
-    for l in range(NORM_LANES):
-        lanes[l] = 0.0
-    j = 0
-    while j + NORM_LANES <= n:
-        for l in range(NORM_LANES):
-            lanes[l] = lanes[l] + <double> x[j + l] * x[j + l]
-        j = j + NORM_LANES
-    while j < n:
-        lanes[0] = lanes[0] + <double> x[j] * x[j]
-        j = j + 1
-    for l in range(NORM_LANES):
-        total = total + lanes[l]
-    return total
-
-
-cdef void _sq_norm_partials(const in_t** rows, Py_ssize_t nrows, Py_ssize_t d,
-                            double* partials) noexcept nogil:
-    """partials[i * nblocks + b] = squared norm of block b of rows[i], in parallel."""
-    cdef Py_ssize_t nblocks = (d + NORM_BLOCK - 1) // NORM_BLOCK
-    cdef Py_ssize_t t
-    cdef int nthreads = fk_threads_for(nrows * d * <Py_ssize_t> sizeof(in_t))
-    for t in prange(nrows * nblocks, schedule="static", num_threads=nthreads):
-        partials[t] = _block_sq_norm(rows[t // nblocks] + (t % nblocks) * NORM_BLOCK,
-                                     min(<Py_ssize_t> NORM_BLOCK, d - (t % nblocks) * NORM_BLOCK))
-
-
-cdef void _norms_from_partials(const double* partials, Py_ssize_t nrows, Py_ssize_t nblocks,
-                               double* norms) noexcept nogil:
-    cdef Py_ssize_t i, b
-    cdef double total
-    for i in range(nrows):
-        total = 0.0
-        for b in range(nblocks):
-            total = total + partials[i * nblocks + b]
-        norms[i] = sqrt(total)
-
-
 def l2_norms(updates, double[::1] norms) -> None:
     """norms[i] = sqrt(sum_j updates[i, j]**2), in float64."""
     _l2_norms(updates.pointers, updates.first, norms)
@@ -158,8 +93,8 @@ def _l2_norms(const uintptr_t[::1] pointers, const in_t[::1] first, double[::1] 
     cdef Py_ssize_t nblocks = (d + NORM_BLOCK - 1) // NORM_BLOCK
     cdef double* partials = <double*> scratch(k * nblocks * sizeof(double))
     with nogil:
-        _sq_norm_partials(<const in_t**> &pointers[0], k, d, partials)
-        _norms_from_partials(partials, k, nblocks, &norms[0])
+        sq_norm_partials(<const in_t**> &pointers[0], k, d, partials)
+        norms_from_partials(partials, k, nblocks, &norms[0])
     free(partials)
 
 
@@ -187,8 +122,8 @@ def _clip_by_norm(const uintptr_t[::1] pointers, const in_t[::1] first, double m
         g0 = 0
         while g0 < k:
             g = min(group, k - g0)
-            _sq_norm_partials(rows + g0, g, d, partials)
-            _norms_from_partials(partials, g, nblocks, &norms[g0])
+            sq_norm_partials(rows + g0, g, d, partials)
+            norms_from_partials(partials, g, nblocks, &norms[g0])
             for i in range(g):
                 scales[i] = max_norm / norms[g0 + i] if norms[g0 + i] > max_norm else 1.0
             for t in prange(g * nblocks, schedule="static", num_threads=fk_threads_for(g * d * <Py_ssize_t> sizeof(in_t))):

@@ -39,6 +39,12 @@ CLIP_GROUP_BYTES = 8 << 20
 #: (seen: a 7 x 610 float32 weighted sum took 0.3-2.5 ms on 2 threads, 5 us on one).
 SERIAL_BYTES = 256 << 10
 
+# -- privacy (Cython) ------------------------------------------------------------------------
+#: Normal pairs per task of gaussian_noise: drawn into a stack buffer of 2 x NOISE_PAIRS
+#: float64 (8 KiB, in L1) by a plain loop the C compiler vectorises, then added to the
+#: vector; a task is long enough that scheduling costs nothing next to its draws.
+NOISE_PAIRS = 512
+
 # -- optim (Cython) --------------------------------------------------------------------------
 #: Coordinates per prange task of a server-optimizer step; each block is a plain loop in an
 #: inline function, which the C compiler vectorises (loops directly under prange carry

@@ -77,7 +77,21 @@ class RandomKernels(Protocol):
         """out[j] = float64 uniform start + j in [0, 1) (53 random bits) of the stream."""
 
 
-#: family -> the Protocol its backend modules implement.
+class PrivacyKernels(Protocol):
+    """Clipped sums and Gaussian noise; the normal stream is defined in
+    ``fedkern._reference.privacy``."""
+
+    def clip_and_sum(self, updates: Updates, clip: float, weights: np.ndarray, out: np.ndarray,
+                     norms: np.ndarray) -> None:
+        """out = sum_i weights[i] min(1, clip / ||updates[i]||) updates[i] (float64 out); norms
+        get the float64 norms."""
+
+    def gaussian_noise(self, x: np.ndarray, std: float, seed: int, stream: int, start: int,
+                       out: np.ndarray) -> None:
+        """out[j] = x[j] + std * normal(start + j) of the stream, in float64, rounded once
+        (``out`` may be ``x``)."""
+
+
 class ModelsKernels(Protocol):
     """The simulator's model training (``fedkern.sim.models``): a dense ReLU network with
     layer widths ``sizes`` (no hidden layer: multinomial logistic regression)."""
@@ -93,8 +107,9 @@ class ModelsKernels(Protocol):
         """Summed cross-entropy over the rows; predictions[i] = argmax of row i's logits."""
 
 
+#: family -> the Protocol its backend modules implement.
 CONTRACTS: dict[str, type] = {"aggregate": AggregateKernels, "optim": OptimKernels, "robust": RobustKernels,
-                              "random": RandomKernels, "models": ModelsKernels}
+                              "random": RandomKernels, "privacy": PrivacyKernels, "models": ModelsKernels}
 
 
 def kernel_names(family: str) -> tuple[str, ...]:

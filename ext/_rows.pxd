@@ -1,0 +1,85 @@
+# Row loops shared by the families that sum or measure client rows (aggregate, privacy):
+# `from _rows cimport add_rows, sq_norm_partials, norms_from_partials`.
+#
+# Every sum runs in a fixed order, so results do not depend on the thread count: a
+# weighted sum adds the rows in index order, a squared norm adds fixed NORM_BLOCK blocks
+# in block order.
+from cython.parallel cimport prange
+from libc.math cimport sqrt
+
+from _blocks cimport NORM_BLOCK, NORM_LANES  # sizes, and why: src/fedkern/_blocks.py
+from _fused cimport in_t
+from _openmp cimport fk_threads_for
+
+
+cdef inline void _add_rows4(double* acc, const in_t* r0, const in_t* r1, const in_t* r2,
+                            const in_t* r3, double w0, double w1, double w2, double w3,
+                            Py_ssize_t n) noexcept nogil:
+    # Four rows per pass over acc: a quarter of the accumulator loads and stores, and the
+    # same additions in the same order as one row at a time, so the result is unchanged.
+    cdef Py_ssize_t j
+    for j in range(n):
+        acc[j] = (((acc[j] + w0 * r0[j]) + w1 * r1[j]) + w2 * r2[j]) + w3 * r3[j]
+
+
+cdef inline void _add_row(double* acc, const in_t* row, double w, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t j
+    for j in range(n):
+        acc[j] = acc[j] + w * row[j]
+
+
+cdef inline void add_rows(double* acc, const in_t** rows, const double* weights, Py_ssize_t k,
+                          Py_ssize_t j0, Py_ssize_t n) noexcept nogil:
+    """acc[j] += sum_i weights[i] rows[i][j0 + j] for j < n, rows added in index order."""
+    cdef Py_ssize_t i = 0
+    while i + 4 <= k:
+        _add_rows4(acc, rows[i] + j0, rows[i + 1] + j0, rows[i + 2] + j0, rows[i + 3] + j0,
+                   weights[i], weights[i + 1], weights[i + 2], weights[i + 3], n)
+        i = i + 4
+    while i < k:
+        _add_row(acc, rows[i] + j0, weights[i], n)
+        i = i + 1
+
+
+cdef inline double _block_sq_norm(const in_t* x, Py_ssize_t n) noexcept nogil:
+    # NORM_LANES interleaved partial sums in a fixed-size inner loop: the compiler keeps
+    # them in vector registers, so the loop keeps up with memory (four scalar sums did not)
+    cdef double lanes[NORM_LANES]
+    cdef double total = 0.0
+    cdef Py_ssize_t j, l
+    for l in range(NORM_LANES):
+        lanes[l] = 0.0
+    j = 0
+    while j + NORM_LANES <= n:
+        for l in range(NORM_LANES):
+            lanes[l] = lanes[l] + <double> x[j + l] * x[j + l]
+        j = j + NORM_LANES
+    while j < n:
+        lanes[0] = lanes[0] + <double> x[j] * x[j]
+        j = j + 1
+    for l in range(NORM_LANES):
+        total = total + lanes[l]
+    return total
+
+
+cdef inline void sq_norm_partials(const in_t** rows, Py_ssize_t nrows, Py_ssize_t d,
+                                  double* partials) noexcept nogil:
+    """partials[i * nblocks + b] = squared norm of block b of rows[i], in parallel."""
+    cdef Py_ssize_t nblocks = (d + NORM_BLOCK - 1) // NORM_BLOCK
+    cdef Py_ssize_t t
+    cdef int nthreads = fk_threads_for(nrows * d * <Py_ssize_t> sizeof(in_t))
+    for t in prange(nrows * nblocks, schedule="static", num_threads=nthreads):
+        partials[t] = _block_sq_norm(rows[t // nblocks] + (t % nblocks) * NORM_BLOCK,
+                                     min(<Py_ssize_t> NORM_BLOCK, d - (t % nblocks) * NORM_BLOCK))
+
+
+cdef inline void norms_from_partials(const double* partials, Py_ssize_t nrows, Py_ssize_t nblocks,
+                                     double* norms) noexcept nogil:
+    """norms[i] = sqrt of the sum of row i's block partials, in block order."""
+    cdef Py_ssize_t i, b
+    cdef double total
+    for i in range(nrows):
+        total = 0.0
+        for b in range(nblocks):
+            total = total + partials[i * nblocks + b]
+        norms[i] = sqrt(total)
