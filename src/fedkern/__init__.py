@@ -14,6 +14,7 @@ from .aggregate import Accumulator, accumulate, clip_by_norm, l2_norms, weighted
 from .backends import get_backend, get_num_threads, set_backend, set_num_threads, use_backend
 from .buffers import Layout, UpdateMatrix
 from .optim import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedYogi, ServerOptimizer
+from .privacy import add_gaussian_noise, clip_and_accumulate
 from .robust import (
     adaptive_clipping,
     bucketing,
@@ -27,13 +28,13 @@ from .robust import (
     pairwise_sq_distances,
     trimmed_mean,
 )
-from . import attacks
+from . import attacks, privacy
 
 __version__ = "0.1.0"
 
 from ._registry import public_names as _op_names
 
 #: The ops of the registry (one row each) and the names around them.
-__all__ = sorted({*_op_names(), "Accumulator", "ServerOptimizer", "Layout", "UpdateMatrix", "attacks",
+__all__ = sorted({*_op_names(), "Accumulator", "ServerOptimizer", "Layout", "UpdateMatrix", "attacks", "privacy",
                   "FedkernError", "FedkernTypeError", "FedkernValueError", "NonFiniteError", "BackendUnavailableError",
                   "get_backend", "set_backend", "use_backend", "get_num_threads", "set_num_threads"})

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from . import aggregate, optim, robust
+from . import aggregate, optim, privacy, robust
 
 #: An op's example inputs: positional and keyword arguments, without ``backend``.
 Example = tuple[tuple, dict]
@@ -91,7 +91,7 @@ class OpSpec:
 
 
 def _public(name: str):
-    for module in (aggregate, optim, robust):
+    for module in (aggregate, optim, robust, privacy):
         if hasattr(module, name):
             return getattr(module, name)
     raise LookupError(name)
@@ -152,6 +152,32 @@ def _trim_mean(stack: np.ndarray) -> Callable[[], Any]:
 SYRK = Peer("BLAS syrk", _stack_syrk)
 
 
+def _numpy_clip_sum(stack: np.ndarray) -> Callable[[], Any]:
+    """Clip-and-sum as a numpy user writes it: norms, scales, one matrix-vector product."""
+    clip = _clip(*stack.shape)
+
+    def run():
+        norms = np.linalg.norm(stack, axis=1)
+        return (clip / np.maximum(norms, clip)) @ stack
+
+    return run
+
+
+def _numpy_noise(stack: np.ndarray) -> Callable[[], Any]:
+    """Gaussian noise as a numpy user adds it: float32 normals from a Generator, then a sum."""
+    x, rng = stack[0], np.random.default_rng(0)
+    return lambda: x + rng.standard_normal(x.shape[0], dtype=x.dtype)
+
+
+def _clip(k: int, d: int) -> float:
+    """A clipping norm that clips about half the (unit-normal) example updates."""
+    return float(np.sqrt(d))
+
+
+def _noise_example(rng, k, d, dtype):
+    return (_vector(rng, k, d, dtype), 0.5, 7), {}
+
+
 def _optimizer_spec(cls: type, vectors: int) -> OpSpec:
     """A server optimizer's step; ``vectors``: D-vectors read plus written per step."""
     kernel = {optim.FedAvg: "accumulate", optim.FedAvgM: "momentum_step"}.get(cls, "adaptive_step")
@@ -204,6 +230,12 @@ OPS: tuple[OpSpec, ...] = (
     OpSpec("bucketing", "robust", ("weighted_sum",), _with_updates(s=2, seed=0), out=None),
     OpSpec("adaptive_clipping", "robust", ("l2_norms", "clip_by_norm"), _with_updates(f=_byzantine),
            min_k=3, out="matrix"),
+    OpSpec("clip_and_accumulate", "privacy", ("clip_and_sum",), _with_updates(clip=_clip),
+           peer=Peer("numpy norms + scaled sum", _numpy_clip_sum)),
+    # the same bits on every backend: the stream is defined exactly, with no libm in it
+    OpSpec("add_gaussian_noise", "privacy", ("count_nonfinite", "gaussian_noise"), _noise_example,
+           nbytes=lambda k, d: 2 * 4 * d, peer=Peer("numpy Generator.standard_normal", _numpy_noise),
+           ulps=0.0, per_update=False),
 )
 
 BY_NAME = {spec.name: spec for spec in OPS}

@@ -33,13 +33,17 @@ from ._errors import FedkernValueError
 from ._updates import DTypeLike, UpdatesLike, WeightsLike
 from .backends import kernels
 
+#: A noise seed: an int in [0, 2**64), or a Generator whose next 64 bits become one.
+SeedLike = int | np.random.Generator
+
 __all__ = ["clip_and_accumulate", "add_gaussian_noise", "dp_mean", "local_dp_update", "AdaptiveClipping",
            "split_noise_multiplier", "RDPAccountant", "DEFAULT_RDP_ORDERS", "noise_multiplier_for", "pld_epsilon"]
 
 
 def clip_and_accumulate(updates: UpdatesLike, clip: float, weights: WeightsLike | None = None, *,
                         out: np.ndarray | None = None, dtype: DTypeLike = None, return_stats: bool = False,
-                        check_finite: bool = True, backend: str | None = None):
+                        check_finite: bool = True,
+                        backend: str | None = None) -> np.ndarray | tuple[np.ndarray, np.ndarray, int]:
     r"""Clip each update to L2 norm ``clip`` and take their weighted sum.
 
     :math:`s = \sum_i w_i \min(1, C / \lVert x_i \rVert_2)\, x_i`, accumulated in float64 and
@@ -92,21 +96,21 @@ def clip_and_accumulate(updates: UpdatesLike, clip: float, weights: WeightsLike 
     return (result, norms, int(np.count_nonzero(norms <= clip))) if return_stats else result
 
 
-def _seed(seed) -> int:
+def _seed(seed: SeedLike) -> int:
     """A uint64 stream seed from an int in [0, 2**64) or drawn from a numpy Generator."""
     if isinstance(seed, np.random.Generator):
         return int(seed.integers(0, 2**64, dtype=np.uint64))
     return check.count(seed, "seed", high=2**64 - 1, why=" (a uint64, or pass a numpy.random.Generator)")
 
 
-def add_gaussian_noise(x: np.ndarray, std: float, seed, *, stream: int = 0, out: np.ndarray | None = None,
-                       backend: str | None = None) -> np.ndarray:
+def add_gaussian_noise(x: np.ndarray, std: float, seed: SeedLike, *, stream: int = 0, out: np.ndarray | None = None,
+                       dtype: DTypeLike = None, backend: str | None = None) -> np.ndarray:
     r"""Return ``x`` plus independent normal noise of standard deviation ``std``.
 
     :math:`y_j = x_j + \sigma z_j` with :math:`z_j` normal ``j`` of stream ``stream`` under
     ``seed`` (Box-Muller on Philox4x32-10 blocks; the exact definition is in
     ``fedkern._reference.privacy``), computed in float64 per coordinate and rounded once
-    into ``x``'s dtype: no float64 copy of the vector is made. The result is the same on
+    into the result's dtype: no float64 copy of the vector is made. The result is the same on
     every backend and thread count, so a server can regenerate or audit it from the seed.
 
     Parameters
@@ -118,8 +122,10 @@ def add_gaussian_noise(x: np.ndarray, std: float, seed, *, stream: int = 0, out:
         A Generator gives a seed of its own next 64 bits.
     stream : int in [0, 2**64)
         Independent streams under one seed (e.g. one per round).
-    out : (D,) array of x's dtype, optional
+    out : (D,) float32 or float64 array, optional
         Written in place and returned; ``out=x`` adds the noise in place.
+    dtype : float32 or float64, optional
+        Result dtype when ``out`` is not given; defaults to ``x``'s dtype.
 
     Examples
     --------
@@ -134,16 +140,14 @@ def add_gaussian_noise(x: np.ndarray, std: float, seed, *, stream: int = 0, out:
     std = check.real(std, "std", low=0.0)
     seed = _seed(seed)
     stream = check.count(stream, "stream", high=2**64 - 1)
-    result = check.out(out, x.shape, x.dtype)
-    if result.dtype != x.dtype:
-        raise FedkernValueError(f"out has dtype {result.dtype}; add_gaussian_noise writes x's dtype {x.dtype}")
+    result = check.out(out, x.shape, x.dtype, dtype)
     if kernels("aggregate", backend, "count_nonfinite").count_nonfinite(x):
         check.raise_nonfinite("add_gaussian_noise", [x], name="x")
     kernels("privacy", backend, "gaussian_noise").gaussian_noise(x, std, seed, stream, 0, result)
     return result
 
 
-def dp_mean(updates: UpdatesLike, clip: float, noise_multiplier: float, expected_clients: float, seed, *,
+def dp_mean(updates: UpdatesLike, clip: float, noise_multiplier: float, expected_clients: float, seed: SeedLike, *,
             weights: WeightsLike | None = None, stream: int = 0, out: np.ndarray | None = None,
             dtype: DTypeLike = None, backend: str | None = None) -> np.ndarray:
     r"""DP-FedAvg's server step with central noise: clip, sum, noise, divide by a fixed count.
@@ -187,7 +191,7 @@ Vert) x_i + \mathcal N(0, (zC)^2 I)ig) / m`
     return result
 
 
-def local_dp_update(update: np.ndarray, clip: float, noise_multiplier: float, seed, *, stream: int = 0,
+def local_dp_update(update: np.ndarray, clip: float, noise_multiplier: float, seed: SeedLike, *, stream: int = 0,
                     out: np.ndarray | None = None, backend: str | None = None) -> np.ndarray:
     r"""DP-FedAvg's client step with local noise: clip one update to C and add N(0, (zC)^2).
 
@@ -280,7 +284,7 @@ Vert \le C] + \mathcal N(0, \sigma_b^2)) / m`, and
         """The count noise's standard deviation for ``expected_clients`` clients a round."""
         return expected_clients / 20.0 if self.count_stddev is None else float(self.count_stddev)
 
-    def update(self, unclipped: int, expected_clients: float, seed, *, stream: int = 0) -> float:
+    def update(self, unclipped: int, expected_clients: float, seed: SeedLike, *, stream: int = 0) -> float:
         """Move the norm after a round in which ``unclipped`` updates had norm <= clip; return it.
 
         ``seed`` and ``stream`` give the count noise's stream (:func:`add_gaussian_noise`).
