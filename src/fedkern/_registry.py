@@ -165,7 +165,7 @@ def _numpy_clip_sum(stack: np.ndarray) -> Callable[[], Any]:
 
 def _numpy_noise(stack: np.ndarray) -> Callable[[], Any]:
     """Gaussian noise as a numpy user adds it: float32 normals from a Generator, then a sum."""
-    x, rng = stack[0], np.random.default_rng(0)
+    x, rng = stack, np.random.default_rng(0)
     return lambda: x + rng.standard_normal(x.shape[0], dtype=x.dtype)
 
 
