@@ -1,5 +1,5 @@
 # Row loops shared by the families that sum or measure client rows (aggregate, privacy):
-# `from _rows cimport add_rows, sq_norm_partials, norms_from_partials`.
+# `from _rows cimport add_rows, block_sq_norm, sq_norm_partials, norms_from_partials`.
 #
 # Every sum runs in a fixed order, so results do not depend on the thread count: a
 # weighted sum adds the rows in index order, a squared norm adds fixed NORM_BLOCK blocks
@@ -41,7 +41,8 @@ cdef inline void add_rows(double* acc, const in_t** rows, const double* weights,
         i = i + 1
 
 
-cdef inline double _block_sq_norm(const in_t* x, Py_ssize_t n) noexcept nogil:
+cdef inline double block_sq_norm(const in_t* x, Py_ssize_t n) noexcept nogil:
+    """Sum of squares of x[:n] in float64."""
     # NORM_LANES interleaved partial sums in a fixed-size inner loop: the compiler keeps
     # them in vector registers, so the loop keeps up with memory (four scalar sums did not)
     cdef double lanes[NORM_LANES]
@@ -69,7 +70,7 @@ cdef inline void sq_norm_partials(const in_t** rows, Py_ssize_t nrows, Py_ssize_
     cdef Py_ssize_t t
     cdef int nthreads = fk_threads_for(nrows * d * <Py_ssize_t> sizeof(in_t))
     for t in prange(nrows * nblocks, schedule="static", num_threads=nthreads):
-        partials[t] = _block_sq_norm(rows[t // nblocks] + (t % nblocks) * NORM_BLOCK,
+        partials[t] = block_sq_norm(rows[t // nblocks] + (t % nblocks) * NORM_BLOCK,
                                      min(<Py_ssize_t> NORM_BLOCK, d - (t % nblocks) * NORM_BLOCK))
 
 

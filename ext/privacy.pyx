@@ -6,7 +6,7 @@ about CLIP_GROUP_BYTES, norms then the weighted sum, so the sum's read of a grou
 from cache when it fits. Noise is a pure function of (seed, stream, index): pairs of
 normals are split over threads with no effect on the bits.
 """
-from cython.parallel cimport prange
+from cython.parallel cimport parallel, prange
 from libc.math cimport sqrt
 from libc.stdint cimport int64_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport free
@@ -15,7 +15,7 @@ from _blocks cimport CHUNK, CLIP_GROUP_BYTES, NOISE_PAIRS, NORM_BLOCK  # sizes, 
 from _fused cimport in_t, out_t
 from _openmp cimport fk_threads_for
 from _philox cimport Words4, philox_block
-from _rows cimport add_rows, norms_from_partials, sq_norm_partials
+from _rows cimport add_rows, block_sq_norm
 from _scratch cimport scratch
 
 cdef extern from *:
@@ -41,25 +41,35 @@ def clip_and_sum(updates, double clip, const double[::1] weights, double[::1] ou
 
 def _clip_and_sum(const uintptr_t[::1] pointers, const in_t[::1] first, double clip,
                   const double[::1] weights, double[::1] out, double[::1] norms):
+    # One parallel region for the whole op, its steps separated by the worksharing loops'
+    # barriers: on a loaded machine each new region can wait a scheduler time slice for
+    # its threads, and a group-by-group op would open three per group.
     cdef const in_t** rows = <const in_t**> &pointers[0]
     cdef Py_ssize_t k = pointers.shape[0], d = first.shape[0]
     cdef Py_ssize_t nblocks = (d + NORM_BLOCK - 1) // NORM_BLOCK, nchunks = (d + CHUNK - 1) // CHUNK
     cdef Py_ssize_t group = max(1, CLIP_GROUP_BYTES // (d * <Py_ssize_t> sizeof(in_t)))
     cdef double* partials = <double*> scratch(min(group, k) * nblocks * sizeof(double))
     cdef double* scaled = <double*> scratch(min(group, k) * sizeof(double))
-    cdef Py_ssize_t g0, g, i, c, j, j0
-    with nogil:
-        for j in prange(d, schedule="static", num_threads=fk_threads_for(d * <Py_ssize_t> sizeof(double))):
+    cdef int nthreads = fk_threads_for(k * d * <Py_ssize_t> sizeof(in_t))
+    cdef Py_ssize_t g0, g, i, b, t, c, j, j0
+    cdef double total
+    with nogil, parallel(num_threads=nthreads):
+        for j in prange(d, schedule="static"):
             out[j] = 0.0
         g0 = 0
-        while g0 < k:
+        while g0 < k:       # every thread walks the groups; the loops inside share the work
             g = min(group, k - g0)
-            sq_norm_partials(rows + g0, g, d, partials)
-            norms_from_partials(partials, g, nblocks, &norms[g0])
-            for i in range(g):
+            for t in prange(g * nblocks, schedule="static"):
+                partials[t] = block_sq_norm(rows[g0 + t // nblocks] + (t % nblocks) * NORM_BLOCK,
+                                            min(<Py_ssize_t> NORM_BLOCK, d - (t % nblocks) * NORM_BLOCK))
+            for i in prange(g, schedule="static"):
+                total = 0.0
+                for b in range(nblocks):   # in block order, as every norm kernel
+                    total = total + partials[i * nblocks + b]
+                norms[g0 + i] = sqrt(total)
                 # clip / norm only above the bound: a zero row keeps its weight
                 scaled[i] = weights[g0 + i] * (clip / norms[g0 + i] if norms[g0 + i] > clip else 1.0)
-            for c in prange(nchunks, schedule="static", num_threads=fk_threads_for(g * d * <Py_ssize_t> sizeof(in_t))):
+            for c in prange(nchunks, schedule="static"):
                 j0 = c * CHUNK
                 add_rows(&out[j0], rows + g0, scaled, g, j0, min(<Py_ssize_t> CHUNK, d - j0))
             g0 = g0 + g
