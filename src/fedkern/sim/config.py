@@ -24,10 +24,12 @@ from __future__ import annotations
 import copy
 import difflib
 import math
+import re
 import sys
 from typing import Any
 
 from .. import optim
+from ..privacy import AdaptiveClipping
 from .._errors import FedkernValueError
 from .. import datasets
 from . import partition as partitions
@@ -35,6 +37,7 @@ from .algorithms import ALGORITHMS
 from .data import FederatedDataset
 from .executors import EXECUTORS
 from .models import LocalTraining, make_model
+from .privacy import DifferentialPrivacy
 from .rounds import Aggregator, Attack, Dropout, Simulation, Stragglers
 from .sampling import SAMPLERS
 
@@ -80,7 +83,15 @@ TABLES: dict[str, tuple[dict, str]] = {
     "dropout": ({"rate": 0.0, "quorum": 1}, "rate, quorum"),
     "stragglers": ({"fraction": 0.0, "mode": "partial"}, "fraction, mode (partial or drop)"),
     "executor": ({"name": "serial"}, "serial, or threads with workers"),
+    "privacy": ({"name": "none"}, "differential privacy: none, central or local, with clip, noise_multiplier "
+                                  "or target_epsilon, delta, sampling, adaptive, max_epsilon, on_budget"),
 }
+
+#: The parameters of a ``privacy`` table other than its name (the mode), with their defaults.
+PRIVACY_PARAMS: dict[str, Any] = {"clip": 1.0, "adaptive": False, "noise_multiplier": None, "target_epsilon": None,
+                                  "delta": 1e-5, "sampling": "poisson", "max_epsilon": None, "on_budget": "stop"}
+#: The parameters of an ``adaptive`` table (:class:`fedkern.privacy.AdaptiveClipping`'s, but the clip).
+ADAPTIVE_PARAMS = ("target_quantile", "learning_rate", "count_stddev")
 
 _OPTIMIZERS = {"fedavg": optim.FedAvg, "fedavgm": optim.FedAvgM, "fedadagrad": optim.FedAdagrad,
                "fedadam": optim.FedAdam, "fedyogi": optim.FedYogi}
@@ -144,13 +155,23 @@ def _params(settings: dict, key: str) -> tuple[str, dict]:
 
 
 def _call(key: str, factory, *args, **params):
-    """Call a constructor; any TypeError/ValueError becomes a ConfigError naming the key."""
+    """Call a constructor; any TypeError/ValueError becomes a ConfigError naming the key.
+
+    An error that begins with another config key (``"sampler: ..."`` from the
+    Simulation's checks of ``clients_per_round`` and the rest) is about that key, and names
+    it instead.
+    """
     try:
         return factory(*args, **params)
     except ConfigError:
         raise
     except (TypeError, ValueError) as err:
-        raise ConfigError(f"config key {key!r}: {str(err).removeprefix(key + ': ')}") from None
+        message = str(err)
+        named = re.match(r"([a-z_]+(?:\.[a-z_]+)*): ", message)
+        top = named.group(1).split(".")[0] if named else ""
+        if top in {**SCALARS, **TABLES} and top != key.split(".")[0]:
+            key = named.group(1)
+        raise ConfigError(f"config key {key!r}: {message.removeprefix(key + ': ')}") from None
 
 
 def _choose(key: str, registry: dict, name: str):
@@ -183,6 +204,10 @@ def build(config: dict, data: FederatedDataset | None = None) -> tuple[Simulatio
                   momentum=settings["momentum"], weight_decay=settings["weight_decay"])
     algorithm_name, algorithm_params = _params(settings, "algorithm")
     algorithm = _call("algorithm", _choose("algorithm", ALGORITHMS, algorithm_name), **algorithm_params)
+    privacy = _privacy(settings)
+    if privacy is not None and "sampler" not in config:
+        # the cohort is drawn as the accountant assumes; written so, a saved config resumes alike
+        settings["sampler"] = {"name": "poisson" if privacy.sampling == "poisson" else "uniform"}
     sampler_name, sampler_params = _params(settings, "sampler")
     sampler = _call("sampler", _choose("sampler", SAMPLERS, sampler_name), **sampler_params)
     aggregator_name, aggregator_params = _params(settings, "aggregator")
@@ -207,8 +232,37 @@ def build(config: dict, data: FederatedDataset | None = None) -> tuple[Simulatio
         stragglers=_call("stragglers", Stragglers, **settings["stragglers"]),
         reject_norm_ratio=settings["reject_norm_ratio"] or None, executor=executor,
         seed=settings["seed"], eval_every=settings["eval_every"],
-        backend=None if settings["backend"] == "auto" else settings["backend"])
+        backend=None if settings["backend"] == "auto" else settings["backend"], privacy=privacy)
     return simulation, settings
+
+
+def _privacy(settings: dict) -> DifferentialPrivacy | None:
+    """The ``privacy`` table as :class:`DifferentialPrivacy` settings (None for ``"none"``);
+    a ``target_epsilon`` is spread over the config's ``rounds``."""
+    name, params = _params(settings, "privacy")
+    if name == "none":
+        if params:
+            raise ConfigError(f"config key 'privacy': name 'none' takes no parameters; got {sorted(params)}")
+        return None
+    if name not in ("central", "local"):
+        raise ConfigError(f"config key 'privacy.name' must be one of ['central', 'local', 'none']; got {name!r}")
+    for key in params:
+        if key not in PRIVACY_PARAMS:
+            raise _unknown(f"privacy.{key}", [f"privacy.{k}" for k in PRIVACY_PARAMS])
+    params = {**PRIVACY_PARAMS, **params}
+    adaptive, clip = params.pop("adaptive"), params.pop("clip")
+    if isinstance(adaptive, dict) or adaptive is True:
+        table = {} if adaptive is True else adaptive
+        for key in table:
+            if key not in ADAPTIVE_PARAMS:
+                raise _unknown(f"privacy.adaptive.{key}", [f"privacy.adaptive.{k}" for k in ADAPTIVE_PARAMS])
+        adaptive, clip = _call("privacy.adaptive", AdaptiveClipping, clip=clip, **table), None
+    elif adaptive is False:
+        adaptive = None
+    else:
+        raise ConfigError(f"config key 'privacy.adaptive' must be true, false or a table; got {adaptive!r}")
+    rounds = settings["rounds"] if params["target_epsilon"] is not None else None
+    return _call("privacy", DifferentialPrivacy, mode=name, clip=clip, adaptive=adaptive, rounds=rounds, **params)
 
 
 # --------------------------------------------------------------------------- TOML

@@ -3,7 +3,11 @@ r"""The per-round record of a run, saved as JSON and CSV, with an optional plot.
 Each round appends one dict with the keys of :data:`FIELDS`; ``seconds`` is wall time,
 ``train_loss`` the weighted mean of the accepted clients' local training losses (the
 loss of each minibatch before its step), and the test metrics are those of the global
-model after the round's server step (nan in rounds that do not evaluate).
+model after the round's server step (nan in rounds that do not evaluate). With
+differential privacy, ``epsilon`` is the run's epsilon after the round (at the configured
+delta) and ``clip`` the clipping norm the round used; without privacy both are inf (no
+guarantee, no clipping). In ``history.json`` NaN is written as null and an infinity as the
+string ``"inf"`` (neither is JSON).
 
 Examples
 --------
@@ -26,14 +30,18 @@ import numpy as np
 #: The fields of one round's record, in CSV column order.
 FIELDS = ("round", "seconds", "train_loss", "test_loss", "test_accuracy", "balanced_accuracy",
           "selected", "arrived", "dropped", "stragglers", "rejected", "byzantine", "skipped",
-          "bytes_up", "bytes_down")
+          "bytes_up", "bytes_down", "epsilon", "clip")
 
 
 class History:
-    """A list of per-round records (dicts) with JSON/CSV export and a plot."""
+    """A list of per-round records (dicts) with JSON/CSV export and a plot.
 
-    def __init__(self, records: list[dict] | None = None):
+    ``stopped`` says why a run ended before its last round (a privacy budget), else ``""``.
+    """
+
+    def __init__(self, records: list[dict] | None = None, stopped: str = ""):
         self.records: list[dict] = list(records or [])
+        self.stopped = stopped
 
     def __len__(self) -> int:
         return len(self.records)
@@ -56,13 +64,12 @@ class History:
 
     def to_json(self) -> str:
         # NaN is not JSON: written as null so any JSON reader can load the file
-        clean = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
-                 for r in self.records]
+        clean = [{k: _to_json(v) for k, v in r.items()} for r in self.records]
         return json.dumps(clean, indent=1)
 
     @classmethod
     def from_json(cls, text: str) -> "History":
-        return cls([{k: (math.nan if v is None else v) for k, v in r.items()} for r in json.loads(text)])
+        return cls([{k: _from_json(v) for k, v in r.items()} for r in json.loads(text)])
 
     def save(self, directory: str | os.PathLike) -> None:
         """Write ``history.json`` and ``history.csv`` into ``directory``."""
@@ -93,6 +100,19 @@ class History:
         figure.suptitle(title)
         figure.tight_layout()
         figure.savefig(path, dpi=110)
+
+
+def _to_json(value):
+    # NaN and infinities are not JSON: null and "inf"/"-inf", so any JSON reader loads the file
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else str(value)
+    return value
+
+
+def _from_json(value):
+    if value is None:
+        return math.nan
+    return float(value) if value in ("inf", "-inf") else value
 
 
 def _figure(**options):

@@ -27,11 +27,21 @@ fixed pipeline of stages, each using fedkern's public ops:
 6. **server step** with any :class:`fedkern.ServerOptimizer` on the aggregate, then
    **evaluate** the global model on the test data every ``eval_every`` rounds.
 
+With ``privacy=`` (:class:`~fedkern.sim.privacy.DifferentialPrivacy`) the round is
+DP-FedAvg (McMahan et al., ICLR 2018): the cohort is drawn as the accountant assumes
+(Poisson or fixed size), every update is clipped as it is summed (central mode: one
+fused clip-and-sum kernel per chunk; local mode: each client clips and noises its own),
+the server adds Gaussian noise to the sum (central) and divides by the expected cohort
+size, even when no update arrived; each round is accounted, and its epsilon recorded.
+
 Randomness: the model's initialisation, the Byzantine clients, each round's sampling and
 faults and each client's training draw from separate streams, each a Philox4x32
 counter-based generator keyed by (seed, stream, round, client) (:func:`stream`), so a
 run depends only on its seed, not on the executor, the thread count or a restart from a
-checkpoint.
+checkpoint. Privacy noise comes from :func:`fedkern.privacy.add_gaussian_noise`'s
+counter-based normal stream under the run's seed, its stream number built the same way
+(:func:`noise_stream`): per (round, client) for local noise, and two server slots per
+round for the noise on the sum and on adaptive clipping's count.
 
 Examples
 --------
@@ -49,6 +59,7 @@ import dataclasses
 import math
 import threading
 import time
+import warnings
 from typing import Callable, Sequence
 
 import numpy as np
@@ -56,7 +67,8 @@ import numpy as np
 from .. import _validate as check
 from .. import attacks as attack_rules
 from .. import aggregate, backends, optim, robust
-from .._errors import FedkernValueError
+from .. import privacy as dp
+from .._errors import FedkernValueError, NonFiniteError
 from .._updates import Updates
 from ..buffers import UpdateMatrix
 from . import checkpoint
@@ -65,12 +77,17 @@ from .data import FederatedDataset
 from .executors import SerialExecutor, chunks
 from .history import History
 from .models import LocalTraining, Model, TrainResult
-from .sampling import Uniform, online
+from .privacy import DifferentialPrivacy, RunPrivacy
+from .sampling import Poisson, Uniform, online
 
-#: The kinds of random stream of a run (the first part of a stream's key).
-STREAM_INIT, STREAM_ROUND, STREAM_CLIENT = 0, 1, 2
+#: The kinds of random stream of a run (the first part of a stream's key); privacy noise
+#: numbers its streams with the last kind.
+STREAM_INIT, STREAM_ROUND, STREAM_CLIENT, STREAM_NOISE = 0, 1, 2, 3
 #: Rounds and clients that fit in a stream's key.
 MAX_ROUNDS, MAX_CLIENTS = 1 << 30, 1 << 32
+#: The server's noise streams of a round take the last two client slots: the noise on the
+#: sum of clipped updates, and the noise on adaptive clipping's count.
+SERVER_NOISE, SERVER_COUNT = MAX_CLIENTS - 1, MAX_CLIENTS - 2
 
 #: ``client_update(model, params, x, y, config, rng, delta_out) -> TrainResult``: a
 #: client's local work. The default is ``model.train``; pass your own to change it.
@@ -93,6 +110,15 @@ def stream(seed: int, kind: int, r: int = 0, client: int = 0) -> np.random.Gener
     a stream is rebuilt from its key alone (no state to save, none shared by threads).
     """
     return np.random.Generator(np.random.Philox(key=_key(seed, kind, r, client)))
+
+
+def noise_stream(r: int, slot: int) -> int:
+    """The stream number of privacy noise in round ``r`` for a client (or a server slot).
+
+    The second word of :func:`_key` with kind :data:`STREAM_NOISE`, passed with the run's
+    seed to :func:`fedkern.privacy.add_gaussian_noise` (a Philox4x32 stream of its own).
+    """
+    return int(_key(0, STREAM_NOISE, r, slot)[1])
 
 
 class _ClientStreams(threading.local):
@@ -332,6 +358,22 @@ class _Chunk:
     loss: np.ndarray                # each client's mean local loss (nan if it did not train)
     steps: np.ndarray
     accepted: np.ndarray            # bool, False for a rejected (non-finite) update
+    unclipped: int = 0              # central DP: accepted updates within the clipping norm
+
+
+def _clipped_sum(kernel, rows: Updates, clip: float) -> tuple[np.ndarray | None, np.ndarray, int]:
+    """Central DP's float64 sum of the finite rows, each clipped to ``clip`` (None if none is
+    finite), the accepted (finite) mask, and how many accepted rows had norm <= clip."""
+    total, norms = np.empty(rows.d), np.empty(rows.k)
+    kernel.clip_and_sum(rows, clip, np.ones(rows.k), total, norms)
+    accepted = np.isfinite(norms)
+    if not accepted.all():
+        # noise must never hide a NaN or inf: drop those rows and sum the others again
+        kept = np.flatnonzero(accepted)
+        if not kept.size:
+            return None, accepted, 0
+        kernel.clip_and_sum(rows.subset(kept), clip, np.ones(kept.size), total, np.empty(kept.size))
+    return total, accepted, int(np.count_nonzero(norms[accepted] <= clip))
 
 
 class Simulation:
@@ -355,6 +397,11 @@ class Simulation:
     seed : the run's seed
     eval_every : evaluate the test data every this many rounds (and after the last)
     backend : fedkern backend for the aggregation kernels (None: the global choice)
+    privacy : :class:`~fedkern.sim.privacy.DifferentialPrivacy` settings (default none):
+        DP-FedAvg, unweighted (every client weight 1, whatever ``aggregator.weights``
+        says). It needs the ``mean`` aggregator without pre-aggregation, every client
+        online (``availability`` 1), no norm filter and ``dropout.quorum`` 1; its
+        ``sampling`` decides the sampler (``Poisson`` or ``Uniform``, the default for it)
     """
 
     def __init__(self, data: FederatedDataset, model: Model, *, clients_per_round: int,
@@ -363,7 +410,8 @@ class Simulation:
                  server_optimizer: optim.ServerOptimizer | None = None, attack: Attack | None = None,
                  dropout: Dropout | None = None, stragglers: Stragglers | None = None,
                  reject_norm_ratio: float | None = None, executor=None, client_update: ClientUpdate | None = None,
-                 seed: int = 0, eval_every: int = 1, backend: str | None = None):
+                 seed: int = 0, eval_every: int = 1, backend: str | None = None,
+                 privacy: DifferentialPrivacy | None = None):
         if not isinstance(data, FederatedDataset):
             raise check.FedkernTypeError(f"data must be a FederatedDataset; got {type(data).__name__}")
         self.data, self.model = data, model
@@ -375,7 +423,8 @@ class Simulation:
                                              why=f" (the number of clients with training data is {n_with_data})")
         self.algorithm = algorithm or FedAvg()
         self.local = self.algorithm.local(local or LocalTraining())
-        self.sampler = sampler or Uniform()
+        poisson = isinstance(privacy, DifferentialPrivacy) and privacy.sampling == "poisson"
+        self.sampler = sampler or (Poisson() if poisson else Uniform())
         if hasattr(self.sampler, "validate"):
             self.sampler.validate(self.clients_per_round)
         self.availability = self._availability(availability)
@@ -392,6 +441,7 @@ class Simulation:
         if backend is not None:
             backends.resolve("aggregate", backend)     # a misspelt backend fails now, not in round 1
         self.backend = backend
+        self.privacy = self._privacy(privacy, n_with_data)
         self.needs_rows = (not self.aggregator.streaming or self.reject_norm_ratio is not None
                            or (attack is not None and attack.on_updates))
 
@@ -405,6 +455,7 @@ class Simulation:
         self.history = History()
         self._matrix: UpdateMatrix | None = None
         self._last_round = 0      # run() evaluates its last round whatever eval_every says
+        self._clip_kernel = backends.kernels("privacy", backend, "clip_and_sum") if self.privacy else None
         self._local_by_epochs = {self.local.epochs: self.local}
         self.executor.start(self)
 
@@ -416,6 +467,33 @@ class Simulation:
         if values.shape != (n,) or not np.all((values >= 0) & (values <= 1)):
             raise FedkernValueError(f"availability must be one probability or {n} probabilities in [0, 1]")
         return values
+
+    def _privacy(self, settings: DifferentialPrivacy | None, population: int) -> RunPrivacy | None:
+        """The run's privacy ledger, once the other settings are known to fit its accounting."""
+        if settings is None:
+            return None
+        if not isinstance(settings, DifferentialPrivacy):
+            raise check.FedkernTypeError(f"privacy must be a DifferentialPrivacy; got {type(settings).__name__}")
+        sampler = Poisson if settings.sampling == "poisson" else Uniform
+        if not isinstance(self.sampler, sampler):
+            raise FedkernValueError(f"sampler: privacy.sampling={settings.sampling!r} is accounted for "
+                                    f"{sampler.__name__} sampling; got {self.sampler!r}")
+        if not self.aggregator.streaming:
+            raise FedkernValueError(f"aggregator: differential privacy needs the 'mean' aggregator without "
+                                    f"pre-aggregation (DP-FedAvg's clipped mean); got {self.aggregator!r}")
+        if np.ndim(self.availability) or self.availability < 1:
+            raise FedkernValueError("availability: must be 1 with differential privacy (offline clients "
+                                    "would change the sampling the accountant assumes)")
+        if self.reject_norm_ratio is not None:
+            raise FedkernValueError("reject_norm_ratio: not with differential privacy (the filter depends on "
+                                    "the other clients' norms, so one client's influence is not bounded by the clip)")
+        if self.dropout.quorum > 1:
+            raise FedkernValueError("dropout.quorum: must be 1 with differential privacy (skipping a round "
+                                    "would reveal how many updates arrived)")
+        if self.train_data.n_clients > SERVER_COUNT:
+            raise FedkernValueError(f"data has {self.train_data.n_clients} clients; with differential privacy "
+                                    f"at most {SERVER_COUNT} leave the server its noise streams")
+        return RunPrivacy(settings, population, self.clients_per_round)
 
     # ------------------------------------------------------------------ stages
     def _select(self, rng: np.random.Generator) -> np.ndarray:
@@ -463,6 +541,7 @@ class Simulation:
         # Python ints: indexing them costs less than numpy scalars, once per client
         clients, epochs = plan["clients"][begin:end].tolist(), plan["epochs"][begin:end].tolist()
         trains, flips = plan["trains"][begin:end].tolist(), plan["flips"][begin:end].tolist()
+        local_noise = plan["local_noise"]
         for j in range(end - begin):
             if not trains[j]:
                 continue
@@ -474,8 +553,13 @@ class Simulation:
             result = update(self.model, params, data.x[first:last], y, self._config(epochs[j]),
                             _streams.get(self.seed, r, c), rows[j])
             loss[j], steps[j] = result.loss, result.steps
+            if local_noise is not None:
+                self._noise_locally(rows[j], local_noise, r, c)
         if matrix is not None:
             return _Chunk(None, 0.0, loss, steps, np.ones(end - begin, bool))
+        if plan["clip"] is not None:
+            partial, accepted, unclipped = _clipped_sum(self._clip_kernel, view, plan["clip"])
+            return _Chunk(partial, float(accepted.sum()), loss, steps, accepted, unclipped)
         weights = plan["weights"][begin:end]
         partial = np.empty(self.params.shape[0])
         accepted = np.ones(end - begin, bool)
@@ -492,9 +576,18 @@ class Simulation:
                                              backend=self.backend) if kept else None
         return _Chunk(partial, float(weights.sum()), loss, steps, accepted)
 
+    def _noise_locally(self, row: np.ndarray, noise: tuple[float, float], r: int, client: int) -> None:
+        """Local DP: clip a client's delta to C and add N(0, (zC)^2) from its own stream, in place."""
+        clip, z = noise
+        try:
+            dp.local_dp_update(row, clip, z, self.seed, stream=noise_stream(r, client), out=row, backend=self.backend)
+        except NonFiniteError:
+            pass      # sent as it is, so that the round rejects it: noise must never hide a NaN
+
     def _rows(self, n: int) -> np.ndarray:
-        if self._matrix is None:
-            self._matrix = UpdateMatrix(self.clients_per_round, self.params.shape[0])
+        # a Poisson cohort may outgrow clients_per_round: the matrix grows with it
+        if self._matrix is None or self._matrix.array.shape[0] < n:
+            self._matrix = UpdateMatrix(max(n, self.clients_per_round), self.params.shape[0])
         return self._matrix.array[:n]
 
     def _screen(self, rows: np.ndarray) -> np.ndarray:
@@ -507,11 +600,18 @@ class Simulation:
 
     # ------------------------------------------------------------------ one round
     def step(self) -> dict:
-        """Run the next round; return its history record (also appended to :attr:`history`)."""
+        """Run the next round; return its history record (also appended to :attr:`history`).
+
+        Raises :class:`~fedkern.FedkernValueError` instead if the round would pass the
+        privacy budget of ``on_budget="stop"`` (:meth:`run` stops before it).
+        """
         start = time.perf_counter()
         r = self.round + 1
         if r >= MAX_ROUNDS:
             raise FedkernValueError(f"round {r}: at most {MAX_ROUNDS - 1} rounds fit a stream key")
+        refused = self._budget_stop(1)
+        if refused:
+            raise FedkernValueError(refused)
         rng = stream(self.seed, STREAM_ROUND, r)
         selected = self._select(rng)
         arrives, epochs, straggles = self._faults(rng, selected.size)
@@ -520,11 +620,15 @@ class Simulation:
         byzantine = self.byzantine[clients]
         forged = byzantine & bool(self.attack and self.attack.on_updates)
         sizes = self.train_data.sizes[clients].astype(np.float64)
+        private = self.privacy
         plan = {"round": r, "clients": clients, "epochs": epochs[arrives], "trains": ~forged,
                 "costs": sizes * epochs[arrives] * ~forged,
-                "flips": byzantine & bool(self.attack and not self.attack.on_updates), "weights": sizes,
+                "flips": byzantine & bool(self.attack and not self.attack.on_updates),
+                "weights": np.ones(n) if private else sizes,
                 "rows": self._rows(n) if self.needs_rows and n else None,
-                "sum_kernels": backends.kernels("aggregate", self.backend, "weighted_sum")}
+                "sum_kernels": backends.kernels("aggregate", self.backend, "weighted_sum"),
+                "clip": private.clip if private and private.central else None,
+                "local_noise": (private.clip, private.value_multiplier) if private and not private.central else None}
         plan["params"] = broadcast = self.params.copy()
         broadcast.flags.writeable = False     # no client can change what the others receive
 
@@ -532,30 +636,78 @@ class Simulation:
         cat = (lambda name: np.concatenate([getattr(c, name) for c in results])) if results else (
             lambda name: np.zeros(0))
         loss, accepted = cat("loss"), cat("accepted").astype(bool)
-        delta = None
+        delta, total, unclipped = None, None, sum(c.unclipped for c in results)
         if plan["rows"] is not None:
             rows = plan["rows"]
             honest = [rows[i] for i in np.flatnonzero(~forged)]
             if forged.any() and honest:
                 rows[forged] = self.attack.forge(honest, int(forged.sum()), rng)
-            accepted = self._screen(rows)
-            if accepted.sum() >= self.dropout.quorum:
-                kept = np.flatnonzero(accepted)
-                delta = self.aggregator([rows[i] for i in kept], sizes[kept], self.previous, rng)
-        elif accepted.sum() >= self.dropout.quorum:
+            if private:
+                total, accepted, unclipped = self._private_rows(rows, plan["clip"])
+            else:
+                accepted = self._screen(rows)
+                if accepted.sum() >= self.dropout.quorum:
+                    kept = np.flatnonzero(accepted)
+                    delta = self.aggregator([rows[i] for i in kept], sizes[kept], self.previous, rng)
+        elif private or accepted.sum() >= self.dropout.quorum:
             total = np.zeros(self.params.shape[0])
             for chunk in results:      # in chunk order: the same bits on every executor
                 if chunk.partial is not None:
                     total += chunk.partial
-            delta = (total / sum(c.weight for c in results)).astype(np.float32)
+            if not private:
+                delta = (total / sum(c.weight for c in results)).astype(np.float32)
+        if private:
+            clip = private.clip
+            delta, epsilon = self._release(total, r, unclipped)
         if delta is not None:
             self.optimizer.step(self.params, delta)
             self.previous = np.asarray(delta, np.float32)
         self.round = r
         record = self._record(r, selected.size, n, straggles, accepted, forged, byzantine, loss, sizes, delta is None)
+        record["epsilon"], record["clip"] = (epsilon, clip) if private else (math.inf, math.inf)
         record["seconds"] = time.perf_counter() - start
         self.history.append(record)
         return record
+
+    def _private_rows(self, rows: np.ndarray, clip: float | None) -> tuple[np.ndarray, np.ndarray, int]:
+        """DP's sum of the round's matrix rows (an attack needed them all): clipped by the
+        server (central, ``clip`` given) or as the clients sent them (local); non-finite
+        rows rejected. Returns the float64 sum, the accepted mask and the unclipped count."""
+        if clip is not None:
+            total, accepted, unclipped = _clipped_sum(self._clip_kernel, Updates(None, rows), clip)
+            return (np.zeros(rows.shape[1]) if total is None else total), accepted, unclipped
+        accepted = self._screen(rows)
+        kept = [rows[i] for i in np.flatnonzero(accepted)]
+        total = aggregate.weighted_sum(kept, np.ones(len(kept)), dtype=np.float64, check_finite=False,
+                                       backend=self.backend) if kept else np.zeros(rows.shape[1])
+        return total, accepted, 0
+
+    def _release(self, total: np.ndarray, r: int, unclipped: int) -> tuple[np.ndarray, float]:
+        """DP-FedAvg's server side: noise the sum (central), divide it by the expected cohort
+        size (a fixed denominator, McMahan et al. 2018), then account the round."""
+        private = self.privacy
+        if private.central:
+            dp.add_gaussian_noise(total, private.value_std, self.seed, stream=noise_stream(r, SERVER_NOISE),
+                                  out=total, backend=self.backend)
+        delta = (total / private.expected_clients).astype(np.float32)
+        epsilon = private.end_round(unclipped, self.seed, noise_stream(r, SERVER_COUNT))
+        if private.settings.on_budget == "warn" and private.over(epsilon) and not private.warned:
+            private.warned = True
+            warnings.warn(f"round {r}: epsilon {epsilon:.4g} (delta {private.settings.delta:g}) passed "
+                          f"privacy.max_epsilon = {private.settings.max_epsilon:g}", stacklevel=3)
+        return delta, epsilon
+
+    def _budget_stop(self, ahead: int) -> str:
+        """Why a privacy budget of ``on_budget="stop"`` refuses the round ``ahead`` rounds from
+        now (``""``: it does not)."""
+        private = self.privacy
+        if private is None or private.settings.on_budget != "stop":
+            return ""
+        epsilon = private.next_epsilon(ahead)
+        if not private.over(epsilon):
+            return ""
+        return (f"privacy budget: round {self.round + ahead} would take epsilon to {epsilon:.4g} (delta "
+                f"{private.settings.delta:g}), past privacy.max_epsilon = {private.settings.max_epsilon:g}")
 
     def _record(self, r, n_selected, n_arrived, straggles, accepted, forged, byzantine, loss, sizes, skipped) -> dict:
         trained = accepted & ~forged & np.isfinite(loss)
@@ -585,17 +737,24 @@ class Simulation:
 
         With ``checkpoint_path``, a checkpoint is written atomically every
         ``checkpoint_every`` rounds and after the last one; ``progress`` is called with
-        each round's record.
+        each round's record. A privacy budget with ``on_budget="stop"`` ends the run before
+        the first round that would pass it (that round does not run); the last round run
+        is then evaluated and checkpointed, and ``history.stopped`` says why.
         """
         rounds = check.count(rounds, "rounds", low=0)
         checkpoint_every = check.count(checkpoint_every, "checkpoint_every")
         self._last_round = rounds
         while self.round < rounds:
+            self.history.stopped = self._budget_stop(1)
+            if self.history.stopped:
+                break
+            if self._budget_stop(2):
+                self._last_round = self.round + 1      # the last round that runs: evaluate it
             record = self.step()
             if progress is not None:
                 progress(record)
             if checkpoint_path is not None and (
-                    self.round == rounds or (checkpoint_every and self.round % checkpoint_every == 0)):
+                    self.round == self._last_round or (checkpoint_every and self.round % checkpoint_every == 0)):
                 self.save(checkpoint_path)
         return self.history
 
@@ -605,7 +764,12 @@ class Simulation:
         arrays = {"params": self.params, "previous": self.previous}
         arrays.update({f"optimizer.{name}": value for name, value in self.optimizer.state.items()})
         meta = {"round": self.round, "optimizer_t": self.optimizer.t, "seed": self.seed,
-                "n_params": int(self.params.shape[0]), "history": self.history.records}
+                "n_params": int(self.params.shape[0]), "history": self.history.records,
+                "stopped": self.history.stopped}
+        if self.privacy is not None:
+            private_arrays, private_meta = self.privacy.state()
+            arrays.update(private_arrays)
+            meta.update(private_meta)
         checkpoint.save(path, arrays, meta)
 
     def restore(self, path) -> None:
@@ -613,12 +777,16 @@ class Simulation:
         arrays, meta = checkpoint.load(path)
         if meta["seed"] != self.seed or meta["n_params"] != self.params.shape[0]:
             raise FedkernValueError(f"checkpoint {str(path)!r} was written by a run with another seed or model")
+        if self.privacy is not None:
+            self.privacy.restore(arrays, meta, meta["round"])
+        elif "privacy.rdp" in arrays:
+            raise FedkernValueError(f"checkpoint {str(path)!r} was written by a run with differential privacy")
         self.params[...] = arrays["params"]
         self.previous = arrays["previous"]
         self.optimizer.state = {k.split(".", 1)[1]: v for k, v in arrays.items() if k.startswith("optimizer.")}
         self.optimizer.t = meta["optimizer_t"]
         self.round = meta["round"]
-        self.history = History(meta["history"])
+        self.history = History(meta["history"], stopped=meta.get("stopped", ""))
 
     def close(self) -> None:
         """Release the executor's workers."""

@@ -38,7 +38,8 @@ class Sampler(Protocol):
                loss: LossFunction | None = None) -> np.ndarray:
         """Return ``min(m, len(candidates))`` distinct client ids drawn from ``candidates``.
 
-        A sampler may also define ``validate(m)``, called once before the first round.
+        A sampler may also define ``validate(m)``, called once before the first round. A
+        sampler whose cohort size varies (:class:`Poisson`) returns any number of distinct ids.
         """
 
 
@@ -121,5 +122,34 @@ class PowerOfChoice:
         return f"PowerOfChoice(d={self.d})"
 
 
+class Poisson:
+    r"""Each candidate joins independently with probability :math:`q = m / N`.
+
+    N counts the clients with data, so the expected cohort is m when every client is
+    online; its size varies from round to round and may be 0. This is the sampling that
+    the Poisson-subsampled Gaussian mechanism of DP-FedAvg assumes (McMahan et al.,
+    "Learning Differentially Private Recurrent Language Models", ICLR 2018; Mironov,
+    Talwar and Zhang 2019); a fixed-size cohort is accounted differently.
+
+    Examples
+    --------
+    >>> from fedkern.sim import sampling
+    >>> rng = np.random.default_rng(0)
+    >>> sizes = np.ones(1000)
+    >>> [sampling.Poisson().select(rng, 10, np.arange(1000), sizes).size for _ in range(4)]
+    [11, 17, 6, 8]
+    """
+
+    needs_loss = False
+
+    def select(self, rng, m, candidates, sizes, loss=None):
+        q = m / np.count_nonzero(sizes)
+        return candidates[rng.random(candidates.size) < q]
+
+    def __repr__(self) -> str:
+        return "Poisson()"
+
+
 #: Samplers by config name.
-SAMPLERS: dict[str, type] = {"uniform": Uniform, "by_size": BySize, "power_of_choice": PowerOfChoice}
+SAMPLERS: dict[str, type] = {"uniform": Uniform, "by_size": BySize, "power_of_choice": PowerOfChoice,
+                             "poisson": Poisson}
