@@ -272,3 +272,11 @@ def test_adaptive_clipping_count_noise_is_m_over_20_and_seeded():
 def test_adaptive_clipping_bad_settings(bad):
     with pytest.raises(fedkern.FedkernValueError, match=next(iter(bad))):
         privacy.AdaptiveClipping(**bad)
+
+
+def test_adaptive_clipping_centres_the_bits_of_the_clients_counted():
+    # 3 of 4 arrived updates fit, 10 expected: b~ = (3 - 4 / 2) / 10 + 1/2 = 0.6
+    adaptive = privacy.AdaptiveClipping(clip=1.0, count_stddev=0.0)
+    assert adaptive.update(3, 10, seed=0, clients=4) == pytest.approx(math.exp(-0.2 * (0.6 - 0.5)))
+    with pytest.raises(fedkern.FedkernValueError, match="clients"):
+        adaptive.update(5, 10, seed=0, clients=4)

@@ -245,9 +245,10 @@ class AdaptiveClipping:
     r"""A clipping norm that follows a quantile of the clients' update norms.
 
     Each round the server learns the (noised) fraction of updates that were not clipped,
-    :math:`	ilde b = (\sum_i [\lVert x_i
-Vert \le C] + \mathcal N(0, \sigma_b^2)) / m`, and
-    moves the norm geometrically, :math:`C \leftarrow C \exp(-\eta (	ilde b - \gamma))`:
+    from bits centred at 1/2 so that one client moves their sum by at most 1/2,
+    :math:`\tilde b = \big(\sum_{i=1}^{n} ([\lVert x_i \rVert \le C] - \tfrac12) + \mathcal N(0, \sigma_b^2)\big) / m + \tfrac12`
+    over the n updates counted and the m expected, and moves the norm geometrically,
+    :math:`C \leftarrow C \exp(-\eta (\tilde b - \gamma))`:
     it shrinks while more than a fraction :math:`\gamma` of updates fit, grows while fewer
     do (Andrew et al., "Differentially Private Learning with Adaptive Clipping", NeurIPS
     2021). The defaults are TensorFlow Federated's.
@@ -284,13 +285,17 @@ Vert \le C] + \mathcal N(0, \sigma_b^2)) / m`, and
         """The count noise's standard deviation for ``expected_clients`` clients a round."""
         return expected_clients / 20.0 if self.count_stddev is None else float(self.count_stddev)
 
-    def update(self, unclipped: int, expected_clients: float, seed: SeedLike, *, stream: int = 0) -> float:
-        """Move the norm after a round in which ``unclipped`` updates had norm <= clip; return it.
+    def update(self, unclipped: int, expected_clients: float, seed: SeedLike, *, stream: int = 0,
+               clients: int | None = None) -> float:
+        """Move the norm after a round in which ``unclipped`` of ``clients`` updates had norm
+        <= clip (``clients``: default the expected number, as in a fixed cohort); return it.
 
         ``seed`` and ``stream`` give the count noise's stream (:func:`add_gaussian_noise`).
         """
         unclipped = check.count(unclipped, "unclipped")
         m = check.real(expected_clients, "expected_clients", low=0.0, low_inclusive=False)
-        count = add_gaussian_noise(np.array([float(unclipped)]), self.stddev(m), seed, stream=stream)[0]
-        self.clip *= math.exp(-self.learning_rate * (count / m - self.target_quantile))
+        n = m if clients is None else check.count(clients, "clients", low=unclipped,
+                                                  why=" (the unclipped updates are among them)")
+        centred = add_gaussian_noise(np.array([unclipped - n / 2]), self.stddev(m), seed, stream=stream)[0]
+        self.clip *= math.exp(-self.learning_rate * (centred / m + 0.5 - self.target_quantile))
         return self.clip

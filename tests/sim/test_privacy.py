@@ -222,19 +222,20 @@ def test_adaptive_clipping_splits_the_noise_and_moves_the_clip():
     data = federation()
     adaptive = privacy.AdaptiveClipping(clip=5.0, target_quantile=0.5, learning_rate=0.5, count_stddev=1.5)
     run = simulation(data, privacy=DifferentialPrivacy(adaptive=adaptive, noise_multiplier=0.6))
-    # add-or-remove: the plain count of unclipped updates has sensitivity 1
-    assert run.privacy.value_multiplier == privacy.split_noise_multiplier(0.6, 0.75)
+    # add-or-remove: the count of bits centred at 1/2 has sensitivity 1/2 (TFF's split)
+    assert run.privacy.value_multiplier == privacy.split_noise_multiplier(0.6, 1.5)
     _, norms = clip_rows(closed_form_deltas(data, cohort(run), run.params.astype(np.float64)), 5.0)
     run.step()
-    # C <- C exp(-eta (b~ - gamma)), b~ the count of norms <= C plus its noise, over m
+    # C <- C exp(-eta (b~ - gamma)), b~ the centred count of norms <= C plus its noise, over m, plus 1/2
     noise = privacy.add_gaussian_noise(np.zeros(1), 1.5, run.seed, stream=noise_stream(1, SERVER_COUNT))[0]
-    expected = 5.0 * math.exp(-0.5 * ((np.count_nonzero(norms <= 5.0) + noise) / 8 - 0.5))
+    centred = np.count_nonzero(norms <= 5.0) - norms.size / 2
+    expected = 5.0 * math.exp(-0.5 * ((centred + noise) / 8 + 0.5 - 0.5))
     assert run.privacy.clip == pytest.approx(expected, rel=1e-12)
     clips = run.run(6).column("clip")
     assert clips[0] == 5.0 and clips[-1] < 5.0       # every toy delta fits 5.0 at first: it shrinks
     assert adaptive.clip == 5.0                      # the caller's object is not moved
     with pytest.raises(fedkern.FedkernValueError, match="count_stddev"):
-        simulation(data, privacy=DifferentialPrivacy(adaptive=privacy.AdaptiveClipping(count_stddev=0.5),
+        simulation(data, privacy=DifferentialPrivacy(adaptive=privacy.AdaptiveClipping(count_stddev=0.25),
                                                      noise_multiplier=0.6))
 
 

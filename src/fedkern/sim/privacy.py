@@ -167,16 +167,16 @@ class RunPrivacy:
     ==================  ===============  ===========================================
 
     With adaptive clipping the values get noise :math:`z_\Delta C`, and the count of
-    unclipped updates noise :math:`\sigma_b` (``adaptive.stddev(m)``). The count of bits
-    has sensitivity 1 under either relation (:meth:`AdaptiveClipping.update` noises the
-    plain count, not the bits centred at 1/2 of Andrew et al.), and the pair is as private
-    as one Gaussian mechanism of the accounted multiplier when the squared
-    sensitivity-to-noise ratios add up to its own (Andrew et al. 2021, Theorem 1):
+    unclipped updates noise :math:`\sigma_b` (``adaptive.stddev(m)``) on bits centred at
+    1/2 (:meth:`AdaptiveClipping.update` with the round's accepted updates as
+    ``clients``). The pair is as private as one Gaussian mechanism of the accounted
+    multiplier when the squared sensitivity-to-noise ratios add up to its own (Andrew et
+    al. 2021, Theorem 1), and under both relations that is
+    ``split_noise_multiplier(z, sigma_b)``:
 
-    * add or remove, value sensitivity C: :math:`z_\Delta^{-2} + \sigma_b^{-2} = z^{-2}`,
-      i.e. ``split_noise_multiplier(z, sigma_b / 2)``;
-    * replace one, value sensitivity 2C and accounted z / 2:
-      :math:`4 z_\Delta^{-2} + \sigma_b^{-2} = 4 z^{-2}`, i.e. ``split_noise_multiplier(z, sigma_b)``.
+    * add or remove: values C, count 1/2: :math:`z_\Delta^{-2} + (2\sigma_b)^{-2} = z^{-2}`;
+    * replace one, accounted z / 2: values 2C, count 1:
+      :math:`4 z_\Delta^{-2} + \sigma_b^{-2} = 4 z^{-2}`.
 
     Parameters
     ----------
@@ -231,13 +231,11 @@ class RunPrivacy:
         if self.adaptive is None:
             return z
         sigma = self.adaptive.stddev(self.expected_clients)
-        share = sigma / 2 if self.poisson else sigma
-        if z > 0 and 2 * share <= z:
-            need = "noise_multiplier" if self.poisson else "noise_multiplier / 2"
+        if z > 0 and 2 * sigma <= z:
             raise FedkernValueError(
-                f"privacy.adaptive.count_stddev: must exceed {need} = {z if self.poisson else z / 2:g}, or the "
-                f"count of unclipped updates spends the whole budget; got {sigma:g} (default: expected clients / 20)")
-        return split_noise_multiplier(z, share)
+                f"privacy.adaptive.count_stddev: must exceed noise_multiplier / 2 = {z / 2:g}, or the count of "
+                f"unclipped updates spends the whole budget; got {sigma:g} (default: expected clients / 20)")
+        return split_noise_multiplier(z, sigma)
 
     # ------------------------------------------------------------------ rounds
     @property
@@ -268,14 +266,16 @@ class RunPrivacy:
         budget = self.settings.max_epsilon
         return budget is not None and epsilon > budget * (1 + BUDGET_RTOL)
 
-    def end_round(self, unclipped: int, seed: int, stream: int) -> float:
+    def end_round(self, unclipped: int, counted: int, seed: int, stream: int) -> float:
         """Account a finished round; with adaptive clipping, move the clip first.
 
-        ``unclipped`` counts the round's accepted updates with norm <= :attr:`clip`;
-        ``seed`` and ``stream`` key the count's noise. Returns epsilon after the round.
+        ``unclipped`` counts the round's ``counted`` accepted updates with norm <=
+        :attr:`clip`; ``seed`` and ``stream`` key the count's noise. Returns epsilon after
+        the round.
         """
         if self.adaptive is not None:
-            self._clip = self.adaptive.update(unclipped, self.expected_clients, seed, stream=stream)
+            self._clip = self.adaptive.update(unclipped, self.expected_clients, seed, stream=stream,
+                                              clients=counted)
         self._compose(self.accountant, self.noise_multiplier)
         return self.epsilon
 

@@ -658,7 +658,7 @@ class Simulation:
                 delta = (total / sum(c.weight for c in results)).astype(np.float32)
         if private:
             clip = private.clip
-            delta, epsilon = self._release(total, r, unclipped)
+            delta, epsilon = self._release(total, r, unclipped, int(accepted.sum()))
         if delta is not None:
             self.optimizer.step(self.params, delta)
             self.previous = np.asarray(delta, np.float32)
@@ -682,7 +682,7 @@ class Simulation:
                                        backend=self.backend) if kept else np.zeros(rows.shape[1])
         return total, accepted, 0
 
-    def _release(self, total: np.ndarray, r: int, unclipped: int) -> tuple[np.ndarray, float]:
+    def _release(self, total: np.ndarray, r: int, unclipped: int, counted: int) -> tuple[np.ndarray, float]:
         """DP-FedAvg's server side: noise the sum (central), divide it by the expected cohort
         size (a fixed denominator, McMahan et al. 2018), then account the round."""
         private = self.privacy
@@ -690,7 +690,7 @@ class Simulation:
             dp.add_gaussian_noise(total, private.value_std, self.seed, stream=noise_stream(r, SERVER_NOISE),
                                   out=total, backend=self.backend)
         delta = (total / private.expected_clients).astype(np.float32)
-        epsilon = private.end_round(unclipped, self.seed, noise_stream(r, SERVER_COUNT))
+        epsilon = private.end_round(unclipped, counted, self.seed, noise_stream(r, SERVER_COUNT))
         if private.settings.on_budget == "warn" and private.over(epsilon) and not private.warned:
             private.warned = True
             warnings.warn(f"round {r}: epsilon {epsilon:.4g} (delta {private.settings.delta:g}) passed "
