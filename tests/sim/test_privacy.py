@@ -385,3 +385,16 @@ def test_set_overrides_turn_privacy_on_and_the_saved_config_resumes_alike():
     again, _ = config.build(tomllib.loads(config.to_toml(settings)))
     assert again.run(3).column("epsilon").tolist() == history.column("epsilon").tolist()
     assert np.array_equal(again.params, run.params)
+
+
+def test_the_summary_shows_epsilon_and_why_a_run_stopped():
+    from fedkern.sim import experiment
+    from fedkern.sim.history import History
+
+    record = dict(round=1, test_accuracy=0.5, balanced_accuracy=0.5, train_loss=1.0, skipped=False)
+    private = History([dict(record, epsilon=1.25, clip=1.0)], stopped="privacy budget: round 2 would pass it")
+    plain = History([dict(record, epsilon=math.inf, clip=math.inf)])
+    lines = experiment.summary([("dp", private, 1.0), ("plain", plain, 1.0)]).splitlines()
+    assert lines[0].endswith("epsilon") and lines[1].split()[-1] == "1.25" and lines[2].split()[-1] == "inf"
+    assert lines[3] == "dp: stopped early: privacy budget: round 2 would pass it"
+    assert "epsilon" not in experiment.summary([("plain", plain, 1.0)])

@@ -97,14 +97,20 @@ def resume(directory: str | os.PathLike, *, progress: Callable[[dict], None] | N
 
 
 def summary(rows: list[tuple[str, History, float]]) -> str:
-    """A table of finished runs: final test accuracy, balanced accuracy, rounds and seconds."""
+    """A table of finished runs: final test accuracy, balanced accuracy, rounds and seconds;
+    with differential privacy the final epsilon too, and why a run stopped early."""
     width = max(len("run"), *(len(title) for title, _, _ in rows))
-    lines = [f"{'run':<{width}}  rounds  test acc  balanced acc  train loss  skipped  seconds"]
+    private = any(len(history) and math.isfinite(history.last("epsilon")) for _, history, _ in rows)
+    lines = [f"{'run':<{width}}  rounds  test acc  balanced acc  train loss  skipped  seconds"
+             + ("  epsilon" if private else "")]
     for title, history, seconds in rows:
-        skipped = int(np.nansum(history.column("skipped")))
-        lines.append(f"{title:<{width}}  {len(history):>6}  {_pct(history.last('test_accuracy')):>8}  "
-                     f"{_pct(history.last('balanced_accuracy')):>12}  {history.last('train_loss'):>10.4f}  "
-                     f"{skipped:>7}  {seconds:>7.2f}")
+        skipped = int(np.nansum(history.column("skipped"))) if len(history) else 0
+        line = (f"{title:<{width}}  {len(history):>6}  {_pct(history.last('test_accuracy')):>8}  "
+                f"{_pct(history.last('balanced_accuracy')):>12}  {history.last('train_loss'):>10.4f}  "
+                f"{skipped:>7}  {seconds:>7.2f}")
+        epsilon = history.column("epsilon")[-1] if len(history) else math.nan   # inf: no privacy
+        lines.append(line + (f"  {epsilon:>7.3g}" if private else ""))
+    lines += [f"{title}: stopped early: {history.stopped}" for title, history, _ in rows if history.stopped]
     return "\n".join(lines)
 
 
