@@ -29,6 +29,8 @@ from .robust import (
     trimmed_mean,
 )
 from . import attacks, privacy
+from . import secagg
+from .secagg import add_masks, dequantize, quantize
 
 __version__ = "0.1.0"
 
@@ -36,5 +38,6 @@ from ._registry import public_names as _op_names
 
 #: The ops of the registry (one row each) and the names around them.
 __all__ = sorted({*_op_names(), "Accumulator", "ServerOptimizer", "Layout", "UpdateMatrix", "attacks", "privacy",
+                  "secagg",
                   "FedkernError", "FedkernTypeError", "FedkernValueError", "NonFiniteError", "BackendUnavailableError",
                   "get_backend", "set_backend", "use_backend", "get_num_threads", "set_num_threads"})

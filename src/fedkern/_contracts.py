@@ -92,6 +92,23 @@ class PrivacyKernels(Protocol):
         (``out`` may be ``x``)."""
 
 
+class SecaggKernels(Protocol):
+    """Secure aggregation's ring arithmetic; the quantisation is defined in
+    ``fedkern._reference.secagg``. The ring is the uint32 or uint64 dtype of the output."""
+
+    def quantize(self, x: np.ndarray, clip: float, scale: float, weight: int, seed: int, stream: int,
+                 out: np.ndarray) -> None:
+        """out[j] = weight * floor(min(max(x[j], -clip), clip) * scale + u_j) mod 2^bits, u_j
+        uniform j of the Philox stream (seed, stream)."""
+
+    def add_masks(self, out: np.ndarray, start: int, masks: Updates, signs: np.ndarray) -> None:
+        """out[j] += sum_m signs[m] * masks[m][start + j] in the ring (serial: called on chunks
+        from several threads)."""
+
+    def dequantize(self, total: np.ndarray, step: float, out: np.ndarray) -> None:
+        """out[j] = signed(total[j]) * step in float64, rounded once into out's dtype."""
+
+
 class ModelsKernels(Protocol):
     """The simulator's model training (``fedkern.sim.models``): a dense ReLU network with
     layer widths ``sizes`` (no hidden layer: multinomial logistic regression)."""
@@ -110,6 +127,8 @@ class ModelsKernels(Protocol):
 #: family -> the Protocol its backend modules implement.
 CONTRACTS: dict[str, type] = {"aggregate": AggregateKernels, "optim": OptimKernels, "robust": RobustKernels,
                               "random": RandomKernels, "privacy": PrivacyKernels, "models": ModelsKernels}
+
+CONTRACTS["secagg"] = SecaggKernels
 
 
 def kernel_names(family: str) -> tuple[str, ...]:

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from . import aggregate, optim, privacy, robust
+from . import secagg
 
 #: An op's example inputs: positional and keyword arguments, without ``backend``.
 Example = tuple[tuple, dict]
@@ -236,6 +237,41 @@ OPS: tuple[OpSpec, ...] = (
     OpSpec("add_gaussian_noise", "privacy", ("count_nonfinite", "gaussian_noise"), _noise_example,
            nbytes=lambda k, d: 2 * 4 * d, peer=Peer("numpy Generator.standard_normal", _numpy_noise),
            ulps=0.0, per_update=False),
+)
+
+
+def _ring_of(dtype) -> int:
+    """The ring a float dtype's example runs in: float32 -> uint32, float64 -> uint64."""
+    return 32 if np.dtype(dtype) == np.float32 else 64
+
+
+def _quantize_example(rng, k, d, dtype):
+    return (_vector(rng, k, d, dtype), 2.0, 2**12, 7), dict(weight=3, bits=_ring_of(dtype))
+
+
+def _ring_example(rng, k, d, dtype):
+    ring = secagg.RING_DTYPES[_ring_of(dtype)]
+    return rng.integers(0, np.iinfo(ring).max, d, dtype=ring, endpoint=True)
+
+
+def _masks_example(rng, k, d, dtype):
+    keys = [bytes(rng.integers(0, 256, 32, dtype=np.uint8)) for _ in range(max(k, 1))]
+    return (_ring_example(rng, k, d, dtype), keys, [1 if i % 2 else -1 for i in range(len(keys))]), {}
+
+
+def _run(function):
+    return lambda backend, *args, **kwargs: function(*args, backend=backend, **kwargs)
+
+
+# secure aggregation: ring results, bit-identical on every backend
+OPS += (
+    OpSpec("quantize", "secagg", ("count_nonfinite", "quantize"), _quantize_example, run=_run(secagg.quantize),
+           nbytes=lambda k, d: 2 * 4 * d, out=None, ulps=0.0, per_update=False),
+    OpSpec("add_masks", "secagg", ("add_masks",), _masks_example, run=_run(secagg.add_masks),
+           nbytes=lambda k, d: 4 * (k + 2) * d, out=None, ulps=0.0, per_update=False),
+    OpSpec("dequantize", "secagg", ("dequantize",),
+           lambda rng, k, d, dtype: ((_ring_example(rng, k, d, dtype), 2.0, 2**12), {}), run=_run(secagg.dequantize),
+           nbytes=lambda k, d: 2 * 4 * d, ulps=0.0, per_update=False),
 )
 
 BY_NAME = {spec.name: spec for spec in OPS}

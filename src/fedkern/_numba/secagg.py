@@ -1,0 +1,67 @@
+"""Numba kernels of the secure aggregation family: fixed-point quantisation into the ring,
+masking with keystreams, decoding a ring sum.
+
+Same kernels, arguments and bits as ``ext/secagg.pyx``; the quantisation is defined in
+``fedkern._reference.secagg``. ``add_masks`` is serial: the protocol calls it on cache-sized
+chunks from several Python threads at once (it releases the GIL), which a parallel Numba
+kernel cannot be (the workqueue threading layer aborts on concurrent launches).
+"""
+import numpy as np
+from numba import njit, prange
+
+from .._blocks import CHUNK  # sizes, and why: fedkern/_blocks.py
+from ._philox import philox_block, uniform53
+from ._runtime import KERNEL, row
+
+_1 = np.uint64(1)
+
+
+def quantize(x, clip: float, scale: float, weight: int, seed: int, stream: int, out) -> None:
+    """out[j] = weight * floor(min(max(x[j], -clip), clip) * scale + u_j) in the ring of out's dtype."""
+    _quantize(x, np.float64(clip), np.float64(scale), np.uint64(weight), np.uint64(seed), np.uint64(stream), out)
+
+
+@njit(inline="always")
+def _level(x, clip, scale, u):
+    """floor(clipped x * scale + u) as a two's complement uint64."""
+    v = min(max(np.float64(x), -clip), clip) * scale
+    return np.uint64(np.int64(np.floor(v + u)))
+
+
+@njit(**KERNEL)
+def _quantize(x, clip, scale, weight, seed, stream, out):
+    n = out.shape[0]
+    for c in prange((n + CHUNK - 1) // CHUNK):
+        j0 = c * CHUNK                       # even: a chunk starts on a block of the stream
+        j1 = min(j0 + CHUNK, n)
+        for j in range(j0, j1, 2):
+            w0, w1, w2, w3 = philox_block(seed, stream, np.uint64(j) >> _1)
+            out[j] = weight * _level(x[j], clip, scale, uniform53(w0, w1))  # the store truncates to the ring
+            if j + 1 < j1:
+                out[j + 1] = weight * _level(x[j + 1], clip, scale, uniform53(w2, w3))
+
+
+@njit(nogil=True, cache=True)
+def _add_masks(out, start, pointers, first, signs):
+    n = out.shape[0]
+    for m in range(pointers.shape[0]):
+        mask = row(pointers, m, first)
+        sign = signs[m]
+        for j in range(n):
+            out[j] += sign * mask[start + j]
+
+
+def add_masks(out, start: int, masks, signs) -> None:
+    """out[j] += sum_m signs[m] * masks[m][start + j] in the ring (signs: 1 or 2^bits - 1, i.e. -1)."""
+    _add_masks(out, start, masks.pointers, masks.first, signs)
+
+
+def dequantize(total, step: float, out) -> None:
+    """out[j] = signed(total[j]) * step in float64, rounded once (values >= 2^(bits-1) are negative)."""
+    _dequantize(total.view(np.int32 if total.dtype == np.uint32 else np.int64), np.float64(step), out)
+
+
+@njit(**KERNEL)
+def _dequantize(signed, step, out):
+    for j in prange(out.shape[0]):
+        out[j] = np.float64(signed[j]) * step
