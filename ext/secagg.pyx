@@ -13,7 +13,7 @@ from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t, uintptr_t
 from _blocks cimport CHUNK  # sizes, and why: src/fedkern/_blocks.py
 from _fused cimport in_t, out_t, ring_t
 from _openmp cimport fk_threads_for
-from _philox cimport Words4, philox_block, uniform53
+from _philox cimport Words4, philox_block
 
 
 cdef inline uint64_t _level(double x, double clip, double scale, double u) noexcept nogil:
@@ -29,21 +29,20 @@ def quantize(x, double clip, double scale, uint64_t weight, uint64_t seed, uint6
 
 def _quantize(const in_t[::1] x, double clip, double scale, uint64_t weight, uint64_t seed, uint64_t stream,
               ring_t[::1] out):
-    cdef Py_ssize_t n = out.shape[0], c, j, j0, j1
+    cdef Py_ssize_t n = out.shape[0], c, i, j, j0, j1
     cdef Words4 w
     cdef ring_t wr = <ring_t> weight
     with nogil:
         for c in prange((n + CHUNK - 1) // CHUNK, schedule="static",
                         num_threads=fk_threads_for(n * <Py_ssize_t> 16)):
-            j0 = c * CHUNK          # even: a chunk starts on a block of the stream
+            j0 = c * CHUNK          # a multiple of 4: a chunk starts on a block of the stream
             j1 = min(j0 + CHUNK, n)
             j = j0
             while j < j1:
-                w = philox_block(seed, stream, <uint64_t> j >> 1)
-                out[j] = wr * <ring_t> _level(x[j], clip, scale, uniform53(w.x[0], w.x[1]))
-                if j + 1 < j1:
-                    out[j + 1] = wr * <ring_t> _level(x[j + 1], clip, scale, uniform53(w.x[2], w.x[3]))
-                j = j + 2
+                w = philox_block(seed, stream, <uint64_t> j >> 2)
+                for i in range(min(4, j1 - j)):
+                    out[j + i] = wr * <ring_t> _level(x[j + i], clip, scale, w.x[i] * (1.0 / 4294967296.0))
+                j = j + 4
 
 
 def add_masks(out, Py_ssize_t start, masks, signs) -> None:

@@ -164,8 +164,8 @@ def quantize(x: np.ndarray, clip: float, levels: int, seed: int, *, stream: int 
              bits: int = 32, out: np.ndarray | None = None, backend: str | None = None) -> np.ndarray:
     r"""Fixed-point encode ``x`` into the ring: clip, scale to Q levels, round stochastically.
 
-    :math:`q_j = \lfloor \min(\max(x_j, -c), c)\, Q / (2c) + u_j \rfloor` with :math:`u_j`
-    uniform ``j`` of fedkern's Philox stream (seed, stream), so :math:`E[q_j] = x_j Q / (2c)`
+    :math:`q_j = \lfloor \min(\max(x_j, -c), c)\, Q / (2c) + u_j \rfloor` with
+    :math:`u_j = w_j 2^{-32}`, :math:`w_j` word ``j`` of fedkern's Philox stream (seed, stream), so :math:`E[q_j] = x_j Q / (2c)`
     for :math:`|x_j| \le c` (unbiased stochastic rounding); the result is
     :math:`w q_j \bmod 2^{\text{bits}}`, a negative value wrapping around (two's complement).
     Bit-identical on every backend and thread count (the definition is in

@@ -10,10 +10,10 @@ import numpy as np
 from numba import njit, prange
 
 from .._blocks import CHUNK  # sizes, and why: fedkern/_blocks.py
-from ._philox import philox_block, uniform53
+from ._philox import philox_block
 from ._runtime import KERNEL, row
 
-_1 = np.uint64(1)
+_2 = np.uint64(2)
 
 
 def quantize(x, clip: float, scale: float, weight: int, seed: int, stream: int, out) -> None:
@@ -32,13 +32,13 @@ def _level(x, clip, scale, u):
 def _quantize(x, clip, scale, weight, seed, stream, out):
     n = out.shape[0]
     for c in prange((n + CHUNK - 1) // CHUNK):
-        j0 = c * CHUNK                       # even: a chunk starts on a block of the stream
+        j0 = c * CHUNK                       # a multiple of 4: a chunk starts on a block of the stream
         j1 = min(j0 + CHUNK, n)
-        for j in range(j0, j1, 2):
-            w0, w1, w2, w3 = philox_block(seed, stream, np.uint64(j) >> _1)
-            out[j] = weight * _level(x[j], clip, scale, uniform53(w0, w1))  # the store truncates to the ring
-            if j + 1 < j1:
-                out[j + 1] = weight * _level(x[j + 1], clip, scale, uniform53(w2, w3))
+        for j in range(j0, j1, 4):
+            words = philox_block(seed, stream, np.uint64(j) >> _2)
+            for i in range(min(4, j1 - j)):
+                u = np.float64(words[i]) * 2.0**-32
+                out[j + i] = weight * _level(x[j + i], clip, scale, u)  # the store truncates to the ring
 
 
 @njit(nogil=True, cache=True)
