@@ -43,7 +43,7 @@ def run_round(config, updates, weights=None, drop=((), (), (), ()), seed=0, back
     request = server.receive_masked(masked)
     expected = np.zeros(config.dim, config.dtype)
     for u in online:
-        expected += secagg.quantize(updates[u], config.clip, config.levels, u, weight=weights[u], bits=config.bits)
+        expected += secagg.ring_quantize(updates[u], config.clip, config.levels, u, weight=weights[u], bits=config.bits)
     online = [u for u in online if u not in drop[3]]
     server.unmask({u: clients[u].unmask(request) for u in online})
     return server, expected
@@ -363,19 +363,19 @@ def test_the_graph_is_k_regular_and_symmetric():
 # --------------------------------------------------------------------------- the ring kernels
 def test_quantize_is_unbiased_clipped_and_twos_complement():
     x = np.full(200_000, -0.3)
-    q = secagg.quantize(x, clip=1.0, levels=10, seed=4)
+    q = secagg.ring_quantize(x, clip=1.0, levels=10, seed=4)
     signed = q.view(np.int32)
     assert set(np.unique(signed)) == {-2, -1}                    # -0.3 * 5 = -1.5
     assert abs(signed.mean() + 1.5) < 5 * 0.5 / np.sqrt(x.size)
-    assert np.array_equal(secagg.quantize(np.array([5.0, -5.0]), 1.0, 10, 0), np.array([5, 2**32 - 5], np.uint32))
-    weighted = secagg.quantize(np.array([-1.0]), 1.0, 10, 0, weight=3, bits=64)
+    assert np.array_equal(secagg.ring_quantize(np.array([5.0, -5.0]), 1.0, 10, 0), np.array([5, 2**32 - 5], np.uint32))
+    weighted = secagg.ring_quantize(np.array([-1.0]), 1.0, 10, 0, weight=3, bits=64)
     assert weighted.dtype == np.uint64 and weighted[0] == 2**64 - 15
-    np.testing.assert_array_equal(secagg.dequantize(q, 1.0, 10), signed * 0.2)
+    np.testing.assert_array_equal(secagg.ring_dequantize(q, 1.0, 10), signed * 0.2)
 
 
 def test_quantize_rejects_non_finite_input():
     with pytest.raises(fedkern.NonFiniteError):
-        secagg.quantize(np.array([0.0, np.nan]), 1.0, 4, 0)
+        secagg.ring_quantize(np.array([0.0, np.nan]), 1.0, 4, 0)
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)

@@ -30,7 +30,8 @@ from .robust import (
 )
 from . import attacks, privacy
 from . import secagg
-from .secagg import add_masks, dequantize, quantize
+from . import compress
+from .secagg import add_masks, ring_dequantize, ring_quantize
 
 __version__ = "0.1.0"
 
@@ -39,5 +40,6 @@ from ._registry import public_names as _op_names
 #: The ops of the registry (one row each) and the names around them.
 __all__ = sorted({*_op_names(), "Accumulator", "ServerOptimizer", "Layout", "UpdateMatrix", "attacks", "privacy",
                   "secagg",
+                  "compress",
                   "FedkernError", "FedkernTypeError", "FedkernValueError", "NonFiniteError", "BackendUnavailableError",
                   "get_backend", "set_backend", "use_backend", "get_num_threads", "set_num_threads"})

@@ -265,12 +265,12 @@ def _run(function):
 
 # secure aggregation: ring results, bit-identical on every backend
 OPS += (
-    OpSpec("quantize", "secagg", ("count_nonfinite", "quantize"), _quantize_example, run=_run(secagg.quantize),
+    OpSpec("ring_quantize", "secagg", ("count_nonfinite", "quantize"), _quantize_example, run=_run(secagg.ring_quantize),
            nbytes=lambda k, d: 2 * 4 * d, out=None, ulps=0.0, per_update=False),
     OpSpec("add_masks", "secagg", ("add_masks",), _masks_example, run=_run(secagg.add_masks),
            nbytes=lambda k, d: 4 * (k + 2) * d, out=None, ulps=0.0, per_update=False),
-    OpSpec("dequantize", "secagg", ("dequantize",),
-           lambda rng, k, d, dtype: ((_ring_example(rng, k, d, dtype), 2.0, 2**12), {}), run=_run(secagg.dequantize),
+    OpSpec("ring_dequantize", "secagg", ("dequantize",),
+           lambda rng, k, d, dtype: ((_ring_example(rng, k, d, dtype), 2.0, 2**12), {}), run=_run(secagg.ring_dequantize),
            nbytes=lambda k, d: 2 * 4 * d, ulps=0.0, per_update=False),
 )
 

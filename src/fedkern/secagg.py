@@ -11,7 +11,7 @@ CCS 2020) on a k-regular neighbour graph. Client u sends
     y_u = w_u q_u + \mathrm{PRG}(b_u) + \sum_{v \in N(u)} \pm \mathrm{PRG}(s_{uv})
     \pmod{2^{\text{bits}}}
 
-with :math:`q_u` its update quantised to Q levels of [-c, c] (:func:`quantize`, the
+with :math:`q_u` its update quantised to Q levels of [-c, c] (:func:`ring_quantize`, the
 integer weight :math:`w_u` carried as an extra element, as Flower does), :math:`b_u` a
 fresh self-mask seed, :math:`s_{uv}` an X25519 + HKDF-SHA256 key it shares with neighbour
 v (+ for u < v, - for u > v, so the pair's masks cancel in the sum). Each mask is
@@ -66,7 +66,7 @@ from ._errors import BackendUnavailableError, FedkernTypeError, FedkernValueErro
 from ._updates import Updates
 from .backends import get_num_threads, kernels
 
-__all__ = ["quantize", "dequantize", "add_masks", "ring_bits_needed", "split_secret", "combine_shares",
+__all__ = ["ring_quantize", "ring_dequantize", "add_masks", "ring_bits_needed", "split_secret", "combine_shares",
            "SecAggConfig", "Client", "Server", "PublicKeys", "EncryptedShares", "MaskedInput", "UnmaskRequest",
            "Share", "SecAggError", "PRIME"]
 
@@ -160,7 +160,7 @@ def _check_ring_holds(n_clients: int, levels: int, max_weight: int, bits: int) -
             f"{n_clients} * {levels + levels % 2} * {max_weight} >= 2^{bits}; use bits=64 or fewer levels")
 
 
-def quantize(x: np.ndarray, clip: float, levels: int, seed: int, *, stream: int = 0, weight: int = 1,
+def ring_quantize(x: np.ndarray, clip: float, levels: int, seed: int, *, stream: int = 0, weight: int = 1,
              bits: int = 32, out: np.ndarray | None = None, backend: str | None = None) -> np.ndarray:
     r"""Fixed-point encode ``x`` into the ring: clip, scale to Q levels, round stochastically.
 
@@ -184,7 +184,7 @@ def quantize(x: np.ndarray, clip: float, levels: int, seed: int, *, stream: int 
     Examples
     --------
     >>> from fedkern import secagg
-    >>> secagg.quantize(np.array([-1.0, 0.0, 0.5, 1.0]), clip=1.0, levels=4, seed=0)
+    >>> secagg.ring_quantize(np.array([-1.0, 0.0, 0.5, 1.0]), clip=1.0, levels=4, seed=0)
     array([4294967294,          0,          1,          2], dtype=uint32)
     """
     x = check.vector(x, "x")
@@ -196,12 +196,12 @@ def quantize(x: np.ndarray, clip: float, levels: int, seed: int, *, stream: int 
     weight = check.count(weight, "weight", high=2 ** (8 * np.dtype(dtype).itemsize) - 1)
     result = np.empty(x.shape[0], dtype) if out is None else _ring_vector(out, "out", x.shape[0], writeable=True)
     if kernels("aggregate", backend, "count_nonfinite").count_nonfinite(x):
-        check.raise_nonfinite("quantize", [x], name="x")
+        check.raise_nonfinite("ring_quantize", [x], name="x")
     kernels("secagg", backend, "quantize").quantize(x, clip, levels / (2.0 * clip), weight, seed, stream, result)
     return result
 
 
-def dequantize(total: np.ndarray, clip: float, levels: int, *, out: np.ndarray | None = None,
+def ring_dequantize(total: np.ndarray, clip: float, levels: int, *, out: np.ndarray | None = None,
                dtype=None, backend: str | None = None) -> np.ndarray:
     r"""Decode a ring sum of quantised vectors: :math:`s_j \cdot 2c / Q`, values
     :math:`\ge 2^{\text{bits}-1}` read as negative (two's complement).
@@ -213,8 +213,8 @@ def dequantize(total: np.ndarray, clip: float, levels: int, *, out: np.ndarray |
     Examples
     --------
     >>> from fedkern import secagg
-    >>> q = secagg.quantize(np.array([-1.0, 0.5]), clip=1.0, levels=4, seed=0)
-    >>> secagg.dequantize(q + q, clip=1.0, levels=4)
+    >>> q = secagg.ring_quantize(np.array([-1.0, 0.5]), clip=1.0, levels=4, seed=0)
+    >>> secagg.ring_dequantize(q + q, clip=1.0, levels=4)
     array([-2.,  1.])
     """
     total = _ring_vector(total, "total")
@@ -457,7 +457,7 @@ class SecAggConfig:
     threshold : t, the shares needed to rebuild a secret, and the fewest survivors of any
         phase; at most the size of a neighbourhood (n_clients, or neighbours + 1)
     dim : D, the coordinates of an update
-    clip, levels : the fixed-point encoding (:func:`quantize`): c and Q
+    clip, levels : the fixed-point encoding (:func:`ring_quantize`): c and Q
     bits : the ring, 32 or 64; ``n_clients * levels * max_weight < 2**bits`` is checked here
     max_weight : the largest integer weight a client may give its update
     neighbours : None for the full graph (Bonawitz et al.), or k for SecAgg+'s k-regular
@@ -737,7 +737,7 @@ class Client:
         if seed is None:
             seed = int.from_bytes(self._entropy(8), "little")
         vector = np.empty(config.dim + 1, config.dtype)
-        quantize(update, config.clip, config.levels, seed, weight=weight, out=vector[:config.dim], backend=backend)
+        ring_quantize(update, config.clip, config.levels, seed, weight=weight, out=vector[:config.dim], backend=backend)
         vector[config.dim] = weight
         keys = [_hkdf(self._seed, b"self", config.round, u)]
         keys += [_hkdf(_agree(self._mask_sk, self._keys[v].mask_key), b"mask", config.round, min(u, v), max(u, v))
@@ -946,7 +946,7 @@ class Server:
         r"""The decoded weighted sum :math:`\sum_u w_u \hat x_u` of the survivors (after :meth:`unmask`)."""
         if self.total is None:
             raise SecAggError("server: sum() before unmask()")
-        return dequantize(self.total, self.config.clip, self.config.levels, dtype=dtype, backend=self.backend)
+        return ring_dequantize(self.total, self.config.clip, self.config.levels, dtype=dtype, backend=self.backend)
 
     def mean(self, dtype=np.float64) -> np.ndarray:
         """The decoded weighted mean: :meth:`sum` divided by the sum of the weights."""

@@ -36,7 +36,7 @@ Examples
 >>> ledger.sample_rate, ledger.expected_clients
 (0.01, 10.0)
 >>> for _ in range(1000):
-...     epsilon = ledger.end_round(unclipped=0, seed=0, stream=0)
+...     epsilon = ledger.end_round(unclipped=0, counted=0, seed=0, stream=0)
 >>> round(epsilon, 3)               # the RDP accountant's figure for q = 0.01, z = 1.1, 1000 rounds
 1.712
 """
