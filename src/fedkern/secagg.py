@@ -63,7 +63,7 @@ import numpy as np
 
 from . import _validate as check
 from ._errors import BackendUnavailableError, FedkernTypeError, FedkernValueError
-from ._updates import Updates
+from ._updates import DTypeLike, Updates
 from .backends import get_num_threads, kernels
 
 __all__ = ["ring_quantize", "ring_dequantize", "add_masks", "ring_bits_needed", "split_secret", "combine_shares",
@@ -161,7 +161,7 @@ def _check_ring_holds(n_clients: int, levels: int, max_weight: int, bits: int) -
 
 
 def ring_quantize(x: np.ndarray, clip: float, levels: int, seed: int, *, stream: int = 0, weight: int = 1,
-             bits: int = 32, out: np.ndarray | None = None, backend: str | None = None) -> np.ndarray:
+                  bits: int = 32, out: np.ndarray | None = None, backend: str | None = None) -> np.ndarray:
     r"""Fixed-point encode ``x`` into the ring: clip, scale to Q levels, round stochastically.
 
     :math:`q_j = \lfloor \min(\max(x_j, -c), c)\, Q / (2c) + u_j \rfloor` with
@@ -202,7 +202,7 @@ def ring_quantize(x: np.ndarray, clip: float, levels: int, seed: int, *, stream:
 
 
 def ring_dequantize(total: np.ndarray, clip: float, levels: int, *, out: np.ndarray | None = None,
-               dtype=None, backend: str | None = None) -> np.ndarray:
+                    dtype: DTypeLike = None, backend: str | None = None) -> np.ndarray:
     r"""Decode a ring sum of quantised vectors: :math:`s_j \cdot 2c / Q`, values
     :math:`\ge 2^{\text{bits}-1}` read as negative (two's complement).
 
