@@ -10,6 +10,7 @@ Pieces, each usable alone inside another simulator:
 - :mod:`~fedkern.sim.algorithms`: client sides (FedAvg's local SGD, FedProx)
 - :mod:`~fedkern.sim.rounds`: :class:`Simulation`, the round's stages and their settings
 - :mod:`~fedkern.sim.privacy`: :class:`DifferentialPrivacy` (DP-FedAvg) and a run's privacy ledger
+- :mod:`~fedkern.sim.secure`: :class:`SecureAggregation` (masked sums, Bonawitz et al. / SecAgg+)
 - :mod:`~fedkern.sim.executors`: serial and thread executors (the same bits)
 - :mod:`~fedkern.sim.checkpoint`, :mod:`~fedkern.sim.history`, :mod:`~fedkern.sim.config`
 """
@@ -18,8 +19,9 @@ from .executors import SerialExecutor, ThreadExecutor
 from .history import History
 from .models import MLP, Evaluation, LocalTraining, LogisticRegression, Model, TrainResult
 from .privacy import DifferentialPrivacy
+from .secure import SecureAggregation
 from .rounds import Aggregator, Attack, Dropout, Simulation, Stragglers
 
-__all__ = ["Aggregator", "Attack", "DifferentialPrivacy", "Dropout", "Evaluation", "FederatedData",
+__all__ = ["Aggregator", "Attack", "DifferentialPrivacy", "SecureAggregation", "Dropout", "Evaluation", "FederatedData",
            "FederatedDataset", "History", "LocalTraining", "LogisticRegression", "MLP", "Model", "SerialExecutor",
            "Simulation", "Stragglers", "ThreadExecutor", "TrainResult"]

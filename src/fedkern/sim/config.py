@@ -38,6 +38,7 @@ from .data import FederatedDataset
 from .executors import EXECUTORS
 from .models import LocalTraining, make_model
 from .privacy import DifferentialPrivacy
+from .secure import SecureAggregation
 from .rounds import Aggregator, Attack, Dropout, Simulation, Stragglers
 from .sampling import SAMPLERS
 
@@ -85,6 +86,8 @@ TABLES: dict[str, tuple[dict, str]] = {
     "executor": ({"name": "serial"}, "serial, or threads with workers"),
     "privacy": ({"name": "none"}, "differential privacy: none, central or local, with clip, noise_multiplier "
                                   "or target_epsilon, delta, sampling, adaptive, max_epsilon, on_budget"),
+    "secure_aggregation": ({"name": "none"}, "secure aggregation: none, full (Bonawitz et al.) or neighbours (SecAgg+) "
+                                             "with neighbours, threshold, clip, levels, bits, weights"),
 }
 
 #: The parameters of a ``privacy`` table other than its name (the mode), with their defaults.
@@ -232,8 +235,19 @@ def build(config: dict, data: FederatedDataset | None = None) -> tuple[Simulatio
         stragglers=_call("stragglers", Stragglers, **settings["stragglers"]),
         reject_norm_ratio=settings["reject_norm_ratio"] or None, executor=executor,
         seed=settings["seed"], eval_every=settings["eval_every"],
-        backend=None if settings["backend"] == "auto" else settings["backend"], privacy=privacy)
+        backend=None if settings["backend"] == "auto" else settings["backend"], privacy=privacy,
+        secure_aggregation=_secure_aggregation(settings))
     return simulation, settings
+
+
+def _secure_aggregation(settings: dict) -> SecureAggregation | None:
+    """The ``secure_aggregation`` table (its name the graph) as settings; None for ``"none"``."""
+    name, params = _params(settings, "secure_aggregation")
+    if name == "none":
+        if params:
+            raise ConfigError(f"config key 'secure_aggregation': name 'none' takes no parameters; got {sorted(params)}")
+        return None
+    return _call("secure_aggregation", SecureAggregation, graph=name, **params)
 
 
 def _privacy(settings: dict) -> DifferentialPrivacy | None:

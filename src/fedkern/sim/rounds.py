@@ -78,6 +78,7 @@ from .executors import SerialExecutor, chunks
 from .history import History
 from .models import LocalTraining, Model, TrainResult
 from .privacy import DifferentialPrivacy, RunPrivacy
+from .secure import SecureAggregation, secure_mean
 from .sampling import Poisson, Uniform, online
 
 #: The kinds of random stream of a run (the first part of a stream's key); privacy noise
@@ -402,6 +403,9 @@ class Simulation:
         says). It needs the ``mean`` aggregator without pre-aggregation, every client
         online (``availability`` 1), no norm filter and ``dropout.quorum`` 1; its
         ``sampling`` decides the sampler (``Poisson`` or ``Uniform``, the default for it)
+    secure_aggregation : :class:`~fedkern.sim.secure.SecureAggregation` settings (default
+        none): the server learns only the survivors' quantised weighted mean; needs the
+        ``mean`` aggregator without pre-aggregation or norm filter, and no privacy
     """
 
     def __init__(self, data: FederatedDataset, model: Model, *, clients_per_round: int,
@@ -411,7 +415,7 @@ class Simulation:
                  dropout: Dropout | None = None, stragglers: Stragglers | None = None,
                  reject_norm_ratio: float | None = None, executor=None, client_update: ClientUpdate | None = None,
                  seed: int = 0, eval_every: int = 1, backend: str | None = None,
-                 privacy: DifferentialPrivacy | None = None):
+                 privacy: DifferentialPrivacy | None = None, secure_aggregation: SecureAggregation | None = None):
         if not isinstance(data, FederatedDataset):
             raise check.FedkernTypeError(f"data must be a FederatedDataset; got {type(data).__name__}")
         self.data, self.model = data, model
@@ -442,8 +446,9 @@ class Simulation:
             backends.resolve("aggregate", backend)     # a misspelt backend fails now, not in round 1
         self.backend = backend
         self.privacy = self._privacy(privacy, n_with_data)
+        self.secure = self._secure(secure_aggregation, n_with_data)
         self.needs_rows = (not self.aggregator.streaming or self.reject_norm_ratio is not None
-                           or (attack is not None and attack.on_updates))
+                           or (attack is not None and attack.on_updates) or self.secure is not None)
 
         self.params = np.ascontiguousarray(model.init(stream(self.seed, STREAM_INIT, 0)), np.float32)
         if self.params.shape != (model.n_params,):
@@ -458,6 +463,44 @@ class Simulation:
         self._clip_kernel = backends.kernels("privacy", backend, "clip_and_sum") if self.privacy else None
         self._local_by_epochs = {self.local.epochs: self.local}
         self.executor.start(self)
+
+    def _secure(self, settings: SecureAggregation | None, population: int) -> SecureAggregation | None:
+        """The secure aggregation settings, once the others are known to fit them; sets the
+        integer weights' public bound (the largest data size, or 1)."""
+        if settings is None:
+            return None
+        if not isinstance(settings, SecureAggregation):
+            raise check.FedkernTypeError(f"secure_aggregation must be a SecureAggregation; got {type(settings).__name__}")
+        if not self.aggregator.streaming:
+            raise FedkernValueError(f"aggregator: secure aggregation reveals only the sum, so it needs the 'mean' "
+                                    f"aggregator without pre-aggregation; got {self.aggregator!r}")
+        if self.reject_norm_ratio is not None:
+            raise FedkernValueError("reject_norm_ratio: not with secure aggregation (the server sees no update)")
+        if self.privacy is not None:
+            raise FedkernValueError("privacy: differential privacy and secure aggregation are not combined yet")
+        self._max_weight = int(self.train_data.sizes.max()) if settings.weights == "size" else 1
+        largest = population if isinstance(self.sampler, Poisson) else self.clients_per_round
+        try:       # the ring must hold the largest cohort's sum: fail now, not in some round
+            settings.config(largest, 1, self._max_weight, 0)
+        except FedkernValueError as err:
+            raise FedkernValueError(f"secure_aggregation: {err}") from None
+        return settings
+
+    def _secure_round(self, rows: np.ndarray, arrives: np.ndarray, sizes: np.ndarray, r: int,
+                      rng: np.random.Generator) -> tuple[np.ndarray | None, np.ndarray, dict]:
+        """The round's mean through the secure aggregation protocol among the selected
+        clients: those that did not arrive, or whose update is not finite, drop out after
+        sharing their keys. Returns the mean (None: not enough survivors), the accepted
+        mask over the arrived clients and the protocol's figures."""
+        accepted = self._screen(rows) if rows.shape[0] else np.zeros(0, bool)
+        kept = np.flatnonzero(accepted)
+        survivors = np.flatnonzero(arrives)[kept]
+        seeds = rng.integers(0, 2**63, size=arrives.size)   # every selected client's, in a fixed order
+        weights = (sizes[kept] if self.secure.weights == "size" else np.ones(kept.size)).astype(np.int64)
+        delta, stats = secure_mean(self.secure, arrives.size, self.params.shape[0], survivors.tolist(),
+                                   [rows[i] for i in kept], weights, seeds[survivors], self._max_weight, r,
+                                   self.backend)
+        return delta, accepted, stats
 
     def _availability(self, availability):
         n = self.train_data.n_clients
@@ -637,13 +680,19 @@ class Simulation:
             lambda name: np.zeros(0))
         loss, accepted = cat("loss"), cat("accepted").astype(bool)
         delta, total, unclipped = None, None, sum(c.unclipped for c in results)
-        if plan["rows"] is not None:
+        secure = None
+        if self.secure is not None and plan["rows"] is None:    # nobody arrived: keys went round, no mean
+            delta, accepted, secure = self._secure_round(np.zeros((0, self.params.shape[0]), np.float32), arrives,
+                                                         sizes, r, rng)
+        elif plan["rows"] is not None:
             rows = plan["rows"]
             honest = [rows[i] for i in np.flatnonzero(~forged)]
             if forged.any() and honest:
                 rows[forged] = self.attack.forge(honest, int(forged.sum()), rng)
             if private:
                 total, accepted, unclipped = self._private_rows(rows, plan["clip"])
+            elif self.secure is not None:
+                delta, accepted, secure = self._secure_round(rows, arrives, sizes, r, rng)
             else:
                 accepted = self._screen(rows)
                 if accepted.sum() >= self.dropout.quorum:
@@ -665,6 +714,9 @@ class Simulation:
         self.round = r
         record = self._record(r, selected.size, n, straggles, accepted, forged, byzantine, loss, sizes, delta is None)
         record["epsilon"], record["clip"] = (epsilon, clip) if private else (math.inf, math.inf)
+        record["secagg_bytes"], record["secagg_seconds"] = 0, 0.0
+        if secure is not None:
+            record.update(secure)
         record["seconds"] = time.perf_counter() - start
         self.history.append(record)
         return record
