@@ -51,15 +51,27 @@ def add_masks(out, Py_ssize_t start, masks, signs) -> None:
 
 
 def _add_masks(ring_t[::1] out, Py_ssize_t start, const uintptr_t[::1] pointers, const ring_t[::1] signs):
-    cdef Py_ssize_t n = out.shape[0], m, j
-    cdef const ring_t* mask
-    cdef ring_t sign
+    # four masks per pass over out: a quarter of its loads and stores (ring sums are exact,
+    # so the grouping changes no bit)
+    cdef Py_ssize_t n = out.shape[0], k = pointers.shape[0], m = 0, j
+    cdef const ring_t* a
+    cdef const ring_t* b
+    cdef const ring_t* c
+    cdef const ring_t* e
+    cdef ring_t sa, sb, sc, se
     with nogil:
-        for m in range(pointers.shape[0]):
-            mask = (<const ring_t*> pointers[m]) + start
-            sign = signs[m]
+        while m + 4 <= k:
+            a, b = (<const ring_t*> pointers[m]) + start, (<const ring_t*> pointers[m + 1]) + start
+            c, e = (<const ring_t*> pointers[m + 2]) + start, (<const ring_t*> pointers[m + 3]) + start
+            sa, sb, sc, se = signs[m], signs[m + 1], signs[m + 2], signs[m + 3]
             for j in range(n):
-                out[j] = out[j] + sign * mask[j]
+                out[j] = out[j] + sa * a[j] + sb * b[j] + sc * c[j] + se * e[j]
+            m = m + 4
+        while m < k:
+            a, sa = (<const ring_t*> pointers[m]) + start, signs[m]
+            for j in range(n):
+                out[j] = out[j] + sa * a[j]
+            m = m + 1
 
 
 def dequantize(total, double step, out) -> None:
