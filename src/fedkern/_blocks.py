@@ -121,3 +121,15 @@ PAIR_BLOCK_MAX = 4096
 #: sums take four coordinates per step, and a tile of 64 still amortises the parallel
 #: region opened per tile.
 PAIR_BLOCK_STEP = 64
+
+# -- compress (both backends) ----------------------------------------------------------------
+#: Coordinates per task of quantize and accumulate_quantized: a multiple of 32, so a task
+#: holds whole Philox blocks (4 words) and whole bytes of codes and signs; its float64
+#: slice of the accumulator (32 KiB) stays in L1 while every client's codes stream through.
+COMPRESS_CHUNK = 4096
+#: Coordinates per task of scatter_add: each client's sorted indices are bisected once per
+#: task, so a task must be long next to K log k; its 512 KiB of accumulator stays in L2.
+SCATTER_CHUNK = 65536
+#: Length of the blocks the Walsh-Hadamard transform finishes its first stages in: 32 KiB
+#: of float64, in L1; the wider stages then make one pass over the vector each.
+FWHT_BLOCK = 4096

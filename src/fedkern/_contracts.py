@@ -109,6 +109,34 @@ class SecaggKernels(Protocol):
         """out[j] = signed(total[j]) * step in float64, rounded once into out's dtype."""
 
 
+class CompressKernels(Protocol):
+    """Codecs' hot loops; their bits are defined in ``fedkern._reference.compress``. Lists
+    of client buffers come as ``Updates`` (row pointers, never stacked)."""
+
+    def block_stats(self, x: np.ndarray, block_size: int, stats: np.ndarray) -> None:
+        """stats[b] = (min, max, sum, sum x^2, sum |x|) of block b of x, float64 sums in index order."""
+
+    def quantize(self, x: np.ndarray, offsets: np.ndarray, steps: np.ndarray, block_size: int, levels: int,
+                 bits: int, signed: bool, seed: int, stream: int, codes: np.ndarray, signs: np.ndarray) -> None:
+        """codes = stochastic rounding of x (|x| when signed) onto offsets + steps * {0 .. levels}
+        per block, packed ``bits`` to a code; signs = bit-packed signs (when signed)."""
+
+    def accumulate_quantized(self, out: np.ndarray, codes: Updates, signs: Updates, offsets: Updates,
+                             steps: Updates, weights: np.ndarray, block_size: int, bits: int,
+                             signed: bool) -> None:
+        """out[j] += sum_i weights[i] (+-)(offsets[i][b] + steps[i][b] code_i(j)), b = j // block_size,
+        clients in index order, float64."""
+
+    def scatter_add(self, out: np.ndarray, indices: Updates, values: Updates, weights: np.ndarray) -> None:
+        """out[indices[i][m]] += weights[i] values[i][m], clients in index order (indices sorted, distinct)."""
+
+    def random_k_indices(self, seed: int, stream: int, d: int, k: int, mask: np.ndarray, out: np.ndarray) -> None:
+        """out = the k sorted uint32 indices Floyd's algorithm draws from the stream; mask: d zero bytes."""
+
+    def fwht(self, x: np.ndarray) -> None:
+        """x <- H x in place: the unnormalised Walsh-Hadamard transform, len(x) a power of two."""
+
+
 class ModelsKernels(Protocol):
     """The simulator's model training (``fedkern.sim.models``): a dense ReLU network with
     layer widths ``sizes`` (no hidden layer: multinomial logistic regression)."""
@@ -129,6 +157,7 @@ CONTRACTS: dict[str, type] = {"aggregate": AggregateKernels, "optim": OptimKerne
                               "random": RandomKernels, "privacy": PrivacyKernels, "models": ModelsKernels}
 
 CONTRACTS["secagg"] = SecaggKernels
+CONTRACTS["compress"] = CompressKernels
 
 
 def kernel_names(family: str) -> tuple[str, ...]:

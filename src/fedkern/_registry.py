@@ -19,6 +19,7 @@ import numpy as np
 
 from . import aggregate, optim, privacy, robust
 from . import secagg
+from . import compress
 
 #: An op's example inputs: positional and keyword arguments, without ``backend``.
 Example = tuple[tuple, dict]
@@ -272,6 +273,34 @@ OPS += (
     OpSpec("ring_dequantize", "secagg", ("dequantize",),
            lambda rng, k, d, dtype: ((_ring_example(rng, k, d, dtype), 2.0, 2**12), {}), run=_run(secagg.ring_dequantize),
            nbytes=lambda k, d: 2 * 4 * d, ulps=0.0, per_update=False),
+)
+
+
+def _encoded_example(make_codec):
+    """K updates, each encoded by ``make_codec(d)`` with its own seed, and weights 1 .. K."""
+
+    def example(rng, k, d, dtype):
+        codec = make_codec(d)
+        return ([codec.encode(row, seed=i) for i, row in enumerate(updates(rng, k, d, dtype))],
+                np.arange(1.0, k + 1)), {}
+
+    return example
+
+
+def _top_k(d: int):
+    return compress.TopK(max(1, d // 100))
+
+
+# compression: the fused decode-and-accumulate reads only the compressed bytes (plus the
+# float64 accumulator, read and written once)
+OPS += (
+    OpSpec("compress.accumulate", "compress", ("accumulate_quantized",),
+           _encoded_example(lambda d: compress.StochasticQuantizer(bits=8, block_size=256)),
+           run=_run(compress.accumulate), nbytes=lambda k, d: k * d + k * 8 * (d // 256) + 2 * 8 * d,
+           per_update=False),
+    OpSpec("compress.accumulate(top-k)", "compress", ("scatter_add",), _encoded_example(_top_k),
+           run=_run(compress.accumulate), nbytes=lambda k, d: 8 * k * max(1, d // 100) + 2 * 8 * d,
+           per_update=False),
 )
 
 BY_NAME = {spec.name: spec for spec in OPS}

@@ -1,0 +1,248 @@
+"""Cython/OpenMP kernels of the compression family: block statistics, stochastic rounding,
+fused decode-and-accumulate, scatter-add, random-k indices and the Walsh-Hadamard transform.
+
+Same kernels, arguments and bits as ``fedkern._reference.compress``, where the codecs'
+bits are defined. Work is split over coordinate chunks of COMPRESS_CHUNK (a multiple of
+32: whole Philox blocks and whole bytes of codes and signs per chunk), each chunk adding
+the clients in index order, so no result depends on the thread count. Client buffers are
+read through ``Updates.pointers``; callers have validated every size and index.
+"""
+from cython.parallel cimport prange
+from libc.math cimport fabs, floor
+from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t, uintptr_t
+from libc.stdlib cimport qsort
+
+from _blocks cimport COMPRESS_CHUNK, FWHT_BLOCK, SCATTER_CHUNK  # sizes, and why: src/fedkern/_blocks.py
+from _fused cimport in_t
+from _openmp cimport fk_threads_for
+from _philox cimport Words4, philox_block
+
+
+def block_stats(x, Py_ssize_t block_size, double[:, ::1] stats) -> None:
+    """stats[b] = (min, max, sum, sum x^2, sum |x|) of block b, sums in float64 in index order."""
+    _block_stats(x, block_size, stats)
+
+
+def _block_stats(const in_t[::1] x, Py_ssize_t block_size, double[:, ::1] stats):
+    cdef Py_ssize_t d = x.shape[0], b, j, j1
+    cdef double lo, hi, s, sq, ab, v
+    with nogil:
+        for b in prange(stats.shape[0], schedule="static", num_threads=fk_threads_for(d * sizeof(in_t))):
+            j1 = min(d, (b + 1) * block_size)
+            lo = x[b * block_size]
+            hi = lo
+            s = 0.0
+            sq = 0.0
+            ab = 0.0
+            for j in range(b * block_size, j1):
+                v = x[j]
+                lo = v if v < lo else lo
+                hi = v if v > hi else hi
+                s = s + v
+                sq = sq + v * v
+                ab = ab + fabs(v)
+            stats[b, 0] = lo
+            stats[b, 1] = hi
+            stats[b, 2] = s
+            stats[b, 3] = sq
+            stats[b, 4] = ab
+
+
+cdef inline uint64_t _round(double v, double off, double step, double levels, uint32_t w) noexcept nogil:
+    """The stochastic rounding of the reference: floor(t) + [w 2^-32 < t - floor(t)]."""
+    cdef double t = (v - off) / step if step > 0 else 0.0
+    cdef double low
+    t = t if t > 0.0 else 0.0
+    t = t if t < levels else levels
+    low = floor(t)
+    return <uint64_t> (low + (1.0 if <double> w * (1.0 / 4294967296.0) < t - low else 0.0))
+
+
+def quantize(x, const double[::1] offsets, const double[::1] steps, Py_ssize_t block_size, int levels, int bits,
+             bint signed, uint64_t seed, uint64_t stream, uint8_t[::1] codes, uint8_t[::1] signs) -> None:
+    """Stochastic rounding of x onto offsets + steps * {0 .. levels} per block, packed."""
+    _quantize(x, offsets, steps, block_size, levels, bits, signed, seed, stream, codes, signs)
+
+
+def _quantize(const in_t[::1] x, const double[::1] offsets, const double[::1] steps, Py_ssize_t block_size,
+              int levels, int bits, bint signed, uint64_t seed, uint64_t stream, uint8_t[::1] codes,
+              uint8_t[::1] signs):
+    cdef Py_ssize_t d = x.shape[0], c, g0, n, i, j, b, m, nbytes, base
+    cdef uint64_t packed, sign
+    cdef Words4 w0, w1
+    cdef uint32_t w
+    cdef double v
+    with nogil:
+        for c in prange((d + COMPRESS_CHUNK - 1) // COMPRESS_CHUNK, schedule="static",
+                        num_threads=fk_threads_for(d * <Py_ssize_t> 16)):
+            g0 = c * COMPRESS_CHUNK
+            while g0 < min(d, (c + 1) * COMPRESS_CHUNK):
+                n = min(8, d - g0)
+                packed = 0
+                sign = 0
+                w0 = philox_block(seed, stream, <uint64_t> (g0 // 4))
+                w1 = philox_block(seed, stream, <uint64_t> (g0 // 4 + 1))
+                for i in range(n):
+                    j = g0 + i
+                    b = j // block_size
+                    v = x[j]
+                    if signed:
+                        if v < 0:
+                            sign = sign | ((<uint64_t> 1) << i)
+                        v = fabs(v)
+                    w = w0.x[i] if i < 4 else w1.x[i - 4]
+                    packed = packed | (_round(v, offsets[b], steps[b], levels, w) << (i * bits))
+                nbytes = (n * bits + 7) // 8
+                base = (g0 * bits) // 8
+                for m in range(nbytes):
+                    codes[base + m] = <uint8_t> (packed >> (8 * m))
+                if signed:
+                    signs[g0 // 8] = <uint8_t> sign
+                g0 = g0 + 8
+
+
+def accumulate_quantized(double[::1] out, codes, signs, offsets, steps, const double[::1] weights,
+                         Py_ssize_t block_size, int bits, bint signed) -> None:
+    """out[j] += sum_i weights[i] decode_i(j), clients in index order, in float64."""
+    cdef const uintptr_t[::1] cp = codes.pointers, sp = signs.pointers, op = offsets.pointers, tp = steps.pointers
+    cdef const uint8_t** code_rows = <const uint8_t**> &cp[0]
+    cdef const uint8_t** sign_rows = <const uint8_t**> &sp[0]
+    cdef const double** off_rows = <const double**> &op[0]
+    cdef const double** step_rows = <const double**> &tp[0]
+    cdef Py_ssize_t d = out.shape[0], k = weights.shape[0], nbytes = codes.first.shape[0]
+    cdef Py_ssize_t c
+    with nogil:
+        for c in prange((d + COMPRESS_CHUNK - 1) // COMPRESS_CHUNK, schedule="static",
+                        num_threads=fk_threads_for(k * nbytes + d * <Py_ssize_t> 16)):
+            _accumulate_chunk(&out[0], code_rows, sign_rows, off_rows, step_rows, &weights[0], k, d,
+                              c * COMPRESS_CHUNK, min(d, (c + 1) * COMPRESS_CHUNK), block_size, bits, signed)
+
+
+cdef inline void _accumulate_chunk(double* out, const uint8_t** code_rows, const uint8_t** sign_rows,
+                                   const double** off_rows, const double** step_rows, const double* weights,
+                                   Py_ssize_t k, Py_ssize_t d, Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t block_size,
+                                   int bits, bint signed) noexcept nogil:
+    cdef Py_ssize_t i, a, e, b, j, per = 8 // bits
+    cdef int mask = (1 << bits) - 1
+    cdef const uint8_t* codes
+    cdef const uint8_t* sgn
+    cdef double w, off, step, v
+    for i in range(k):
+        codes = code_rows[i]
+        sgn = sign_rows[i]
+        w = weights[i]
+        a = c0
+        while a < c1:                   # one block segment at a time: its offset and step are fixed
+            b = a // block_size
+            e = min(c1, (b + 1) * block_size)
+            off = off_rows[i][b]
+            step = step_rows[i][b]
+            if bits == 8 and not signed:
+                for j in range(a, e):
+                    out[j] = out[j] + w * (off + step * <double> codes[j])
+            else:
+                for j in range(a, e):
+                    v = off + step * <double> ((codes[j // per] >> ((j % per) * bits)) & mask)
+                    if signed and (sgn[j >> 3] >> (j & 7)) & 1:
+                        v = -v
+                    out[j] = out[j] + w * v
+            a = e
+
+
+cdef inline Py_ssize_t _bisect(const uint32_t* idx, Py_ssize_t n, uint32_t value) noexcept nogil:
+    """The first m with idx[m] >= value (idx sorted)."""
+    cdef Py_ssize_t lo = 0, hi = n, mid
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if idx[mid] < value:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+def scatter_add(double[::1] out, indices, values, const double[::1] weights) -> None:
+    """out[indices[i][m]] += weights[i] * values[i][m], clients in index order; each client's
+    indices sorted and distinct (validated), so a chunk finds its range by bisection."""
+    cdef const uintptr_t[::1] ip = indices.pointers, vp = values.pointers
+    cdef const uint32_t** idx_rows = <const uint32_t**> &ip[0]
+    cdef const float** val_rows = <const float**> &vp[0]
+    cdef Py_ssize_t d = out.shape[0], k = weights.shape[0], n = indices.first.shape[0], c, i, m, m1
+    cdef const uint32_t* idx
+    cdef const float* vals
+    cdef double w
+    with nogil:
+        for c in prange((d + SCATTER_CHUNK - 1) // SCATTER_CHUNK, schedule="static",
+                        num_threads=fk_threads_for(k * n * <Py_ssize_t> 8)):
+            for i in range(k):
+                idx = idx_rows[i]
+                vals = val_rows[i]
+                w = weights[i]
+                m = _bisect(idx, n, <uint32_t> (c * SCATTER_CHUNK))
+                m1 = _bisect(idx, n, <uint32_t> min(d, (c + 1) * SCATTER_CHUNK))
+                while m < m1:
+                    out[idx[m]] = out[idx[m]] + w * <double> vals[m]
+                    m = m + 1
+
+
+cdef int _compare(const void* a, const void* b) noexcept nogil:
+    cdef uint32_t x = (<const uint32_t*> a)[0], y = (<const uint32_t*> b)[0]
+    return (x > y) - (x < y)
+
+
+def random_k_indices(uint64_t seed, uint64_t stream, Py_ssize_t d, Py_ssize_t k, uint8_t[::1] mask,
+                     uint32_t[::1] out) -> None:
+    """out = the k sorted indices of Floyd's algorithm on the stream; mask: d zero bytes, zero again after."""
+    cdef Py_ssize_t i
+    cdef Words4 w
+    cdef uint64_t lo, hi, n, t
+    if k == 0:
+        return
+    with nogil:
+        for i in range(k):
+            w = philox_block(seed, stream, <uint64_t> (i // 2))
+            lo = w.x[2 * (i % 2)]
+            hi = w.x[2 * (i % 2) + 1]
+            n = <uint64_t> (d - k + i + 1)
+            t = (hi * n + ((lo * n) >> 32)) >> 32
+            if mask[t]:
+                t = <uint64_t> (d - k + i)
+            mask[t] = 1
+            out[i] = <uint32_t> t
+        qsort(&out[0], k, sizeof(uint32_t), _compare)
+        for i in range(k):
+            mask[out[i]] = 0
+
+
+cdef inline void _butterflies(double* x, Py_ssize_t j0, Py_ssize_t j1, Py_ssize_t h0, Py_ssize_t h1) noexcept nogil:
+    cdef Py_ssize_t h = h0, a, j
+    cdef double u, v
+    while h < h1:
+        a = j0
+        while a < j1:
+            for j in range(a, a + h):
+                u = x[j]
+                v = x[j + h]
+                x[j] = u + v
+                x[j + h] = u - v
+            a = a + 2 * h
+        h = h * 2
+
+
+def fwht(double[::1] x) -> None:
+    """x <- H x in place (unnormalised Walsh-Hadamard), stages h = 1, 2, 4, ... as the reference."""
+    cdef Py_ssize_t n = x.shape[0], block = min(n, <Py_ssize_t> FWHT_BLOCK), c, h, p, a
+    cdef int nthreads = fk_threads_for(n * <Py_ssize_t> 8)
+    cdef double u, v
+    with nogil:
+        for c in prange(n // block, schedule="static", num_threads=nthreads):
+            _butterflies(&x[0], c * block, (c + 1) * block, 1, block)
+        h = block
+        while h < n:
+            for p in prange(n // 2, schedule="static", num_threads=nthreads):
+                a = (p // h) * 2 * h + p % h
+                u = x[a]
+                v = x[a + h]
+                x[a] = u + v
+                x[a + h] = u - v
+            h = h * 2
