@@ -66,6 +66,7 @@ class OpSpec:
         (so the good ones before a bad one legitimately reach the kernels)
     variants : named keyword arguments that ``fedkern bench`` runs, each as a case of its
         own, instead of the example's
+    package : the optional package the op itself needs (its bench case is skipped without it)
     """
 
     name: str
@@ -83,6 +84,7 @@ class OpSpec:
     per_update: bool = True
     streaming: bool = False
     variants: dict[str, dict] = field(default_factory=dict)
+    package: str | None = None
 
     def __call__(self, backend: str | None, *args, **kwargs):
         if self.stateful is not None:
@@ -269,7 +271,7 @@ OPS += (
     OpSpec("ring_quantize", "secagg", ("count_nonfinite", "quantize"), _quantize_example, run=_run(secagg.ring_quantize),
            nbytes=lambda k, d: 2 * 4 * d, out=None, ulps=0.0, per_update=False),
     OpSpec("add_masks", "secagg", ("add_masks",), _masks_example, run=_run(secagg.add_masks),
-           nbytes=lambda k, d: 4 * (k + 2) * d, out=None, ulps=0.0, per_update=False),
+           nbytes=lambda k, d: 4 * (k + 2) * d, out=None, ulps=0.0, per_update=False, package="cryptography"),
     OpSpec("ring_dequantize", "secagg", ("dequantize",),
            lambda rng, k, d, dtype: ((_ring_example(rng, k, d, dtype), 2.0, 2**12), {}), run=_run(secagg.ring_dequantize),
            nbytes=lambda k, d: 2 * 4 * d, ulps=0.0, per_update=False),
@@ -298,7 +300,7 @@ OPS += (
            _encoded_example(lambda d: compress.StochasticQuantizer(bits=8, block_size=256)),
            run=_run(compress.accumulate), nbytes=lambda k, d: k * d + k * 8 * (d // 256) + 2 * 8 * d,
            per_update=False),
-    OpSpec("compress.accumulate(top-k)", "compress", ("scatter_add",), _encoded_example(_top_k),
+    OpSpec("compress.accumulate/top-k", "compress", ("scatter_add",), _encoded_example(_top_k),
            run=_run(compress.accumulate), nbytes=lambda k, d: 8 * k * max(1, d // 100) + 2 * 8 * d,
            per_update=False),
 )

@@ -131,7 +131,8 @@ def _case(spec: OpSpec, variant: str, extra: dict, k: int, d: int) -> Case:
     op = f"{spec.name}({variant})" if variant else spec.name
     label = size_label(k if spec.per_update else None, d)
     peer = spec.peer
-    return Case(op, label, spec.nbytes(k, d), make, peer and peer.name, peer and peer.package, family=spec.family)
+    return Case(op, label, spec.nbytes(k, d), make, peer and peer.name, peer and peer.package, package=spec.package,
+                family=spec.family)
 
 
 def _preallocated(spec: OpSpec, k: int, d: int) -> dict:

@@ -24,7 +24,8 @@ from .. import backends
 from .cases import PROFILES, cases
 
 #: How a user adds each optional package a case or a peer needs.
-INSTALL_HINTS = {"scipy": "pip install scipy", "flwr": 'pip install "fedkern[flwr]"'}
+INSTALL_HINTS = {"scipy": "pip install scipy", "flwr": 'pip install "fedkern[flwr]"',
+                 "cryptography": 'pip install "fedkern[secagg]"'}
 
 
 def installed(package: str) -> bool:
