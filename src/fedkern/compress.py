@@ -111,6 +111,17 @@ def _buffer(enc: Encoded, name: str, dtype, size: int, where: str) -> None:
                                 f"{size} entries; got {buf.dtype} of shape {buf.shape} (corrupted message?)")
 
 
+def _check_header(codec, enc, d: int | None, where: str) -> None:
+    """``enc`` is an Encoded of ``codec`` (and of length ``d`` if given): what every codec's
+    validate checks before its own buffers."""
+    if not isinstance(enc, Encoded):
+        raise FedkernTypeError(f"{where} must be a fedkern.compress.Encoded; got {type(enc).__name__}")
+    if enc.codec != codec:
+        raise FedkernValueError(f"{where} was encoded by {enc.codec!r}, not {codec!r}")
+    if d is not None and enc.d != d:
+        raise FedkernValueError(f"{where} has length {enc.d}; expected {d}")
+
+
 class Codec:
     """Base of the codecs: validation of messages and the shared decode/accumulate paths."""
 
@@ -130,12 +141,7 @@ class Codec:
 
     def validate(self, enc, d: int | None = None, where: str = "encoded") -> Encoded:
         """Check ``enc`` is a whole message of this codec (of length ``d``); return it."""
-        if not isinstance(enc, Encoded):
-            raise FedkernTypeError(f"{where} must be a fedkern.compress.Encoded; got {type(enc).__name__}")
-        if enc.codec != self:
-            raise FedkernValueError(f"{where} was encoded by {enc.codec!r}, not {self!r}")
-        if d is not None and enc.d != d:
-            raise FedkernValueError(f"{where} has length {enc.d}; expected {d}")
+        _check_header(self, enc, d, where)
         for name, (dtype, size) in self.sizes(enc.d).items():
             _buffer(enc, name, dtype, size, where)
         for name in {"codes", "signs", "indices", "values", "scales"} - set(self.sizes(enc.d)):
@@ -609,12 +615,7 @@ class Rotated(Codec):
         return self.codec.sizes(self.padded(d))
 
     def validate(self, enc, d=None, where="encoded"):
-        if not isinstance(enc, Encoded):
-            raise FedkernTypeError(f"{where} must be a fedkern.compress.Encoded; got {type(enc).__name__}")
-        if enc.codec != self:
-            raise FedkernValueError(f"{where} was encoded by {enc.codec!r}, not {self!r}")
-        if d is not None and enc.d != d:
-            raise FedkernValueError(f"{where} has length {enc.d}; expected {d}")
+        _check_header(self, enc, d, where)
         self.codec.validate(enc.inner, self.padded(enc.d), f"{where}.inner")
         return enc
 
