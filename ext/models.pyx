@@ -36,7 +36,7 @@ so results agree with the reference to float32 tolerance; they depend on the sha
 GIL: the simulator trains clients in parallel threads, one kernel call per client.
 """
 from libc.math cimport log
-from libc.stdint cimport int32_t, int64_t, uintptr_t
+from libc.stdint cimport int32_t, int64_t, uint64_t, uintptr_t
 from libc.stdlib cimport free
 
 cdef extern from *:
@@ -210,6 +210,7 @@ cdef extern from *:
     fk_v8 fk_fill_from(fk_v8 a, long long count, double value) noexcept nogil
     fk_v8 fk_where_positive(fk_v8 x, fk_v8 a) noexcept nogil
     fk_v8 fk_onehot(long long lane, double value) noexcept nogil
+from _philox cimport Words4, philox_block
 from _scratch cimport scratch
 
 #: Rows per block of ``evaluate``: bounds its scratch whatever the number of rows.
@@ -586,6 +587,39 @@ cdef void _gather(const float* x, Py_ssize_t f, const int64_t* rows, Py_ssize_t 
         src = x + rows[b] * f
         for k in range(f):
             a[b * f + k] = src[k]
+
+
+def shuffle(uint64_t seed, int64_t[:, ::1] order) -> None:
+    """order[e] = epoch e's Fisher-Yates permutation of 0 .. n - 1; see
+    ``fedkern._reference.models.shuffle`` (the same words of the same streams)."""
+    cdef Py_ssize_t n = order.shape[1], e, i, j
+    cdef uint64_t b, bound, m, low
+    cdef int used
+    cdef Words4 words
+    cdef int64_t* row
+    if n == 0:
+        return
+    with nogil:
+        for e in range(order.shape[0]):
+            row = &order[e, 0]
+            for i in range(n):
+                row[i] = i
+            b, used = 0, 4
+            for i in range(n - 1, 0, -1):
+                bound = i + 1
+                while True:
+                    if used == 4:
+                        words = philox_block(seed, e, b)
+                        b, used = b + 1, 0
+                    m = words.x[used] * bound
+                    used = used + 1
+                    low = m & 0xFFFFFFFFU
+                    # the rejection rule of Lemire's method: low < 2**32 mod bound (tested
+                    # only when low < bound, which it implies, to skip the division)
+                    if low >= bound or low >= (<uint64_t> 1 << 32) % bound:
+                        break
+                j = <Py_ssize_t> (m >> 32)
+                row[i], row[j] = row[j], row[i]
 
 
 def train(const float[::1] params, const int64_t[::1] sizes, const float[:, ::1] x, const int32_t[::1] y,

@@ -219,6 +219,59 @@ def test_inputs_are_not_mutated_and_may_be_read_only(backend):
     assert np.abs(delta).max() > 0
 
 
+# ---------------------------------------------------------------- the epochs' row orders
+def shuffled(backend, seed, epochs, n):
+    order = np.full((epochs, n), -1, np.int64)
+    backends.kernels("models", backend).shuffle(np.uint64(seed), order)
+    return order
+
+
+@pytest.mark.parametrize("backend", COMPILED)
+@given(seed=st.integers(0, 2**64 - 1), epochs=st.integers(0, 4), n=st.integers(0, 300))
+def test_shuffle_gives_the_references_permutations(backend, seed, epochs, n):
+    order = shuffled(backend, seed, epochs, n)
+    np.testing.assert_array_equal(order, shuffled("reference", seed, epochs, n))
+    for row in order:
+        np.testing.assert_array_equal(np.sort(row), np.arange(n))
+
+
+def test_shuffle_is_fisher_yates_on_the_streams_words():
+    """Worked by hand from the stream's words: i = n-1 .. 1 swaps i with (word * (i+1)) >> 32."""
+    from fedkern._reference.random import random_bits
+    seed, n = 99, 6
+    words = np.empty(2 * n, np.uint32)
+    random_bits(seed, 1, 0, words)           # stream 1 is epoch 1's
+    row, used = list(range(n)), 0
+    for i in range(n - 1, 0, -1):
+        m = int(words[used]) * (i + 1)
+        used += 1
+        assert m & 0xFFFFFFFF >= (1 << 32) % (i + 1)   # no rejection on these words
+        row[i], row[m >> 32] = row[m >> 32], row[i]
+    np.testing.assert_array_equal(shuffled("reference", seed, 2, n)[1], row)
+
+
+def test_the_bounded_draw_rejects_exactly_the_low_words():
+    """Lemire's rule: for bound 3, 2**32 mod 3 = 1 low value is rejected (word 0 gives m = 0);
+    the next word is then used."""
+    from fedkern._reference.models import _below
+    assert _below(3, iter([0, 2**31])) == 1           # 0 rejected, then (2**31 * 3) >> 32 = 1
+    assert _below(3, iter([2**32 - 1])) == 2
+    assert _below(4, iter([0])) == 0                  # a power of two rejects nothing
+    assert _below(1, iter([12345])) == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_permutation_of_four_is_equally_likely(backend):
+    """A chi-square test of the 24 permutations over 24,000 epochs (fixed seed): the statistic
+    of a uniform shuffle stays below the 1e-4 upper quantile of chi2(23), 59.7."""
+    order = shuffled(backend, 2026, 24_000 if backend != "reference" else 4_800, 4)
+    codes = order @ np.array([64, 16, 4, 1])
+    counts = np.unique(codes, return_counts=True)[1]
+    assert counts.size == 24
+    expected = order.shape[0] / 24
+    assert ((counts - expected) ** 2 / expected).sum() < 59.7
+
+
 def test_same_rng_same_delta_and_the_rng_drives_the_order():
     x, y = data(30, 4, 3)
     model = LogisticRegression(4, 3)

@@ -43,6 +43,8 @@ anyway.
 import numpy as np
 from numba import njit
 
+from ._philox import philox_block
+
 KERNEL = dict(cache=True, nogil=True)
 #: The loop helpers are inlined into the kernels: a call between compiled functions
 #: passes every array as a struct and updates its reference count (atomic operations).
@@ -290,6 +292,38 @@ def _step(w, grad, velocity, start_w, lr, momentum, weight_decay, mu):
         v = momentum * velocity[i] + g
         velocity[i] = v
         w[i] -= lr * v
+
+
+_MASK32, _TWO_TO_32 = np.uint64(0xFFFFFFFF), np.uint64(1 << 32)
+_1, _32 = np.uint64(1), np.uint64(32)
+
+
+@njit(**KERNEL)
+def shuffle(seed, order):
+    """order[e] = epoch e's Fisher-Yates permutation; see ``fedkern._reference.models.shuffle``
+    (the same words of the same streams, so the same permutations)."""
+    key = np.uint64(seed)
+    n = order.shape[1]
+    block = np.empty(4, np.uint64)
+    for e in range(order.shape[0]):
+        row = order[e]
+        for i in range(n):
+            row[i] = i
+        stream, b, used = np.uint64(e), np.uint64(0), 4
+        for i in range(n - 1, 0, -1):
+            bound = np.uint64(i + 1)
+            while True:
+                if used == 4:
+                    block[0], block[1], block[2], block[3] = philox_block(key, stream, b)
+                    b += _1
+                    used = 0
+                m = block[used] * bound
+                used += 1
+                low = m & _MASK32
+                if low >= bound or low >= _TWO_TO_32 % bound:
+                    break
+            j = np.int64(m >> _32)
+            row[i], row[j] = row[j], row[i]
 
 
 @njit(**KERNEL)

@@ -7,6 +7,45 @@ final weights rounded to float32 once. Only the float64 summation order differs
 """
 import numpy as np
 
+from ._philox import blocks
+
+_MASK32 = (1 << 32) - 1
+
+
+def _words(seed: int, stream: int, chunk: int):
+    """The uint32 words of a stream in order, as Python ints, drawn ``chunk`` blocks at a time."""
+    first = 0
+    while True:
+        yield from blocks(seed, stream, first, chunk).reshape(-1).tolist()
+        first += chunk
+
+
+def _below(bound: int, words) -> int:
+    """A uniform integer in [0, bound), 1 <= bound < 2**32, from the words: Lemire's
+    multiply-shift with rejection ("Fast random integer generation in an interval", ACM
+    TOMACS 2019). m = word * bound; its low 32 bits below 2**32 mod bound are rejected
+    (drawing again), which makes m >> 32 exactly uniform."""
+    m = next(words) * bound
+    if m & _MASK32 < bound:
+        threshold = (1 << 32) % bound
+        while m & _MASK32 < threshold:
+            m = next(words) * bound
+    return m >> 32
+
+
+def shuffle(seed, order):
+    """order[e] = epoch e's permutation of 0 .. n - 1: Fisher-Yates from the identity,
+    i = n - 1 down to 1 swapping i with j = below(i + 1), the words from stream e of
+    ``seed`` (``fedkern._reference.random``), in order."""
+    epochs, n = order.shape
+    for e in range(epochs):
+        words = _words(int(seed), e, max(1, n // 4 + 1))
+        row = list(range(n))
+        for i in range(n - 1, 0, -1):
+            j = _below(i + 1, words)
+            row[i], row[j] = row[j], row[i]
+        order[e] = row
+
 
 def _layers(w, sizes):
     """[(W_l as (in, out), b_l)] views into the flat vector ``w``."""

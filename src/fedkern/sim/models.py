@@ -24,9 +24,11 @@ w_g and logits z = f(x; w) of a row x with label y:
   Networks", MLSys 2020);
 * heavy-ball momentum: v = momentum v + g; w = w - lr v (v starts at 0 each call).
 
-Every epoch visits the client's rows in the order ``rng.permutation(n)`` (one call per
-epoch, epoch by epoch, in Python, so every backend sees the same batches) in batches of
-``batch_size``; the last batch of an epoch holds the remaining ``n % batch_size`` rows
+Every epoch visits the client's rows in a uniformly random order, in batches of
+``batch_size``. The orders come from one 64-bit seed drawn from ``rng``: epoch e's is the
+Fisher-Yates shuffle of 0 .. n - 1 on stream e of fedkern's counter-based generator under
+that seed, each swap index drawn by Lemire's exact multiply-shift with rejection, inside
+the compiled kernels (without the GIL) and the same on every backend; the last batch of an epoch holds the remaining ``n % batch_size`` rows
 when that is not 0 (it is not dropped or padded). Weight decay applies to every
 parameter, biases included. Precision: inputs and parameters are float32, all
 arithmetic inside a call is float64, and the trained weights are rounded to float32
@@ -214,9 +216,10 @@ class _DenseNetwork:
         if n == 0:
             delta_out[:] = 0.0
             return TrainResult(math.nan, 0)
+        if n >= 2**32:
+            raise FedkernValueError(f"x has {n} rows; a client holds at most 2**32 - 1")
         order = np.empty((config.epochs, n), np.int64)
-        for epoch in order:
-            epoch[:] = rng.permutation(n)
+        self._kernels.shuffle(rng.integers(2**64, dtype=np.uint64), order)
         total = self._kernels.train(params, self._sizes, x, y, order, config.batch_size, config.lr,
                                     config.momentum, config.weight_decay, config.mu, delta_out)
         steps = config.epochs * -(-n // config.batch_size)
