@@ -11,9 +11,11 @@ Pieces, each usable alone inside another simulator:
 - :mod:`~fedkern.sim.rounds`: :class:`Simulation`, the round's stages and their settings
 - :mod:`~fedkern.sim.privacy`: :class:`DifferentialPrivacy` (DP-FedAvg) and a run's privacy ledger
 - :mod:`~fedkern.sim.secure`: :class:`SecureAggregation` (masked sums, Bonawitz et al. / SecAgg+)
+- :mod:`~fedkern.sim.compression`: :class:`Compression` (compressed uploads, summed fused, error feedback)
 - :mod:`~fedkern.sim.executors`: serial and thread executors (the same bits)
 - :mod:`~fedkern.sim.checkpoint`, :mod:`~fedkern.sim.history`, :mod:`~fedkern.sim.config`
 """
+from .compression import Compression
 from .data import FederatedData, FederatedDataset
 from .executors import SerialExecutor, ThreadExecutor
 from .history import History
@@ -22,6 +24,6 @@ from .privacy import DifferentialPrivacy
 from .secure import SecureAggregation
 from .rounds import Aggregator, Attack, Dropout, Simulation, Stragglers
 
-__all__ = ["Aggregator", "Attack", "DifferentialPrivacy", "SecureAggregation", "Dropout", "Evaluation", "FederatedData",
+__all__ = ["Aggregator", "Attack", "Compression", "DifferentialPrivacy", "SecureAggregation", "Dropout", "Evaluation", "FederatedData",
            "FederatedDataset", "History", "LocalTraining", "LogisticRegression", "MLP", "Model", "SerialExecutor",
            "Simulation", "Stragglers", "ThreadExecutor", "TrainResult"]

@@ -34,6 +34,8 @@ from .._errors import FedkernValueError
 from .. import datasets
 from . import partition as partitions
 from .algorithms import ALGORITHMS
+from . import compression as compressions
+from .compression import Compression
 from .data import FederatedDataset
 from .executors import EXECUTORS
 from .models import LocalTraining, make_model
@@ -88,6 +90,8 @@ TABLES: dict[str, tuple[dict, str]] = {
                                   "or target_epsilon, delta, sampling, adaptive, max_epsilon, on_budget"),
     "secure_aggregation": ({"name": "none"}, "secure aggregation: none, full (Bonawitz et al.) or neighbours (SecAgg+) "
                                              "with neighbours, threshold, clip, levels, bits, weights"),
+    "compression": ({"name": "none"}, "compressed uploads: none or a codec (top_k, random_k, qsgd, terngrad, "
+                                      "stochastic_quantizer, scaled_sign) with its parameters, error_feedback, rotated"),
 }
 
 #: The parameters of a ``privacy`` table other than its name (the mode), with their defaults.
@@ -236,8 +240,26 @@ def build(config: dict, data: FederatedDataset | None = None) -> tuple[Simulatio
         reject_norm_ratio=settings["reject_norm_ratio"] or None, executor=executor,
         seed=settings["seed"], eval_every=settings["eval_every"],
         backend=None if settings["backend"] == "auto" else settings["backend"], privacy=privacy,
-        secure_aggregation=_secure_aggregation(settings))
+        secure_aggregation=_secure_aggregation(settings), compression=_compression(settings))
     return simulation, settings
+
+
+def _compression(settings: dict) -> Compression | None:
+    """The ``compression`` table (its name the codec) as settings; None for ``"none"``."""
+    name, params = _params(settings, "compression")
+    if name == "none":
+        if params:
+            raise ConfigError(f"config key 'compression': name 'none' takes no parameters; got {sorted(params)}")
+        return None
+    if name not in compressions.CODECS:
+        raise ConfigError(f"config key 'compression.name' must be one of {sorted(compressions.CODECS) + ['none']}; "
+                          f"got {name!r}")
+    flags = {flag: params.pop(flag) for flag in ("error_feedback", "rotated") if flag in params}
+    known = compressions.parameters(name)
+    for key in params:
+        if key not in known:
+            raise _unknown(f"compression.{key}", [f"compression.{k}" for k in known + ("error_feedback", "rotated")])
+    return _call("compression", Compression, name, params, **flags)
 
 
 def _secure_aggregation(settings: dict) -> SecureAggregation | None:

@@ -6,7 +6,10 @@ loss of each minibatch before its step), and the test metrics are those of the g
 model after the round's server step (nan in rounds that do not evaluate). With
 differential privacy, ``epsilon`` is the run's epsilon after the round (at the configured
 delta) and ``clip`` the clipping norm the round used; without privacy both are inf (no
-guarantee, no clipping). In ``history.json`` NaN is written as null and an infinity as the
+guarantee, no clipping). ``bytes_up`` is what the arrived clients sent (float32 updates;
+with compression, the messages' bytes; with secure aggregation, masked vectors and the
+protocol's messages) and ``bytes_up_uncompressed`` what they would have sent as float32
+updates (the ``bytes_up`` of plain FedAvg). In ``history.json`` NaN is written as null and an infinity as the
 string ``"inf"`` (neither is JSON).
 
 Examples
@@ -30,7 +33,8 @@ import numpy as np
 #: The fields of one round's record, in CSV column order.
 FIELDS = ("round", "seconds", "train_loss", "test_loss", "test_accuracy", "balanced_accuracy",
           "selected", "arrived", "dropped", "stragglers", "rejected", "byzantine", "skipped",
-          "bytes_up", "bytes_down", "epsilon", "clip", "secagg_bytes", "secagg_seconds")
+          "bytes_up", "bytes_down", "epsilon", "clip", "secagg_bytes", "secagg_seconds",
+          "bytes_up_uncompressed")
 
 
 class History:

@@ -34,6 +34,11 @@ fused clip-and-sum kernel per chunk; local mode: each client clips and noises it
 the server adds Gaussian noise to the sum (central) and divides by the expected cohort
 size, even when no update arrived; each round is accounted, and its epsilon recorded.
 
+With ``compression=`` (:class:`~fedkern.sim.compression.Compression`) each client encodes
+its update (after its local noise, if any) with a codec of :mod:`fedkern.compress`, with
+or without error feedback, and the server decodes and weight-adds all the round's messages
+in one fused pass (:func:`fedkern.compress.accumulate`), never one message alone.
+
 Randomness: the model's initialisation, the Byzantine clients, each round's sampling and
 faults and each client's training draw from separate streams, each a Philox4x32
 counter-based generator keyed by (seed, stream, round, client) (:func:`stream`), so a
@@ -41,7 +46,9 @@ run depends only on its seed, not on the executor, the thread count or a restart
 checkpoint. Privacy noise comes from :func:`fedkern.privacy.add_gaussian_noise`'s
 counter-based normal stream under the run's seed, its stream number built the same way
 (:func:`noise_stream`): per (round, client) for local noise, and two server slots per
-round for the noise on the sum and on adaptive clipping's count.
+round for the noise on the sum and on adaptive clipping's count. Compression's message
+seeds (one per selected client) and rotation seed are the round stream's next draws after
+the faults.
 
 Examples
 --------
@@ -66,13 +73,15 @@ import numpy as np
 
 from .. import _validate as check
 from .. import attacks as attack_rules
-from .. import aggregate, backends, optim, robust
+from .. import aggregate, backends, compress, optim, robust
 from .. import privacy as dp
 from .._errors import FedkernValueError, NonFiniteError
 from .._updates import Updates
 from ..buffers import UpdateMatrix
 from . import checkpoint
+from . import compression as compressing
 from .algorithms import FedAvg
+from .compression import Compression
 from .data import FederatedDataset
 from .executors import SerialExecutor, chunks
 from .history import History
@@ -360,6 +369,9 @@ class _Chunk:
     steps: np.ndarray
     accepted: np.ndarray            # bool, False for a rejected (non-finite) update
     unclipped: int = 0              # central DP: accepted updates within the clipping norm
+    messages: list | None = None    # compression: the accepted updates' Encoded messages ...
+    message_weights: np.ndarray | None = None    # ... their weights
+    residuals: dict | None = None   # error feedback: the chunk's clients' new residuals
 
 
 def _clipped_sum(kernel, rows: Updates, clip: float) -> tuple[np.ndarray | None, np.ndarray, int]:
@@ -406,6 +418,10 @@ class Simulation:
     secure_aggregation : :class:`~fedkern.sim.secure.SecureAggregation` settings (default
         none): the server learns only the survivors' quantised weighted mean; needs the
         ``mean`` aggregator without pre-aggregation or norm filter, and no privacy
+    compression : :class:`~fedkern.sim.compression.Compression` settings (default none):
+        clients send compressed updates, the server sums them fused; needs the ``mean``
+        aggregator without pre-aggregation or norm filter, and neither secure aggregation
+        nor central privacy (local privacy is fine: see :mod:`fedkern.sim.compression`)
     """
 
     def __init__(self, data: FederatedDataset, model: Model, *, clients_per_round: int,
@@ -415,7 +431,8 @@ class Simulation:
                  dropout: Dropout | None = None, stragglers: Stragglers | None = None,
                  reject_norm_ratio: float | None = None, executor=None, client_update: ClientUpdate | None = None,
                  seed: int = 0, eval_every: int = 1, backend: str | None = None,
-                 privacy: DifferentialPrivacy | None = None, secure_aggregation: SecureAggregation | None = None):
+                 privacy: DifferentialPrivacy | None = None, secure_aggregation: SecureAggregation | None = None,
+                 compression: Compression | None = None):
         if not isinstance(data, FederatedDataset):
             raise check.FedkernTypeError(f"data must be a FederatedDataset; got {type(data).__name__}")
         self.data, self.model = data, model
@@ -447,6 +464,9 @@ class Simulation:
         self.backend = backend
         self.privacy = self._privacy(privacy, n_with_data)
         self.secure = self._secure(secure_aggregation, n_with_data)
+        self.compression = self._compression(compression, model.n_params)
+        #: error feedback's residual (float64) of every client that has sent, by client id
+        self.residuals: dict[int, np.ndarray] = {}
         self.needs_rows = (not self.aggregator.streaming or self.reject_norm_ratio is not None
                            or (attack is not None and attack.on_updates) or self.secure is not None)
 
@@ -485,6 +505,38 @@ class Simulation:
         except FedkernValueError as err:
             raise FedkernValueError(f"secure_aggregation: {err}") from None
         return settings
+
+    def _compression(self, settings: Compression | None, d: int) -> Compression | None:
+        """The compression settings, once the others are known to fit them (the reasons
+        for each refusal: :mod:`fedkern.sim.compression`)."""
+        if settings is None:
+            return None
+        if not isinstance(settings, Compression):
+            raise check.FedkernTypeError(f"compression must be a Compression; got {type(settings).__name__}")
+        if self.secure is not None:
+            raise FedkernValueError("secure_aggregation: not with compression (masked sums need one fixed-point "
+                                    "encoding for all clients, secure_aggregation.levels; a codec's per-client "
+                                    "scales and indices cannot be summed under masks)")
+        if self.privacy is not None and self.privacy.central:
+            raise FedkernValueError("privacy: central differential privacy is not combined with compression (the "
+                                    "server would decode each message to clip it, and a decoded message is not "
+                                    "bounded by the clip); local privacy is: each client noises, then encodes")
+        if not self.aggregator.streaming:
+            raise FedkernValueError(f"aggregator: compressed messages are decoded straight into one sum, never into "
+                                    f"rows, so compression needs the 'mean' aggregator without pre-aggregation; "
+                                    f"got {self.aggregator!r}")
+        if self.reject_norm_ratio is not None:
+            raise FedkernValueError("reject_norm_ratio: not with compression (the server decodes no update alone, "
+                                    "so it has no norm to compare)")
+        settings.codec(d)     # k larger than the model fails now, not in round 1
+        return settings
+
+    def _round_codec(self, rng: np.random.Generator, k: int) -> tuple[compress.Codec, np.ndarray]:
+        """The round's codec and the message seeds of its ``k`` selected clients, drawn from
+        the round's stream (the seeds first, then a rotated codec's shared rotation seed)."""
+        seeds = rng.integers(0, 2**64, size=k, dtype=np.uint64)
+        rotation = int(rng.integers(0, 2**64, dtype=np.uint64)) if self.compression.rotated else 0
+        return self.compression.codec(self.params.shape[0], rotation), seeds
 
     def _secure_round(self, rows: np.ndarray, arrives: np.ndarray, sizes: np.ndarray, r: int,
                       rng: np.random.Generator) -> tuple[np.ndarray | None, np.ndarray, dict]:
@@ -600,6 +652,8 @@ class Simulation:
                 self._noise_locally(rows[j], local_noise, r, c)
         if matrix is not None:
             return _Chunk(None, 0.0, loss, steps, np.ones(end - begin, bool))
+        if plan["codec"] is not None:
+            return self._encode_chunk(rows, begin, end, plan, loss, steps)
         if plan["clip"] is not None:
             partial, accepted, unclipped = _clipped_sum(self._clip_kernel, view, plan["clip"])
             return _Chunk(partial, float(accepted.sum()), loss, steps, accepted, unclipped)
@@ -618,6 +672,25 @@ class Simulation:
             partial = aggregate.weighted_sum(kept, weights, dtype=np.float64, check_finite=False,
                                              backend=self.backend) if kept else None
         return _Chunk(partial, float(weights.sum()), loss, steps, accepted)
+
+    def _encode_chunk(self, rows: np.ndarray, begin: int, end: int, plan: dict, loss: np.ndarray,
+                      steps: np.ndarray) -> _Chunk:
+        """The chunk's clients encode their finite updates (a non-finite one is rejected
+        before: no codec can encode it)."""
+        accepted = np.isfinite(aggregate.l2_norms(rows, dtype=np.float64, check_finite=False, backend=self.backend))
+        kept = np.flatnonzero(accepted)
+        messages, weights, residuals = self._encode([rows[i] for i in kept], begin + kept, plan)
+        return _Chunk(None, float(weights.sum()), loss, steps, accepted, messages=messages, message_weights=weights,
+                      residuals=residuals)
+
+    def _encode(self, rows: list[np.ndarray], positions: np.ndarray,
+                plan: dict) -> tuple[list[compress.Encoded], np.ndarray, dict | None]:
+        """Messages, weights and new residuals of the clients at cohort ``positions``, whose
+        updates are ``rows``."""
+        messages, residuals = compressing.encode(plan["codec"], rows, plan["clients"][positions].tolist(),
+                                                 plan["codec_seeds"][positions], plan["residuals"],
+                                                 backend=self.backend)
+        return messages, plan["weights"][positions], residuals
 
     def _noise_locally(self, row: np.ndarray, noise: tuple[float, float], r: int, client: int) -> None:
         """Local DP: clip a client's delta to C and add N(0, (zC)^2) from its own stream, in place."""
@@ -672,6 +745,12 @@ class Simulation:
                 "sum_kernels": backends.kernels("aggregate", self.backend, "weighted_sum"),
                 "clip": private.clip if private and private.central else None,
                 "local_noise": (private.clip, private.value_multiplier) if private and not private.central else None}
+        plan["codec"] = plan["codec_seeds"] = plan["residuals"] = None
+        if self.compression is not None:
+            plan["codec"], seeds = self._round_codec(rng, selected.size)
+            plan["codec_seeds"] = seeds[arrives]
+            if self.compression.error_feedback:
+                plan["residuals"] = {c: self.residuals[c] for c in clients.tolist() if c in self.residuals}
         plan["params"] = broadcast = self.params.copy()
         broadcast.flags.writeable = False     # no client can change what the others receive
 
@@ -680,15 +759,22 @@ class Simulation:
             lambda name: np.zeros(0))
         loss, accepted = cat("loss"), cat("accepted").astype(bool)
         delta, total, unclipped = None, None, sum(c.unclipped for c in results)
-        secure = None
-        if self.secure is not None and plan["rows"] is None:    # nobody arrived: keys went round, no mean
-            delta, accepted, secure = self._secure_round(np.zeros((0, self.params.shape[0]), np.float32), arrives,
-                                                         sizes, r, rng)
-        elif plan["rows"] is not None:
-            rows = plan["rows"]
+        secure = sent = None
+        rows = plan["rows"]
+        if rows is not None:
             honest = [rows[i] for i in np.flatnonzero(~forged)]
             if forged.any() and honest:
                 rows[forged] = self.attack.forge(honest, int(forged.sum()), rng)
+        if self.compression is not None:
+            total, weight, accepted, sent = self._compressed_sum(plan, results, accepted)
+            if total is None and private:       # local DP: nothing arrived, the mean is still over m
+                total = np.zeros(self.params.shape[0])
+            elif total is not None and not private:
+                delta = (total / weight).astype(np.float32)
+        elif self.secure is not None and rows is None:    # nobody arrived: keys went round, no mean
+            delta, accepted, secure = self._secure_round(np.zeros((0, self.params.shape[0]), np.float32), arrives,
+                                                         sizes, r, rng)
+        elif rows is not None:
             if private:
                 total, accepted, unclipped = self._private_rows(rows, plan["clip"])
             elif self.secure is not None:
@@ -717,9 +803,35 @@ class Simulation:
         record["secagg_bytes"], record["secagg_seconds"] = 0, 0.0
         if secure is not None:
             record.update(secure)
+        if sent is not None:
+            record["bytes_up"] = sent
         record["seconds"] = time.perf_counter() - start
         self.history.append(record)
         return record
+
+    def _compressed_sum(self, plan: dict, results: list[_Chunk],
+                        accepted: np.ndarray) -> tuple[np.ndarray | None, float, np.ndarray, int]:
+        """The fused float64 weighted sum of the round's messages (None below the quorum),
+        their total weight, the accepted mask and the bytes sent. The chunks encoded as they
+        trained; an update attack needed every row, so those are encoded here, after the
+        forging. The senders' residuals move into the store, in cohort order."""
+        rows = plan["rows"]
+        if rows is not None:
+            accepted = self._screen(rows)       # the finite ones: no norm filter with compression
+            kept = np.flatnonzero(accepted)
+            messages, weights, residuals = self._encode([rows[i] for i in kept], kept, plan)
+            updates = [residuals]
+        else:
+            messages = [m for chunk in results for m in chunk.messages]
+            weights = np.concatenate([chunk.message_weights for chunk in results]) if results else np.zeros(0)
+            updates = [chunk.residuals for chunk in results]
+        if plan["residuals"] is not None:
+            for residuals in updates:
+                self.residuals.update(residuals)
+        sent = sum(m.nbytes for m in messages)
+        if not messages or len(messages) < self.dropout.quorum:
+            return None, 0.0, accepted, sent
+        return compress.accumulate(messages, weights, backend=self.backend), float(weights.sum()), accepted, sent
 
     def _private_rows(self, rows: np.ndarray, clip: float | None) -> tuple[np.ndarray, np.ndarray, int]:
         """DP's sum of the round's matrix rows (an attack needed them all): clipped by the
@@ -775,6 +887,7 @@ class Simulation:
             "stragglers": int(straggles.sum()), "rejected": int((~accepted).sum()),
             "byzantine": int(byzantine.sum()), "skipped": bool(skipped),
             "bytes_up": int(n_arrived * param_bytes), "bytes_down": int(n_selected * param_bytes),
+            "bytes_up_uncompressed": int(n_arrived * param_bytes),
         }
 
     def evaluate(self):
@@ -812,7 +925,8 @@ class Simulation:
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, path) -> None:
-        """Write the run's state (parameters, optimizer state, round, history) atomically."""
+        """Write the run's state (parameters, optimizer state, round, history, privacy
+        ledger, error feedback's residuals) atomically."""
         arrays = {"params": self.params, "previous": self.previous}
         arrays.update({f"optimizer.{name}": value for name, value in self.optimizer.state.items()})
         meta = {"round": self.round, "optimizer_t": self.optimizer.t, "seed": self.seed,
@@ -822,6 +936,11 @@ class Simulation:
             private_arrays, private_meta = self.privacy.state()
             arrays.update(private_arrays)
             meta.update(private_meta)
+        if self.compression is not None and self.compression.error_feedback:
+            ids = sorted(self.residuals)
+            arrays["compression.clients"] = np.array(ids, np.int64)
+            arrays["compression.residuals"] = (np.stack([self.residuals[c] for c in ids]) if ids
+                                               else np.zeros((0, self.params.shape[0])))
         checkpoint.save(path, arrays, meta)
 
     def restore(self, path) -> None:
@@ -833,6 +952,12 @@ class Simulation:
             self.privacy.restore(arrays, meta, meta["round"])
         elif "privacy.rdp" in arrays:
             raise FedkernValueError(f"checkpoint {str(path)!r} was written by a run with differential privacy")
+        feedback = self.compression is not None and self.compression.error_feedback
+        if feedback != ("compression.residuals" in arrays):
+            raise FedkernValueError(f"checkpoint {str(path)!r} was written by a run "
+                                    f"{'without' if feedback else 'with'} error feedback")
+        if feedback:
+            self.residuals = dict(zip(arrays["compression.clients"].tolist(), arrays["compression.residuals"]))
         self.params[...] = arrays["params"]
         self.previous = arrays["previous"]
         self.optimizer.state = {k.split(".", 1)[1]: v for k, v in arrays.items() if k.startswith("optimizer.")}
