@@ -624,7 +624,8 @@ class Simulation:
 
         Each client writes its delta into a row: of the round's update matrix when the rule
         needs every row, else of this chunk's own buffer, which is reduced to one float64
-        weighted sum of its finite rows before the chunk returns.
+        weighted sum of its finite rows before the chunk returns (with compression: whose
+        finite rows the clients encode, their messages returned).
         """
         begin, end = positions.start, positions.stop
         matrix = plan["rows"]
