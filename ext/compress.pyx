@@ -135,17 +135,19 @@ cdef inline void _accumulate_chunk(double* out, const uint8_t** code_rows, const
         while a < c1:                   # one block segment at a time: its offset and step are fixed
             b = a // block_size
             e = min(c1, (b + 1) * block_size)
-            off = off_rows[i][b]
-            step = step_rows[i][b]
+            # w (off + step q) as (w off) + (w step) q: one product per coordinate instead
+            # of two (the loop is bound by its arithmetic, not by memory), equal to rounding
+            off = w * off_rows[i][b]
+            step = w * step_rows[i][b]
             if bits == 8 and not signed:
                 for j in range(a, e):
-                    out[j] = out[j] + w * (off + step * <double> codes[j])
+                    out[j] = out[j] + (off + step * <double> codes[j])
             else:
                 for j in range(a, e):
                     v = off + step * <double> ((codes[j // per] >> ((j % per) * bits)) & mask)
                     if signed and (sgn[j >> 3] >> (j & 7)) & 1:
                         v = -v
-                    out[j] = out[j] + w * v
+                    out[j] = out[j] + v
             a = e
 
 

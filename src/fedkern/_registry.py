@@ -30,12 +30,15 @@ class Peer:
     """An established implementation the op is measured against, on the same data.
 
     ``make(stack)`` gets the float updates stacked into one (K, D) array (done before
-    timing) and returns a no-argument call; ``package`` is the optional package it needs.
+    timing), or with ``stacked=False`` the op's positional arguments as they are (the
+    encoded messages of a compression op), and returns a no-argument call; ``package`` is
+    the optional package it needs.
     """
 
     name: str
-    make: Callable[[np.ndarray], Callable[[], Any]]
+    make: Callable[[Any], Callable[[], Any]]
     package: str | None = None
+    stacked: bool = True
 
 
 @dataclass(frozen=True)
@@ -293,16 +296,31 @@ def _top_k(d: int):
     return compress.TopK(max(1, d // 100))
 
 
+def _add_at(args):
+    """numpy's unbuffered scatter-add of every client's weighted top-k values into one
+    float64 sum, what a server without a fused kernel writes."""
+    encoded, weights = args
+    out = np.zeros(encoded[0].d)
+    indices = [e.indices.astype(np.intp) for e in encoded]
+
+    def call():
+        out[:] = 0.0
+        for index, e, w in zip(indices, encoded, weights):
+            np.add.at(out, index, w * e.values.astype(np.float64))
+        return out
+
+    return call
+
+
 # compression: the fused decode-and-accumulate reads only the compressed bytes (plus the
 # float64 accumulator, read and written once)
 OPS += (
     OpSpec("compress.accumulate", "compress", ("accumulate_quantized",),
            _encoded_example(lambda d: compress.StochasticQuantizer(bits=8, block_size=256)),
-           run=_run(compress.accumulate), nbytes=lambda k, d: k * d + k * 8 * (d // 256) + 2 * 8 * d,
-           per_update=False),
+           run=_run(compress.accumulate), nbytes=lambda k, d: k * d + k * 8 * (d // 256) + 2 * 8 * d),
     OpSpec("compress.accumulate/top-k", "compress", ("scatter_add",), _encoded_example(_top_k),
            run=_run(compress.accumulate), nbytes=lambda k, d: 8 * k * max(1, d // 100) + 2 * 8 * d,
-           per_update=False),
+           peer=Peer("np.add.at", _add_at, stacked=False)),
 )
 
 BY_NAME = {spec.name: spec for spec in OPS}

@@ -112,20 +112,18 @@ def _accumulate_quantized(out, code_ptrs, code0, sign_ptrs, sign0, off_ptrs, off
             while a < c1:            # one block segment at a time: its offset and step are fixed
                 b = a // block_size
                 e = min(c1, (b + 1) * block_size)
-                off, step = offs[b], steps[b]
-                if bits == 8:
+                # w (off + step q) as (w off) + (w step) q, as the Cython kernel does
+                off, step = w * offs[b], w * steps[b]
+                if bits == 8 and not signed:     # a loop of its own, without the branch: it vectorises
                     for j in range(a, e):
-                        v = off + step * np.float64(codes[j])
-                        if signed and (signs[j >> 3] >> (j & 7)) & 1:
-                            v = -v
-                        out[j] += w * v
+                        out[j] += off + step * np.float64(codes[j])
                 else:
                     for j in range(a, e):
                         code = (codes[j // per] >> ((j % per) * bits)) & mask
                         v = off + step * np.float64(code)
                         if signed and (signs[j >> 3] >> (j & 7)) & 1:
                             v = -v
-                        out[j] += w * v
+                        out[j] += v
                 a = e
 
 

@@ -125,7 +125,7 @@ def _case(spec: OpSpec, variant: str, extra: dict, k: int, d: int) -> Case:
         kwargs = {**kwargs, **extra, **_preallocated(spec, k, d)}
         call = _stateful_call(spec, args, kwargs) if spec.stateful else lambda backend: spec(backend, *args, **kwargs)
         if spec.peer is not None and (spec.peer.package is None or _installed(spec.peer.package)):
-            call.peer = spec.peer.make(np.stack(args[0]))
+            call.peer = spec.peer.make(np.stack(args[0]) if spec.peer.stacked else args)
         return call
 
     op = f"{spec.name}({variant})" if variant else spec.name
