@@ -57,6 +57,20 @@ def test_one_round_is_the_weighted_mean_of_the_closed_form_local_models():
     assert not np.array_equal(run.params, start) and record["arrived"] == 5
 
 
+@pytest.mark.parametrize("rows_path", [False, True], ids=["streaming", "rows"])
+def test_equal_weights_give_the_plain_mean_of_the_local_models(rows_path):
+    """aggregator.weights = "equal" on both paths (a huge reject_norm_ratio makes the round
+    keep every row without rejecting any)."""
+    data = federation()
+    run = simulation(data, model=ToyModel(5, noise=0.0), local=LocalTraining(epochs=1, lr=1.0),
+                     aggregator=Aggregator("mean", weights="equal"), reject_norm_ratio=1e30 if rows_path else None)
+    run.step()
+    chosen = [c for c in range(data.train.n_clients) if c in _clients_of_round(run, 1)]
+    means = np.array([data.train.client(c)[0].astype(np.float64).mean(axis=0) for c in chosen])
+    assert len(set(data.train.sizes[chosen])) > 1       # so size weights would differ
+    np.testing.assert_allclose(run.params, means.mean(axis=0), rtol=1e-5, atol=1e-6)
+
+
 def _clients_of_round(run, r):
     """Rerun round r's selection through the same stream the round uses."""
     from fedkern.sim.rounds import STREAM_ROUND

@@ -741,7 +741,7 @@ class Simulation:
         plan = {"round": r, "clients": clients, "epochs": epochs[arrives], "trains": ~forged,
                 "costs": sizes * epochs[arrives] * ~forged,
                 "flips": byzantine & bool(self.attack and not self.attack.on_updates),
-                "weights": np.ones(n) if private else sizes,
+                "weights": np.ones(n) if private or self.aggregator.weights == "equal" else sizes,
                 "rows": self._rows(n) if self.needs_rows and n else None,
                 "sum_kernels": backends.kernels("aggregate", self.backend, "weighted_sum"),
                 "clip": private.clip if private and private.central else None,
