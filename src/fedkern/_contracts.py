@@ -52,10 +52,15 @@ class RobustKernels(Protocol):
         """out[j] = mean of the ``keep`` values of coordinate j closest to its median."""
 
     def gather_tile(self, updates: Updates, j0: int, center: bool, tile: np.ndarray) -> None:
-        """tile[i] = updates[i][j0:j0 + n] (minus updates[0][j0:j0 + n] when ``center``)."""
+        """tile[i] = updates[i][j0:j0 + n] (minus updates[0][j0:j0 + n] when ``center``), in
+        the tile's dtype (float32 or float64, whatever the updates')."""
 
     def exact_sq_distances(self, updates: Updates, out: np.ndarray) -> None:
         """out[i, l] = sum_j (x_ij - x_lj)^2 in float64; +inf where not finite."""
+
+    def exact_sq_rows(self, updates: Updates, rows: np.ndarray, out: np.ndarray) -> None:
+        """out[r, l] = exact_sq_distances' entry (rows[r], l), bit for bit, for every l
+        (``rows``: intp indices); len(rows) K D work."""
 
     def sq_distances_to(self, updates: Updates, point: np.ndarray, out: np.ndarray) -> None:
         """out[i] = sum_j (x_ij - point_j)^2 in float64."""
@@ -140,6 +145,9 @@ class CompressKernels(Protocol):
 class ModelsKernels(Protocol):
     """The simulator's model training (``fedkern.sim.models``): a dense ReLU network with
     layer widths ``sizes`` (no hidden layer: multinomial logistic regression)."""
+
+    def shuffle(self, seed: np.uint64, order: np.ndarray) -> None:
+        """order[e] = epoch e's Fisher-Yates permutation of 0 .. n - 1 on stream e of ``seed``."""
 
     def train(self, params: np.ndarray, sizes: np.ndarray, x: np.ndarray, y: np.ndarray, order: np.ndarray,
               batch_size: int, lr: float, momentum: float, weight_decay: float, mu: float,
