@@ -74,6 +74,44 @@ def test_cpu_name_is_a_non_empty_string():
     assert isinstance(bench.cpu_name(), str) and bench.cpu_name()
 
 
+def test_cache_sizes_read_sysfs_levels_types_and_units(tmp_path):
+    for index, (level, kind, size) in enumerate([(1, "Data", "48K"), (1, "Instruction", "32K"),
+                                                 (2, "Unified", "2048K"), (3, "Unified", "260M")]):
+        folder = tmp_path / f"index{index}"
+        folder.mkdir()
+        (folder / "level").write_text(f"{level}\n")
+        (folder / "type").write_text(f"{kind}\n")
+        (folder / "size").write_text(f"{size}\n")
+    assert bench.cache_sizes(str(tmp_path)) == {"L1d": 48 << 10, "L1i": 32 << 10, "L2": 2 << 20, "L3": 260 << 20}
+    assert bench.cache_sizes(str(tmp_path / "absent")) == {}
+
+
+def test_the_cpu_line_names_model_isa_caches_and_cpus():
+    cpu = dict(model="Some CPU", machine="x86_64", isa="AVX2", caches={"L1d": 32 << 10, "L1i": 32 << 10,
+                                                                       "L2": 512 << 10, "L3": 32 << 20},
+               logical_cpus=2)
+    assert bench.cpu_line(cpu) == "Some CPU (x86_64, AVX2, L1d 32 KiB, L2 512 KiB, L3 32 MiB, 2 logical CPUs)"
+    here = bench.cpu_description()
+    assert here["model"] == bench.cpu_name() and here["logical_cpus"] >= 1
+
+
+def test_interleaved_times_take_turns_and_respect_repeats_and_budget():
+    log = []
+    calls = {name: (lambda name=name: log.append(name)) for name in ("a", "b", "c")}
+    times = bench.interleaved_times(calls, budget=10.0, min_repeats=3, max_repeats=4)
+    assert {name: len(t) for name, t in times.items()} == {"a": 4, "b": 4, "c": 4}
+    assert log == ["a", "b", "c"] * 5          # one warm-up round, then rounds in turn
+
+
+def test_interleaved_times_time_a_slow_candidate_once_and_a_peer_without_warm_up():
+    import time
+
+    calls = {"slow": lambda: time.sleep(0.02), "fast": lambda: None, "peer": lambda: None}
+    times = bench.interleaved_times(calls, budget=0.01, min_repeats=3, max_repeats=5, no_warm_up=frozenset({"peer"}))
+    # the fast calls never fill the budget, so they run to max_repeats; the peer's first call counts
+    assert len(times["slow"]) == 1 and len(times["fast"]) == 5 and len(times["peer"]) == 5
+
+
 def test_info_names_every_backend_and_the_threads(capsys):
     assert cli.main(["info"]) == 0
     out = capsys.readouterr().out
@@ -87,9 +125,10 @@ def test_bench_json_holds_every_backend_of_every_case(capsys):
     result = json.loads(capsys.readouterr().out)
     ops = {case.op for case in bench.cases("quick")}
     assert {row["op"] for row in result["results"]} == ops
-    assert result["processor"] == bench.cpu_name()
+    assert result["processor"] == bench.cpu_name() and result["cpu"] == bench.cpu_description()
     for row in result["results"]:
         assert row["median_s"] > 0 and row["gb_per_s"] > 0
+        assert row["min_s"] <= row["median_s"] <= row["max_s"] and row["repeats"] >= 1
 
 
 def test_unknown_profile_is_rejected():

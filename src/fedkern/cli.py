@@ -14,7 +14,7 @@ from . import __version__, backends, bench
 def info() -> str:
     """Versions, which backends import, OpenMP on/off, threads, and the default backend."""
     lines = [f"fedkern {__version__}", f"python {platform.python_version()} ({platform.machine()})",
-             f"numpy {np.__version__}", f"cpu: {bench.cpu_name()}"]
+             f"numpy {np.__version__}", f"cpu: {bench.cpu_line(bench.cpu_description())}"]
     for name in backends.NAMES:
         try:
             backends._load(name, "aggregate")

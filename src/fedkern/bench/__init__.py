@@ -7,7 +7,8 @@ README's tables, and ``benchmarks/`` runs the same cases under pytest-benchmark.
 (:mod:`fedkern.bench.sim`, imported when that profile runs).
 """
 from .cases import PROFILES, Case, Profile, SimSizes, cases
-from .runner import INSTALL_HINTS, cpu_name, installed, median_time, read_bandwidth, run, to_json
+from .runner import (INSTALL_HINTS, cache_sizes, cpu_description, cpu_line, cpu_name, installed, interleaved_times,
+                     median_time, read_bandwidth, run, to_json)
 
-__all__ = ["INSTALL_HINTS", "PROFILES", "Case", "Profile", "SimSizes", "cases", "cpu_name", "installed", "median_time",
-           "read_bandwidth", "run", "to_json"]
+__all__ = ["INSTALL_HINTS", "PROFILES", "Case", "Profile", "SimSizes", "cache_sizes", "cases", "cpu_description",
+           "cpu_line", "cpu_name", "installed", "interleaved_times", "median_time", "read_bandwidth", "run", "to_json"]

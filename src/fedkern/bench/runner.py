@@ -1,6 +1,10 @@
 """Timing: every backend of every case, side by side, against the memory bandwidth.
 
-For each op and size the bench prints the median time per backend, the effective GB/s
+The candidates of a case (its backends and its peer) are timed interleaved, one call
+each in turn, round after round, so a change in the machine's load (another process, a
+frequency step) falls on all of them alike rather than on whichever ran at that moment.
+For each op and size the bench prints the median time per backend with the spread of
+its calls (fastest - slowest), the effective GB/s
 (bytes the op must move / time), that rate as a percentage of the read bandwidth measured
 by a compiled read kernel at the start of the same run, and the speedup over the numpy
 reference. Where an established implementation is the yardstick (``np.median``,
@@ -11,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -46,6 +51,91 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+#: The vector instruction sets the CPU line names (as /proc/cpuinfo spells them), widest first.
+ISA_FLAGS = {"avx512f": "AVX-512", "avx2": "AVX2", "sse4_2": "SSE4.2", "asimd": "NEON"}
+
+
+def cache_sizes(root: str = "/sys/devices/system/cpu/cpu0/cache") -> dict[str, int]:
+    """Bytes of each cache of CPU 0 by name ("L1d", "L1i", "L2", "L3"), from Linux's sysfs;
+    empty where the system does not say."""
+    sizes: dict[str, int] = {}
+    try:
+        entries = sorted(e for e in os.listdir(root) if e.startswith("index"))
+    except OSError:
+        return sizes
+    for entry in entries:
+        try:
+            with open(f"{root}/{entry}/level") as level, open(f"{root}/{entry}/type") as kind, \
+                    open(f"{root}/{entry}/size") as size:
+                name = f"L{level.read().strip()}" + {"Data": "d", "Instruction": "i"}.get(kind.read().strip(), "")
+                text = size.read().strip()
+        except OSError:
+            continue
+        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+        sizes[name] = int(text[:-1]) * units[text[-1]] if text[-1:] in units else int(text)
+    return sizes
+
+
+def cpu_description() -> dict:
+    """What the figures of a run depend on: the CPU's model, architecture, widest vector
+    instruction set, cache sizes and logical CPUs (in every bench's header and JSON, so
+    figures from different machines are never mixed)."""
+    flags = backends.cpu_flags() or frozenset()
+    return dict(model=cpu_name(), machine=platform.machine(),
+                isa=next((name for flag, name in ISA_FLAGS.items() if flag in flags), None),
+                caches=cache_sizes(), logical_cpus=os.cpu_count())
+
+
+def _bytes(n: int) -> str:
+    return f"{n >> 20} MiB" if n >= 1 << 20 and n % (1 << 20) == 0 else f"{n >> 10} KiB"
+
+
+def cpu_line(cpu: dict) -> str:
+    """One line for a bench header, e.g. ``Intel(R) Xeon(R) (x86_64, AVX-512, L1d 48 KiB, L2 2 MiB,
+    L3 260 MiB, 2 logical CPUs)``."""
+    parts = [cpu["machine"], cpu["isa"]] + [f"{name} {_bytes(size)}" for name, size in cpu["caches"].items()
+                                           if name != "L1i"]
+    parts.append(f"{cpu['logical_cpus']} logical CPUs")
+    return f"{cpu['model']} ({', '.join(p for p in parts if p)})"
+
+
+def interleaved_times(calls: dict[str, Callable[[], object]], budget: float = 1.0, min_repeats: int = 3,
+                      max_repeats: int = 15, no_warm_up: frozenset[str] = frozenset()) -> dict[str, list[float]]:
+    """Wall times of every call, timed in turn, one call each per round.
+
+    Each candidate is first called once as a warm-up (which also compiles Numba; for the
+    names in ``no_warm_up``, peers that compile nothing, that call is a timing). Then the
+    rounds go on until each candidate has ``min_repeats`` times and either ``max_repeats``
+    or ``budget`` seconds of them; a candidate whose warm-up alone took more than
+    ``budget`` is timed only once (keeping slow reference implementations from
+    dominating the run).
+    """
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    slow: set[str] = set()
+    for name, call in calls.items():
+        start = time.perf_counter()
+        call()
+        first = time.perf_counter() - start
+        if name in no_warm_up:
+            times[name].append(first)
+        if first > budget:
+            slow.add(name)
+
+    def done(name: str) -> bool:
+        n = len(times[name])
+        if name in slow:
+            return n >= 1
+        return n >= min_repeats and (n >= max_repeats or sum(times[name]) >= budget)
+
+    while not all(done(name) for name in calls):
+        for name, call in calls.items():
+            if not done(name):
+                start = time.perf_counter()
+                call()
+                times[name].append(time.perf_counter() - start)
+    return times
 
 
 def median_time(call: Callable[[], object], min_repeats: int = 3, max_repeats: int = 15,
@@ -139,10 +229,11 @@ def run(profile: str = "default", backend_names: tuple[str, ...] | None = None,
         names.insert(0, "reference")
     say = echo or (lambda line: None)
     bandwidth = read_bandwidth(64 << 20 if profile == "quick" else 512 << 20)
-    say(f"fedkern bench ({profile}): {cpu_name()} ({platform.machine()}), {backends.get_num_threads()} threads, "
+    cpu = cpu_description()
+    say(f"fedkern bench ({profile}): {cpu_line(cpu)}, {backends.get_num_threads()} threads, "
         f"measured read bandwidth {bandwidth:.1f} GB/s")
-    say(f"{'op':<24} {'size':<14} {'backend':<16} {'median ms':>10} {'GB/s':>7} {'% bw':>6} {'x ref':>7} "
-        f"{'x peer':>7}")
+    say(f"{'op':<24} {'size':<14} {'backend':<16} {'median ms':>10} {'min-max ms':>17} {'GB/s':>7} {'% bw':>6} "
+        f"{'x ref':>7} {'x peer':>7}")
     rows, skipped = [], set()
 
     def skip(package: str, what: str) -> None:
@@ -156,22 +247,26 @@ def run(profile: str = "default", backend_names: tuple[str, ...] | None = None,
             skip(case.package, f"the cases that need {case.package}")
             continue
         call = case.make()
-        timings = {name: median_time(lambda: call(name), budget=budget) for name in names}
+        calls = {name: (lambda name=name: call(name)) for name in names}
         if case.peer and not hasattr(call, "peer"):
             skip(case.peer_package, f"peer {case.peer}")
         elif case.peer:
-            timings[case.peer] = median_time(call.peer, budget=budget, warm_up=False)
+            calls[case.peer] = call.peer
+        times = interleaved_times(calls, budget=budget, no_warm_up=frozenset({case.peer}))
+        timings = {name: statistics.median(seconds) for name, seconds in times.items()}
         for name, seconds in timings.items():
             gbps = case.nbytes / seconds / 1e9
-            row = dict(op=case.op, size=case.size, backend=name, median_s=seconds, gb_per_s=gbps,
+            row = dict(op=case.op, size=case.size, backend=name, median_s=seconds, min_s=min(times[name]),
+                       max_s=max(times[name]), repeats=len(times[name]), gb_per_s=gbps,
                        percent_bandwidth=100 * gbps / bandwidth, speedup=timings["reference"] / seconds,
                        speedup_vs_peer=timings[case.peer] / seconds if case.peer in timings else None)
             rows.append(row)
             vs_peer = f"{row['speedup_vs_peer']:>7.2f}" if case.peer in timings else f"{'':>7}"
-            say(f"{case.op:<24} {case.size:<14} {name:<16} {1e3 * seconds:>10.3f} {gbps:>7.2f} "
+            spread = f"{1e3 * row['min_s']:.3f}-{1e3 * row['max_s']:.3f}"
+            say(f"{case.op:<24} {case.size:<14} {name:<16} {1e3 * seconds:>10.3f} {spread:>17} {gbps:>7.2f} "
                 f"{row['percent_bandwidth']:>6.1f} {row['speedup']:>7.2f} {vs_peer}")
         del call
-    result = dict(profile=profile, machine=platform.machine(), processor=cpu_name(),
+    result = dict(profile=profile, machine=platform.machine(), processor=cpu["model"], cpu=cpu,
                   threads=backends.get_num_threads(), read_bandwidth_gb_per_s=bandwidth, results=rows)
     if with_cold_start is None:
         with_cold_start = profile != "quick"

@@ -56,7 +56,7 @@ from .. import backends, datasets
 from ..sim import (FederatedData, FederatedDataset, LocalTraining, LogisticRegression, SerialExecutor, Simulation,
                    ThreadExecutor, TrainResult)
 from .cases import SimSizes
-from .runner import cpu_name
+from .runner import cpu_description, cpu_line
 
 #: The compiled model backends the workloads time, side by side (and the reference).
 COMPILED = ("cython", "numba")
@@ -403,7 +403,8 @@ def run(sizes: SimSizes | None = None, *, profile: str = "sim", model_backends: 
         raise ValueError(f"the simulator's workloads need a compiled model backend, one of {COMPILED} "
                          f"that imports here; got {model_backends}")
     say = _flushing(echo)
-    say(f"fedkern bench ({profile}): {cpu_name()} ({platform.machine()}), {backends.get_num_threads()} threads "
+    cpu = cpu_description()
+    say(f"fedkern bench ({profile}): {cpu_line(cpu)}, {backends.get_num_threads()} threads "
         f"for the kernels, thread executors with {sizes.workers} workers, model backends "
         f"{', '.join(compiled)} and the reference")
     steps = 5 if with_first_round else 4
@@ -432,7 +433,7 @@ def run(sizes: SimSizes | None = None, *, profile: str = "sim", model_backends: 
     rows += memory(sizes)
     say(f"done in {time.perf_counter() - started:.0f} s\n")
     say(table(rows))
-    return dict(profile=profile, machine=platform.machine(), processor=cpu_name(),
+    return dict(profile=profile, machine=platform.machine(), processor=cpu["model"], cpu=cpu,
                 threads=backends.get_num_threads(), model_backends=list(compiled),
                 sizes={name: list(value) if isinstance(value, tuple) else value for name, value in asdict(sizes).items()},
                 results=rows)
