@@ -40,9 +40,25 @@ def _weighted_sum(pointers, first, weights, divisor, by_reciprocal, out):
 @njit(inline="always")
 def _add_rows(acc, pointers, first, row0, weights, j0):
     """acc[j] += sum_i weights[i] x[row0 + i][j0 + j] for j < len(acc), rows added in index
-    order (four per pass over acc: a quarter of its loads and stores, the same sums)."""
+    order (eight, then four, per pass over acc: more read streams per thread keep memory
+    busier, and fewer accumulator loads and stores; the same sums, as ``ext/_rows.pxd``)."""
     n, k = acc.shape[0], weights.shape[0]
     i = 0
+    while i + 8 <= k:
+        x0 = row(pointers, row0 + i, first)[j0:j0 + n]
+        x1 = row(pointers, row0 + i + 1, first)[j0:j0 + n]
+        x2 = row(pointers, row0 + i + 2, first)[j0:j0 + n]
+        x3 = row(pointers, row0 + i + 3, first)[j0:j0 + n]
+        x4 = row(pointers, row0 + i + 4, first)[j0:j0 + n]
+        x5 = row(pointers, row0 + i + 5, first)[j0:j0 + n]
+        x6 = row(pointers, row0 + i + 6, first)[j0:j0 + n]
+        x7 = row(pointers, row0 + i + 7, first)[j0:j0 + n]
+        w0, w1, w2, w3 = weights[i], weights[i + 1], weights[i + 2], weights[i + 3]
+        w4, w5, w6, w7 = weights[i + 4], weights[i + 5], weights[i + 6], weights[i + 7]
+        for j in range(n):
+            acc[j] = (((((((acc[j] + w0 * x0[j]) + w1 * x1[j]) + w2 * x2[j]) + w3 * x3[j]) + w4 * x4[j])
+                      + w5 * x5[j]) + w6 * x6[j]) + w7 * x7[j]
+        i += 8
     while i + 4 <= k:
         x0 = row(pointers, row0 + i, first)[j0:j0 + n]
         x1 = row(pointers, row0 + i + 1, first)[j0:j0 + n]
