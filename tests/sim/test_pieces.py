@@ -91,6 +91,40 @@ def test_executors_return_results_in_item_order(executor):
         assert list(executor.run({"scale": 2}, chunks(200))) == [2 * sum(p) for p in chunks(200)]
 
 
+class Recorder:
+    """Records which thread trained each chunk; chunk ``fail`` raises."""
+
+    def __init__(self, fail=None):
+        self.threads, self.fail = {}, fail
+
+    def train_chunk(self, positions, plan):
+        import threading
+
+        if positions.start == self.fail:
+            raise RuntimeError(f"chunk {positions.start} failed")
+        self.threads[positions.start] = threading.get_ident()
+        return positions.start
+
+
+def test_thread_executor_runs_one_task_per_worker_and_keeps_item_order():
+    items = chunks(16)
+    costs = np.arange(16, dtype=float)          # the last chunk is the longest
+    with ThreadExecutor(2) as executor:
+        recorder, submitted = Recorder(), []
+        submit = executor._pool.submit
+        executor._pool.submit = lambda *args: submitted.append(args) or submit(*args)
+        executor.start(recorder)
+        assert list(executor.run({"costs": costs}, items)) == [p.start for p in items]
+    assert len(submitted) == 2 and 1 <= len(set(recorder.threads.values())) <= 2
+
+
+def test_a_chunks_exception_reaches_the_round_from_a_thread_executor():
+    with ThreadExecutor(2) as executor:
+        executor.start(Recorder(fail=5))
+        with pytest.raises(RuntimeError, match="chunk 5 failed"):
+            executor.run({}, chunks(16))
+
+
 def test_executor_errors():
     with pytest.raises(FedkernValueError, match="before start"):
         SerialExecutor().run({}, [range(2)])

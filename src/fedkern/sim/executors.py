@@ -32,6 +32,7 @@ Examples
 from __future__ import annotations
 
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 
@@ -141,10 +142,24 @@ class ThreadExecutor(_Local):
         if self._pool is None:
             raise check.FedkernValueError("this ThreadExecutor was closed")
         work = self._work(plan)
-        futures: list = [None] * len(items)
-        for i in longest_first(plan, items):
-            futures[i] = self._pool.submit(work, items[i])
-        return (future.result() for future in futures)
+        results: list = [None] * len(items)
+        pending = iter(longest_first(plan, items))
+        lock = threading.Lock()
+
+        def drain() -> None:
+            # each worker takes the longest chunk left until none is: one task per worker
+            # and round rather than one per chunk (a task's hand-off costs about as much
+            # as a small chunk's training)
+            while True:
+                with lock:
+                    i = next(pending, None)
+                if i is None:
+                    return
+                results[i] = work(items[i])
+
+        for future in [self._pool.submit(drain) for _ in range(min(self.workers, len(items)))]:
+            future.result()       # raises a chunk's exception
+        return iter(results)
 
     def close(self) -> None:
         if self._pool is not None:
