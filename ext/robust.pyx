@@ -509,7 +509,8 @@ def _meamed(const uintptr_t[::1] pointers, const in_t[::1] first, Py_ssize_t kee
 # Tiles and distances
 
 def gather_tile(updates, Py_ssize_t j0, bint center, tile) -> None:
-    """tile[i] = x_i[j0 : j0 + n], or x_i - x_0 there (in float64, rounded once) if ``center``.
+    """tile[i] = x_i[j0 : j0 + n], or x_i - x_0 there (in float64, rounded once into the
+    tile's dtype) if ``center``; the tile is float32 or float64, whatever the updates are.
 
     Serial on purpose: a BLAS product follows each tile, and OpenMP threads left
     spinning after a parallel gather take the cores from BLAS's own threads (measured
@@ -518,18 +519,21 @@ def gather_tile(updates, Py_ssize_t j0, bint center, tile) -> None:
     _gather_tile(updates.pointers, updates.first, j0, center, tile)
 
 
-cdef inline void _copy_run(const in_t* x, const in_t* base, bint center, in_t* dst,
+cdef inline void _copy_run(const in_t* x, const in_t* base, bint center, out_t* dst,
                            Py_ssize_t n) noexcept nogil:
     cdef Py_ssize_t j
     if center:
         for j in range(n):
-            dst[j] = <in_t> (<double> x[j] - <double> base[j])
-    else:
+            dst[j] = <out_t> (<double> x[j] - <double> base[j])
+    elif sizeof(in_t) == sizeof(out_t):  # the same dtype
         memcpy(dst, x, n * sizeof(in_t))
+    else:
+        for j in range(n):
+            dst[j] = <out_t> x[j]
 
 
 def _gather_tile(const uintptr_t[::1] pointers, const in_t[::1] first, Py_ssize_t j0,
-                 bint center, in_t[:, ::1] tile):
+                 bint center, out_t[:, ::1] tile):
     cdef const in_t** rows = <const in_t**> &pointers[0]
     cdef Py_ssize_t k = pointers.shape[0], n = tile.shape[1]
     cdef Py_ssize_t i
@@ -593,6 +597,35 @@ def _exact_sq_distances(const uintptr_t[::1] pointers, const in_t[::1] first, do
             out[i, i] = 0.0
             for l in range(i):
                 out[l, i] = out[i, l]
+
+
+def exact_sq_rows(updates, const Py_ssize_t[::1] rows, double[:, ::1] out) -> None:
+    """out[r, l] = sum_j (x_ij - x_lj)^2 for i = rows[r] and every l, and out[r, i] = 0:
+    rows of exact_sq_distances, bit for bit. Each pair is summed as there: _sq_diff over the
+    same DIST_BLOCK blocks, added in block order (a difference's sign does not change its
+    square). Per block, the K rows are spread over threads and each is read once against
+    every requested row, whose block stays in cache: len(rows) K D work, not K^2 D / 2."""
+    _exact_sq_rows(updates.pointers, updates.first, rows, out)
+
+
+def _exact_sq_rows(const uintptr_t[::1] pointers, const in_t[::1] first, const Py_ssize_t[::1] rows,
+                   double[:, ::1] out):
+    cdef const in_t** x = <const in_t**> &pointers[0]
+    cdef Py_ssize_t k = pointers.shape[0], d = first.shape[0], c = rows.shape[0]
+    cdef Py_ssize_t r, l, j0, n
+    with nogil:
+        for r in range(c):
+            for l in range(k):
+                out[r, l] = 0.0
+        j0 = 0
+        while j0 < d:
+            n = min(<Py_ssize_t> DIST_BLOCK, d - j0)
+            for l in prange(k, schedule="static"):
+                for r in range(c):
+                    out[r, l] = out[r, l] + _sq_diff(x[rows[r]] + j0, x[l] + j0, n)
+            j0 = j0 + n
+        for r in range(c):
+            out[r, rows[r]] = 0.0
 
 
 def sq_distances_to(updates, const double[::1] point, double[::1] out) -> None:

@@ -220,9 +220,10 @@ OPS: tuple[OpSpec, ...] = (
     OpSpec("pairwise_sq_distances", "robust", ("exact_sq_distances", "gather_tile"), _with_updates(),
            nbytes=lambda k, d: 4 * k * d, peer=SYRK, out=None,
            variants={"gram": dict(method="gram"), "exact": dict(method="exact")}),
-    OpSpec("krum", "robust", ("exact_sq_distances", "gather_tile", "weighted_sum"), _with_updates(f=_byzantine),
-           min_k=5, peer=SYRK),
-    OpSpec("bulyan", "robust", ("exact_sq_distances", "gather_tile", "meamed"),
+    OpSpec("krum", "robust", ("exact_sq_distances", "exact_sq_rows", "gather_tile", "weighted_sum"),
+           _with_updates(f=_byzantine), min_k=5, peer=SYRK,
+           variants={"auto": {}, "gram": dict(method="gram"), "exact": dict(method="exact")}),
+    OpSpec("bulyan", "robust", ("exact_sq_distances", "exact_sq_rows", "gather_tile", "meamed"),
            _with_updates(f=_byzantine), min_k=7, peer=SYRK),
     # a fixed number of iterations, so every backend does the same work; three in the tests,
     # before Weiszfeld nears an update, where 1 / distance amplifies any rounding difference

@@ -19,20 +19,38 @@ with BLAS over coordinate tiles of the updates centred on one (finite) update, w
 tile's Gram matrix added into float64: centring removes the cancellation that makes the
 plain Gram form useless for models far from the origin, and the tiles avoid any K x D
 copy. ``method="exact"`` sums squared differences in float64. Gram results may vary in
-the last bits with BLAS's thread count; exact ones never do. ``method="auto"`` (the
+the last bits with BLAS's thread count; exact ones never do. For
+:func:`pairwise_sq_distances` and :func:`nearest_neighbor_mixing`, ``method="auto"`` (the
 default) is exact for K <= :data:`EXACT_MAX_K`, where it is also the faster of the two
 (memory-bound, while the Gram form pays for a copy of every tile), and Gram above.
+
+**Selection.** For :func:`krum` (and Multi-Krum) and :func:`bulyan`, ``method="auto"``
+selects exactly what ``method="exact"`` selects, on every input, at Gram speed: above
+:data:`EXACT_MAX_K` it computes the centred Gram form in float64 tiles (on
+:func:`fedkern.get_num_threads` threads when threadpoolctl is installed), bounds each
+distance's rounding error rigorously (``_Certified``), bounds each score from those, and
+computes exact distances only for the rows of the updates whose rank the bounds leave
+open (``fedkern._krum``; typically none). ``method="gram"`` is the fast float-tile Gram
+form alone, whose choice may differ from the exact one between near-tied updates.
 """
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+
+try:
+    from threadpoolctl import threadpool_limits
+except ImportError:  # optional: without it, Gram tiles run on one thread (same results)
+    threadpool_limits = None
 
 from . import _krum
 from . import _shared as shared
 from . import _validate as check
 from ._updates import DTypeLike, OutUpdates, SeedLike, Updates, UpdatesLike, WeightsLike
-from .backends import kernels
+from .backends import get_num_threads, kernels
 
 METHODS = ("auto", "gram", "exact")
 #: Largest K for which ``method="auto"`` computes exact distances (measured crossover:
@@ -68,28 +86,77 @@ def _method(method: str, k: int) -> str:
     return method
 
 
-def _tiles(rows: Updates):
-    """(j0, (K, n) C-contiguous tile buffer) over the coordinates, reusing one buffer."""
-    width = int(min(rows.d, max(256, TILE_BYTES // (rows.k * rows.dtype.itemsize))))
-    buffer = np.empty(rows.k * width, rows.dtype)
-    for j0 in range(0, rows.d, width):
+def _selection_method(method: str, k: int) -> str:
+    """Krum's and Bulyan's method: ``"auto"`` is exact up to EXACT_MAX_K (the faster there,
+    and the same choice), else ``"certified"``: the exact method's choice at Gram speed."""
+    if method == "auto" and k > EXACT_MAX_K:
+        return "certified"
+    return _method(method, k)
+
+
+def _tile_width(rows: Updates, dtype: np.dtype) -> int:
+    """Coordinates per tile of ``dtype`` values: K of them fill TILE_BYTES."""
+    return int(min(rows.d, max(256, TILE_BYTES // (rows.k * dtype.itemsize))))
+
+
+def _tiles(rows: Updates, dtype: DTypeLike = None, part: int = 0, parts: int = 1):
+    """(j0, (K, n) C-contiguous tile buffer of ``dtype``, default the updates') over the
+    coordinates, reusing one buffer: every ``parts``-th tile from the ``part``-th."""
+    dtype = rows.dtype if dtype is None else np.dtype(dtype)
+    width = _tile_width(rows, dtype)
+    buffer = np.empty(rows.k * width, dtype)
+    for j0 in range(part * width, rows.d, parts * width):
         n = min(width, rows.d - j0)
         yield j0, buffer[:rows.k * n].reshape(rows.k, n)
 
 
-def _gram(rows: Updates, backend: str | None) -> np.ndarray:
-    """Gram matrix of the updates centred on the first finite one, in float64."""
+#: Held while Gram tiles run on several threads with BLAS limited to one thread each.
+_PARALLEL_BLAS = threading.Lock()
+
+
+def _summed_on_threads(work: Callable[[int, int], np.ndarray], workers: int) -> np.ndarray:
+    """``work(0, 1)``, or the sum of ``work(p, q)`` over q = ``workers`` Python threads.
+
+    BLAS products of K x K tiles are too small for OpenBLAS to split well, and its threads
+    fight when several callers use them at once, so the threads run with BLAS limited to
+    one thread each. That limit is process-wide: it needs threadpoolctl (optional, a
+    dependency of scikit-learn), and only one caller at a time sets it; any other runs
+    ``work(0, 1)`` meanwhile.
+    """
+    if workers < 2 or threadpool_limits is None or not _PARALLEL_BLAS.acquire(blocking=False):
+        return work(0, 1)
+    try:
+        with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(workers) as pool:
+            parts = list(pool.map(work, range(workers), [workers] * workers))
+    finally:
+        _PARALLEL_BLAS.release()
+    total = parts[0]
+    for part in parts[1:]:
+        total += part
+    return total
+
+
+def _gram(rows: Updates, backend: str | None, dtype: DTypeLike = None, workers: int = 1) -> np.ndarray:
+    """Gram matrix of the updates centred on the first finite one, tile by tile in ``dtype``
+    (default the updates'), the tiles' products added in float64; on up to ``workers``
+    threads (see _summed_on_threads), each summing its share of the tiles."""
     module = kernels("robust", backend)
     center = next((i for i, bad in enumerate(shared.nonfinite(rows, backend)) if not bad), None)
     order = None
     if center:  # put a finite update first: gather_tile centres on row 0
         order = np.r_[center, np.delete(np.arange(rows.k), center)]
         rows = rows.subset(order)
-    gram = np.zeros((rows.k, rows.k))
-    with np.errstate(invalid="ignore", over="ignore"):  # non-finite updates are handled by the caller
-        for j0, tile in _tiles(rows):
-            module.gather_tile(rows, j0, True, tile)
-            gram += tile @ tile.T  # numpy calls BLAS SYRK for this product
+
+    def products(part: int, parts: int) -> np.ndarray:
+        gram = np.zeros((rows.k, rows.k))
+        with np.errstate(invalid="ignore", over="ignore"):  # non-finite updates are handled by the caller
+            for j0, tile in _tiles(rows, dtype, part, parts):
+                module.gather_tile(rows, j0, True, tile)
+                gram += tile @ tile.T  # numpy calls BLAS SYRK for this product
+        return gram
+
+    tiles = -(-rows.d // _tile_width(rows, rows.dtype if dtype is None else np.dtype(dtype)))
+    gram = _summed_on_threads(products, min(workers, tiles))
     if order is not None:
         inverse = np.argsort(order)
         gram = gram[np.ix_(inverse, inverse)]
@@ -119,6 +186,162 @@ def _sq_distances(rows: Updates, method: str, backend: str | None) -> tuple[np.n
     distances[~np.isfinite(distances)] = np.inf
     np.fill_diagonal(distances, 0.0)
     return distances, finite
+
+
+def _gamma(m: int) -> float:
+    """Higham's gamma_m = m u / (1 - m u) for float64 (u = 2^-53)."""
+    return m * _krum.UNIT_ROUNDOFF / (1.0 - m * _krum.UNIT_ROUNDOFF)
+
+
+class _Certified:
+    r"""Bounds on the exact method's squared distances, from the centred Gram form, and the
+    exact method's rows on demand: what :func:`fedkern._krum.certified_order` ranks with.
+
+    ``layers`` are the same K clients' updates in one or more parts (the Flower drop-in's
+    layers); the target :math:`\hat d_{il}` is what the exact method computes: per part the
+    ``exact_sq_distances`` kernel (float64 differences and sums), summed over the parts in
+    order from 0 (for one part, the kernel's value itself). After construction,
+    ``lower <= d_hat <= upper`` entrywise for every pair of finite clients (+inf for a
+    client holding NaN or inf, as the exact method gives; 0 on the diagonal), ``bad`` marks
+    the clients holding NaN or inf, and ``exact_rows(i)`` returns rows of
+    :math:`\hat d` bit for bit. ``rows_computed`` counts the exact rows computed so far.
+
+    **The bound.** Notation: u = 2^-53, :math:`\gamma_m = mu / (1 - mu)`,
+    :math:`\lambda = 2^{-1022}` (float64's smallest normal), d coordinates in all, cut into
+    t tiles of at most w coordinates, P parts. Each part is centred on one of its finite
+    updates c, so :math:`a_i = x_i - c` (real) and the true distance is
+    :math:`\delta_{il} = \lVert a_i - a_l \rVert^2` over all parts (a distance does not
+    depend on the centre). ``gather_tile`` stores :math:`\tilde a_{ij} = \mathrm{fl}(x_{ij} - c_j)`
+    in a float64 tile, one rounding: :math:`|\tilde a_{ij} - a_{ij}| \le u|a_{ij}| + \lambda`
+    (:math:`\lambda` covers underflow, even flushed to zero). All error bounds below hold
+    for any order of summation, blocking, FMA use and thread count (Higham, *Accuracy and
+    Stability of Numerical Algorithms*, 2nd ed., 2002, Sec. 3.1, Lemma 3.3, Eq. (3.5)):
+
+    1. BLAS's product of one tile, :math:`g^T_{il} = \mathrm{fl}(\sum_{j \in T} \tilde a_{ij}\tilde a_{lj})`,
+       is within :math:`\gamma_w \sum_{j\in T} |\tilde a_{ij}\tilde a_{lj}|`; the tiles' products
+       are added in float64 (t - 1 additions per part, P - 1 across parts), within
+       :math:`\gamma_{t+P} \sum_T |g^T_{il}|`. So the Gram entry :math:`G_{il}` is within
+       :math:`\varepsilon\, p_{il} + \alpha` of :math:`\tilde a_i \cdot \tilde a_l`, where
+       :math:`\varepsilon = \gamma_{w+t+P} \ge (1+\gamma_w)(1+\gamma_{t+P}) - 1`,
+       :math:`p_{il} = \sum_j |\tilde a_{ij} \tilde a_{lj}| \le \lVert\tilde a_i\rVert \lVert\tilde a_l\rVert`
+       (Cauchy-Schwarz) and :math:`\alpha = 2(d + t + P)\lambda` bounds underflow, at most
+       :math:`\lambda` per operation.
+    2. The diagonal then gives :math:`\lVert\tilde a_i\rVert^2 \le N_i^2 = (G_{ii} + \alpha)/(1 - \varepsilon)`;
+       let :math:`S_{il} = (N_i + N_l)^2`.
+    3. The Gram-form distance :math:`D_{il} = \max(0, \mathrm{fl}(G_{ii} + G_{ll} - 2G_{il}))`
+       is within :math:`\varepsilon S_{il} + 4\alpha` (step 1, four entries) plus
+       :math:`\gamma_2 (G_{ii} + G_{ll} + 2|G_{il}|) \le 1.01\gamma_2 S_{il}` (its own two
+       roundings) of :math:`\lVert\tilde a_i - \tilde a_l\rVert^2`; the clamp at 0 only moves
+       it towards the (non-negative) target.
+    4. The tiles' rounding: :math:`e = |\lVert\tilde a_i - \tilde a_l\rVert - \lVert a_i - a_l\rVert|
+       \le u(\lVert a_i\rVert + \lVert a_l\rVert) + 2\sqrt d\lambda \le 1.01u(N_i + N_l) + 3\sqrt d\lambda`,
+       and :math:`|\lVert a_i - a_l\rVert^2 - \lVert\tilde a_i - \tilde a_l\rVert^2| \le e(2(N_i + N_l) + e)`.
+    5. Together: :math:`|D_{il} - \delta_{il}| \le \kappa S_{il} + \beta_{il}`, with
+       :math:`\kappa = \varepsilon + 3\gamma_2 + 3u` and
+       :math:`\beta_{il} = 8(d + t + P)\lambda(1 + N_i + N_l)` (all underflow terms).
+    6. The exact method's own error: per pair and coordinate one rounded difference, squared
+       with one more rounding, then d terms summed in some order, then the parts added:
+       :math:`\hat d_{il} = \sum_j (x_{ij} - x_{lj})^2 (1 + \theta_j)`, :math:`|\theta_j| \le \gamma_{d+P+2}`,
+       within :math:`4(d + P)\lambda` for underflow. All terms are non-negative, so
+       :math:`|\hat d_{il} - \delta_{il}| \le \gamma_{d+P+2}\,\delta_{il} + 4(d+P)\lambda`.
+
+    Hence, with :math:`\Delta_{il} = 4\kappa S_{il} + \beta_{il}` (a safety factor 4 on
+    :math:`\kappa S`),
+
+    .. math:: \max\big(0, (D_{il} - \Delta_{il})(1 - \gamma_{d+P+2}) - 4(d+P)\lambda\big)
+              \le \hat d_{il} \le (D_{il} + \Delta_{il})(1 + \gamma_{d+P+2}) + 4(d+P)\lambda.
+
+    The bounds are evaluated in float64, a dozen roundings of relative size u on quantities
+    of size at most :math:`1.01 S_{il}`; the safety factor leaves
+    :math:`3\kappa S_{il} \ge 27 u S_{il}` of room for them. Centring keeps
+    :math:`S_{il}` near :math:`4\delta_{il}` for updates near each other, far from the origin
+    or not; at K = 100, D = 1e6 (w = 5242, t = 191) the bounds are within about 1e-11
+    relative of the distance, so only scores within about that of the best one are ever
+    recomputed. The float32 tiles of ``method="gram"`` (gamma_w ~ 6e-4 there) would leave
+    most scores' intervals overlapping: the tiles are float64 whatever the updates' dtype.
+
+    When an upper bound between two finite clients is not finite or above 2^1000 (the
+    exact distance may overflow), or a client's squared norm overflows although it holds
+    no NaN or inf, the bounds are replaced by the exact matrix itself (``lower = upper =``
+    exact distances, every row known): the result is still the exact method's.
+    """
+
+    def __init__(self, layers: list[Updates], backend: str | None):
+        self._layers, self._backend = layers, backend
+        self.k = k = layers[0].k
+        self.rows_computed = 0
+        self._rows: dict[int, np.ndarray] = {}
+        gram = np.zeros((k, k))
+        width = tiles = d = 0
+        workers = get_num_threads()
+        for rows in layers:
+            with np.errstate(invalid="ignore"):  # inf - inf: the client is bad either way
+                gram += _gram(rows, backend, np.float64, workers)
+            w = _tile_width(rows, np.dtype(np.float64))
+            width, tiles, d = max(width, w), tiles + -(-rows.d // w), d + rows.d
+        sq = np.diag(gram).copy()
+        # a NaN or inf makes the squared norm NaN or inf; the converse (overflow) is checked
+        self.bad = ~np.isfinite(sq)
+        overflow = any(not self._holds_nonfinite(i) for i in np.flatnonzero(self.bad))
+        parts, tiny = len(layers), np.finfo(np.float64).tiny
+        tiles += workers  # the threads' sums of tiles are added too (step 1)
+        eps = _gamma(width + tiles + parts)
+        kappa = eps + 3 * _gamma(2) + 3 * _krum.UNIT_ROUNDOFF
+        exact_gamma, exact_tiny = _gamma(d + parts + 2), 4 * (d + parts) * tiny
+        with np.errstate(invalid="ignore", over="ignore"):
+            norms = np.sqrt((sq + 2 * (d + tiles + parts) * tiny) / (1.0 - eps))
+            pair = norms[:, None] + norms[None, :]
+            slack = 4 * kappa * pair * pair + 8 * (d + tiles + parts) * tiny * (1.0 + pair)
+            distances = np.maximum(sq[:, None] + sq[None, :] - 2.0 * gram, 0.0)
+            self.lower = np.maximum((distances - slack) * (1.0 - exact_gamma) - exact_tiny, 0.0)
+            self.upper = (distances + slack) * (1.0 + exact_gamma) + exact_tiny
+        good = np.flatnonzero(~self.bad)
+        finite_upper = self.upper[np.ix_(good, good)]
+        if overflow or not (finite_upper <= 2.0 ** 1000).all():  # also catches NaN
+            self._exact_everything()
+            return
+        for bounds in (self.lower, self.upper):
+            bounds[self.bad] = np.inf
+            bounds[:, self.bad] = np.inf
+            np.fill_diagonal(bounds, 0.0)
+
+    def _holds_nonfinite(self, i: int) -> bool:
+        count = kernels("aggregate", self._backend).count_nonfinite
+        return any(count(rows[i]) > 0 for rows in self._layers)
+
+    def _exact_everything(self) -> None:
+        """The exact matrix, as the exact method computes it: bounds and every row known."""
+        total = np.zeros((self.k, self.k))
+        for rows in self._layers:
+            total += _sq_distances(rows, "exact", self._backend)[0]
+        self.rows_computed += self.k
+        self.bad = shared.nonfinite_mask(self._layers[0], self._backend)
+        for rows in self._layers[1:]:
+            self.bad |= shared.nonfinite_mask(rows, self._backend)
+        self.lower = self.upper = total
+        self._rows = dict(enumerate(total))
+
+    def exact_rows(self, indices: np.ndarray) -> np.ndarray:
+        """Rows ``indices`` of the exact distance matrix, bit for bit (computed once each).
+
+        Beyond K/2 rows in all, the whole matrix (K^2 D / 2 work) is cheaper than more
+        rows (K D each). Only the entries between finite clients are the exact method's
+        exactly; those to a client holding NaN or inf are +inf there and here.
+        """
+        missing = np.array([i for i in indices if i not in self._rows], dtype=np.intp)
+        if missing.size and len(self._rows) + missing.size > self.k // 2:
+            self._exact_everything()
+        elif missing.size:
+            total = np.zeros((missing.size, self.k))
+            for rows in self._layers:
+                part = np.empty((missing.size, self.k))
+                kernels("robust", self._backend).exact_sq_rows(rows, missing, part)
+                part[~np.isfinite(part)] = np.inf
+                total += part
+            total[:, self.bad] = np.inf
+            self.rows_computed += missing.size
+            self._rows.update(zip(missing.tolist(), total))
+        return np.array([self._rows[i] for i in indices]).reshape(len(indices), self.k)
 
 
 # --------------------------------------------------------------------------- coordinate-wise rules
@@ -235,8 +458,11 @@ def krum(updates: UpdatesLike, f: int, m: int = 1, weights: WeightsLike | None =
     Ties go to the lower client index. Needs K >= 2f + 3 and 1 <= m <= K - f.
 
     Returns the (D,) result, and with ``return_indices`` also the selected clients'
-    indices, best first. Other parameters as in :func:`median`; ``method`` as in
-    :func:`pairwise_sq_distances`.
+    indices, best first. ``method``: ``"auto"`` (the default) selects exactly as
+    ``"exact"`` (float64 differences) does, at Gram speed for K > :data:`EXACT_MAX_K`
+    (rigorous rounding bounds on the Gram form's scores, exact rows only for the updates
+    they cannot rank; see the module docstring); ``"gram"`` may choose differently between
+    near-tied updates. Other parameters as in :func:`median`.
 
     Examples
     --------
@@ -248,8 +474,14 @@ def krum(updates: UpdatesLike, f: int, m: int = 1, weights: WeightsLike | None =
     f = _byzantine(f, rows.k, lambda f: 2 * f + 3, "krum")
     m = check.count(m, "m", low=1, high=rows.k - f, why=f" (K - f = {rows.k - f})")
     w = np.ones(rows.k) if weights is None else check.weights(weights, rows.k)
-    distances, finite = _sq_distances(rows, _method(method, rows.k), backend)
-    selected = np.argsort(_krum.scores(distances, rows.k - f - 2, ~finite), kind="stable")[:m]
+    method = _selection_method(method, rows.k)
+    if method == "certified":
+        bounds = _Certified([rows], backend)
+        selected = _krum.certified_order(bounds.lower, bounds.upper, bounds.exact_rows, rows.k - f - 2,
+                                         bounds.bad, m)
+    else:
+        distances, finite = _sq_distances(rows, method, backend)
+        selected = np.argsort(_krum.scores(distances, rows.k - f - 2, ~finite), kind="stable")[:m]
     # Krum's single pick is returned as it is, whatever its weight
     w = w[selected] if m > 1 else np.ones(1)
     if not w.any():
@@ -271,12 +503,27 @@ def bulyan(updates: UpdatesLike, f: int, *, method: str = "auto", return_indices
        values closest to their median (as :func:`meamed`).
 
     Needs K >= 4f + 3. Returns the (D,) result and, with ``return_indices``, the selected
-    clients in selection order. Other parameters as in :func:`krum`.
+    clients in selection order. Other parameters as in :func:`krum`: with ``method="auto"``
+    every round picks what the exact method picks, each round certified from the same
+    bounds and exact rows computed once.
+
+    Examples
+    --------
+    >>> updates = np.array([[0.0], [0.25], [0.5], [0.75], [1.0], [1.25], [9.0]])
+    >>> fedkern.bulyan(updates, f=1, return_indices=True)  # 2 and 3 tie first: the lower index wins
+    (array([0.5]), array([2, 3, 1, 4, 0]))
     """
     rows = check.updates(updates)
     f = _byzantine(f, rows.k, lambda f: 4 * f + 3, "bulyan")
-    distances, finite = _sq_distances(rows, _method(method, rows.k), backend)
-    selected = _krum.bulyan_selection(distances, rows.k - 2 * f, lambda n: max(n - f - 2, 0), ~finite)
+    neighbours = lambda n: max(n - f - 2, 0)  # noqa: E731
+    method = _selection_method(method, rows.k)
+    if method == "certified":
+        bounds = _Certified([rows], backend)
+        best = _krum.certified_best(bounds.lower, bounds.upper, bounds.exact_rows, neighbours, bounds.bad)
+    else:
+        distances, finite = _sq_distances(rows, method, backend)
+        best = _krum.exact_best(distances, neighbours, ~finite)
+    selected = _krum.bulyan_selection(rows.k, rows.k - 2 * f, best)
     result = check.out(out, (rows.d,), rows.dtype, dtype)
     kernels("robust", backend, "meamed").meamed(rows.subset(selected), len(selected) - 2 * f, result)
     _finish("bulyan", rows, result, check_finite)

@@ -571,7 +571,8 @@ def _meamed_columns(pointers, first, keep, block, out):
 # -- distances -------------------------------------------------------------------------
 
 def gather_tile(updates, j0: int, center: bool, tile) -> None:
-    """tile[i] = x_i[j0 : j0 + n], minus x_0[j0 : j0 + n] in float64 if ``center``.
+    """tile[i] = x_i[j0 : j0 + n], minus x_0[j0 : j0 + n] in float64 if ``center``, in the
+    tile's dtype (float32 or float64, whatever the updates').
 
     Serial on purpose: a BLAS product follows each tile, and threads left spinning after
     a parallel gather take the cores from BLAS's own threads (measured 4x slower at
@@ -597,9 +598,13 @@ def _gather_tile(pointers, first, j0, center, tile):
 
 def exact_sq_distances(updates, out) -> None:
     """out[i, l] = sum_j (x_ij - x_lj)^2 in float64, without the Gram form's cancellation."""
+    _exact_sq_distances(updates.pointers, updates.first, _pair_block(updates), out)
+
+
+def _pair_block(updates) -> int:
+    """Coordinates per block of exact_sq_distances (and of exact_sq_rows: the same sums)."""
     block = PAIR_BYTES // (updates.dtype.itemsize * updates.k)
-    block = max(PAIR_BLOCK_STEP, min(PAIR_BLOCK_MAX, block) // PAIR_BLOCK_STEP * PAIR_BLOCK_STEP)
-    _exact_sq_distances(updates.pointers, updates.first, block, out)
+    return max(PAIR_BLOCK_STEP, min(PAIR_BLOCK_MAX, block) // PAIR_BLOCK_STEP * PAIR_BLOCK_STEP)
 
 
 @njit(**KERNEL)
@@ -680,6 +685,46 @@ def _row_pairs(tile, n, i, partial, out):
     o = out[i, :i]
     for l in range(i):
         o[l] += p[l]
+
+
+def exact_sq_rows(updates, rows, out) -> None:
+    """out[r, l] = sum_j (x_ij - x_lj)^2 for i = rows[r] and every l, and out[r, i] = 0:
+    rows of exact_sq_distances, bit for bit (the same blocks, the same sum per block)."""
+    _exact_sq_rows(updates.pointers, updates.first, _pair_block(updates), rows, out)
+
+
+@njit(**KERNEL)
+def _exact_sq_rows(pointers, first, block, rows, out):
+    """Per block, the K rows are spread over threads; each is read once against every
+    requested row, whose block stays in cache. A pair's block sum is _row_pairs' (four
+    terms at a time from the block's start, the tail one by one), blocks added in order."""
+    k = pointers.shape[0]
+    d = first.shape[0]
+    c = rows.shape[0]
+    out[:, :] = 0.0
+    for b in range((d + block - 1) // block):
+        j0 = b * block
+        n = min(block, d - j0)
+        for l in prange(k):
+            y = row(pointers, l, first)[j0:j0 + n]
+            for r in range(c):
+                x = row(pointers, rows[r], first)[j0:j0 + n]
+                p = 0.0
+                j = 0
+                while j + 4 <= n:
+                    e0 = np.float64(x[j]) - np.float64(y[j])
+                    e1 = np.float64(x[j + 1]) - np.float64(y[j + 1])
+                    e2 = np.float64(x[j + 2]) - np.float64(y[j + 2])
+                    e3 = np.float64(x[j + 3]) - np.float64(y[j + 3])
+                    p += (e0 * e0 + e1 * e1) + (e2 * e2 + e3 * e3)
+                    j += 4
+                while j < n:
+                    e0 = np.float64(x[j]) - np.float64(y[j])
+                    p += e0 * e0
+                    j += 1
+                out[r, l] += p
+    for r in range(c):
+        out[r, rows[r]] = 0.0
 
 
 def sq_distances_to(updates, point, out) -> None:

@@ -61,12 +61,22 @@ def gather_tile(updates, j0: int, center: bool, tile: np.ndarray) -> None:
 
 def exact_sq_distances(updates, out: np.ndarray) -> None:
     """out[i, l] = sum_j (x_ij - x_lj)^2, differences and sums in float64; the diagonal is 0."""
+    _exact_rows(updates, range(len(updates)), out)
+
+
+def exact_sq_rows(updates, rows: np.ndarray, out: np.ndarray) -> None:
+    """out[r, l] = sum_j (x_ij - x_lj)^2 for i = rows[r] and every l, and out[r, i] = 0:
+    rows of :func:`exact_sq_distances`, bit for bit (the same sums, in the same order)."""
+    _exact_rows(updates, rows, out)
+
+
+def _exact_rows(updates, rows, out: np.ndarray) -> None:
     stacked = np.array([np.asarray(row, np.float64) for row in updates])
     with np.errstate(invalid="ignore", over="ignore"):
-        for i in range(stacked.shape[0]):
+        for r, i in enumerate(rows):
             diff = stacked - stacked[i]
-            out[i] = np.einsum("kd,kd->k", diff, diff)
-    np.fill_diagonal(out, 0.0)
+            out[r] = np.einsum("kd,kd->k", diff, diff)
+            out[r, i] = 0.0
 
 
 def sq_distances_to(updates, point: np.ndarray, out: np.ndarray) -> None:

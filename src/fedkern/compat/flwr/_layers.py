@@ -6,7 +6,8 @@ Flower's ``NDArrays`` (lists of numpy arrays) are regrouped by layer position
 picks and cast to the dtype Flower's numpy arithmetic gives (:func:`_float_result`,
 :func:`_cast`). On these: the weighted, median, trimmed and mean-around-median rules of
 one layer, and the exact distances and Krum scores that Krum, Multi-Krum and Bulyan
-select with. Nothing here imports Flower.
+select with (certified from the Gram form: the exact distances' choice, computing exact
+ones only where the choice needs them). Nothing here imports Flower.
 """
 from __future__ import annotations
 
@@ -17,8 +18,10 @@ import numpy as np
 
 import fedkern
 
+from ... import _krum
 from ... import _validate as check
 from ..._validate import FedkernTypeError, FedkernValueError, NonFiniteError
+from ...robust import _Certified
 
 NDArray = np.ndarray
 NDArrays = list  # list[np.ndarray], as Flower's ``flwr.common.NDArrays``
@@ -228,6 +231,40 @@ def _nonfinite_clients(distances: np.ndarray, layers: list[list[np.ndarray]]) ->
     for i in candidates:
         bad[i] = not all(np.isfinite(arrays[i]).all() for arrays in layers if arrays[i].dtype.kind in "fc")
     return bad
+
+
+def _certified(layers: list[list[np.ndarray]]) -> _Certified | None:
+    """Certified bounds of :func:`_sq_distances` (``fedkern.robust._Certified``, one part
+    per non-empty layer, in the same compute dtypes), or None when a layer has no kernel
+    dtype (complex, extended precision: the exact path then) or every layer is empty.
+
+    With kernel dtypes only, a client holds NaN or inf in some layer exactly when its
+    compute-dtype rows do, so the bounds' ``bad`` is :func:`_nonfinite_clients`' mask.
+    """
+    parts = []
+    for arrays in layers:
+        if arrays[0].size == 0:
+            continue
+        compute = _compute_dtype(np.result_type(*arrays))
+        if compute is None:
+            return None
+        parts.append(check.updates(_rows(arrays, compute)))
+    return _Certified(parts, None) if parts else None
+
+
+def _krum_selection(layers: list[list[np.ndarray]], neighbours: int, count: int) -> np.ndarray:
+    """The ``count`` finite clients of lowest Krum score on exact distances, best first, ties
+    to the lower index: ``_krum_order(...)[:count]``, selected from certified bounds."""
+    bounds = _certified(layers)
+    if bounds is None:
+        distances = _sq_distances(layers)
+        bad = _nonfinite_clients(distances, layers)
+        return _krum_order(_krum.scores(distances, neighbours, bad), bad)[:count]
+    good = np.flatnonzero(~bounds.bad)
+    if good.size == 0:
+        raise NonFiniteError("every client's update holds NaN or inf; there is nothing to select")
+    return _krum.certified_order(bounds.lower, bounds.upper, bounds.exact_rows, neighbours, bounds.bad,
+                                 count, among=good)
 
 
 def _krum_order(scores: np.ndarray, bad: np.ndarray) -> np.ndarray:

@@ -16,7 +16,7 @@ from ..._validate import FedkernTypeError, FedkernValueError, NonFiniteError
 from ... import _krum
 from ._decode import _decode
 from ._layers import (
-    _F64, NDArrays, _cut_count, _float_result, _krum_order, _layers_by_position,
+    _F64, NDArrays, _certified, _cut_count, _float_result, _krum_selection, _layers_by_position,
     _meamed_layer, _median_layer, _nonfinite_clients, _num_closest, _sq_distances, _trimmed_layer,
     _weighted_layer, _weights,
 )
@@ -93,16 +93,19 @@ def aggregate_krum(results: list[tuple[NDArrays, int]], num_malicious: int, to_k
     :func:`aggregate` of the ``to_keep`` lowest-scoring clients. Distances are exact
     (float64 differences). A client whose update holds NaN or inf is never selected, and
     ``to_keep >= K`` averages every finite client (Flower keeps only ``to_keep - K``).
+
+    The choice is the exact distances' on every input, but found at BLAS speed: scores
+    are bounded from the centred Gram form with rigorous rounding-error bounds, and exact
+    distances are computed only for the clients those bounds cannot rank (see
+    ``fedkern.robust._Certified`` and ``fedkern._krum``).
     """
     if len(results) == 0:
         raise FedkernValueError("results is empty; need at least one client")
     clients = [params for params, _ in results]
     layers = _layers_by_position(clients, "results")
-    distances = _sq_distances(layers)
-    bad = _nonfinite_clients(distances, layers)
-    order = _krum_order(_krum.scores(distances, _num_closest(len(results), num_malicious), bad), bad)
+    order = _krum_selection(layers, _num_closest(len(results), num_malicious), max(to_keep, 1))
     if to_keep > 0:
-        keep = order[:to_keep][::-1]  # Flower averages them from the highest score down
+        keep = order[::-1]  # Flower averages them from the highest score down
         return aggregate([results[i] for i in keep])
     return [np.array(layer, copy=True) for layer in clients[order[0]]]
 
@@ -123,7 +126,8 @@ def aggregate_bulyan(results: list[tuple[NDArrays, int]], num_malicious: int,
     first client), then returns, per coordinate, the mean of the ``beta = theta - 2f``
     selected values closest to their median. Needs ``K >= 4f + 3``.
 
-    Pairwise distances are computed once, exactly, instead of once per round; ``results``
+    Pairwise distances are computed once instead of once per round, certified as in
+    :func:`aggregate_krum` (each round's choice is the exact distances'); ``results``
     is left untouched (Flower pops the selected clients out of the caller's list). A client
     whose update holds NaN or inf is never selected (Flower raises "reference weights not
     found"); if fewer than ``theta`` finite clients remain, :class:`fedkern.NonFiniteError`
@@ -149,13 +153,20 @@ def aggregate_bulyan(results: list[tuple[NDArrays, int]], num_malicious: int,
     theta = k - 2 * num_malicious
     beta = theta - 2 * num_malicious
     layers = _layers_by_position([params for params, _ in results], "results")
-    distances = _sq_distances(layers)
-    bad = _nonfinite_clients(distances, layers)
+    neighbours = lambda n: _num_closest(n, num_malicious)  # noqa: E731
+    bounds = _certified(layers)
+    if bounds is None:
+        distances = _sq_distances(layers)
+        bad = _nonfinite_clients(distances, layers)
+        best = _krum.exact_best(distances, neighbours, bad)
+    else:
+        bad = bounds.bad
+        best = _krum.certified_best(bounds.lower, bounds.upper, bounds.exact_rows, neighbours, bad)
     if k - bad.sum() < theta:
         raise NonFiniteError(
             f"Bulyan selects theta = {theta} clients but only {k - bad.sum()} of {k} updates are finite"
         )
-    selected = _krum.bulyan_selection(distances, theta, lambda n: _num_closest(n, num_malicious), bad)
+    selected = _krum.bulyan_selection(k, theta, best)
     return [_meamed_layer([arrays[i] for i in selected], beta) for arrays in layers]
 
 

@@ -12,13 +12,12 @@ from typing import Any
 
 import numpy as np
 
-from ... import _krum
 from ..._validate import FedkernValueError
 from ._decode import _decode_array, _decode_record
 from ._layers import (
-    NDArray, NDArrays, _compute_dtype, _cut_count, _float_result, _krum_order, _layers_by_position,
-    _meamed_layer, _median_layer, _nonfinite_clients, _num_closest, _split_clients, _sq_distances,
-    _trimmed_layer, _weighted_layer, _weights,
+    NDArray, NDArrays, _compute_dtype, _cut_count, _float_result, _krum_selection, _layers_by_position,
+    _meamed_layer, _median_layer, _num_closest, _split_clients, _sq_distances, _trimmed_layer,
+    _weighted_layer, _weights,
 )
 
 __all__ = ["aggregate_arrayrecords", "aggregate_n_closest_weights", "compute_distances", "select_multikrum", "trim_mean"]
@@ -74,15 +73,14 @@ def compute_distances(records: list[Any]) -> NDArray:
 def select_multikrum(contents: list[Any], num_malicious_nodes: int, num_nodes_to_select: int) -> list[Any]:
     """The ``num_nodes_to_select`` lowest Krum scores' contents, best first (Flower's helper).
 
-    Scores as in :func:`aggregate_krum`, on exact distances; ties go to the earlier
-    reply, and a reply whose arrays hold NaN or inf is never selected.
+    Scores as in :func:`aggregate_krum`: the choice of exact distances, certified from the
+    Gram form; ties go to the earlier reply, and a reply whose arrays hold NaN or inf is
+    never selected.
     """
     record_key = next(iter(contents[0].array_records.keys()))
     layers = _layers_by_position([_decode_record(content[record_key]) for content in contents], "contents")
-    distances = _sq_distances(layers)
-    bad = _nonfinite_clients(distances, layers)
-    order = _krum_order(_krum.scores(distances, _num_closest(len(contents), num_malicious_nodes), bad), bad)
-    return [contents[i] for i in order[:num_nodes_to_select]]
+    order = _krum_selection(layers, _num_closest(len(contents), num_malicious_nodes), num_nodes_to_select)
+    return [contents[i] for i in order]
 
 
 def aggregate_n_closest_weights(ref_weights: NDArrays, weights_list: list[NDArrays], beta: int) -> NDArrays:
