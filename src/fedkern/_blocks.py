@@ -26,9 +26,11 @@ CHUNK = 2048
 #: distance (robust sq_distances_to): a block of a row is one long run for the prefetcher,
 #: the K x D/NORM_BLOCK partials stay small, and K x blocks gives every thread work.
 NORM_BLOCK = 8192
-#: Interleaved float64 partial sums within a NORM_BLOCK: four AVX2 (two AVX-512) registers
-#: of independent adds, enough to hide the add latency (four scalar sums did not).
-NORM_LANES = 16
+#: Interleaved float64 partial sums within a NORM_BLOCK, lane l summing coordinates l, l + 64,
+#: ...: independent adds hide the add latency (four scalar sums did not), and an inner
+#: loop of 64 lanes is one that Numba's LLVM vectorises (it does not with 16, which it
+#: unrolls into scalar code; its SLP vectoriser is off), so both backends give the same bits.
+NORM_LANES = 64
 #: clip_by_norm handles rows in groups of about this many bytes, norms then scaling, so the
 #: second read of a group comes from L3 rather than memory.
 CLIP_GROUP_BYTES = 8 << 20

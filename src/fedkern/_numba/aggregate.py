@@ -99,20 +99,21 @@ def count_nonfinite(values) -> int:
 
 @njit(cache=True, nogil=True)
 def _block_sq_norm(x):
-    """Sum of squares in float64, in NORM_LANES interleaved partial sums: LLVM keeps them
-    in vector registers (four scalar sums left the loop bound by add latency)."""
+    """Sum of squares in float64, in NORM_LANES interleaved partial sums (as ``ext/_rows.pxd``),
+    indexed unsigned: Numba's negative-index fix-up of a signed index stops LLVM from
+    vectorising the loop over the lanes."""
     lanes = np.zeros(NORM_LANES)
-    n = x.shape[0]
-    j = 0
-    while j + NORM_LANES <= n:
-        for l in range(NORM_LANES):
+    n, width = np.uint64(x.shape[0]), np.uint64(NORM_LANES)
+    j = np.uint64(0)
+    while j + width <= n:
+        for l in range(width):
             v = np.float64(x[j + l])
             lanes[l] += v * v
-        j += NORM_LANES
+        j += width
     while j < n:
         v = np.float64(x[j])
         lanes[0] += v * v
-        j += 1
+        j += np.uint64(1)
     total = 0.0
     for l in range(NORM_LANES):
         total += lanes[l]
