@@ -35,6 +35,7 @@ form alone, whose choice may differ from the exact one between near-tied updates
 """
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -42,9 +43,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 try:
-    from threadpoolctl import threadpool_limits
+    from threadpoolctl import ThreadpoolController
 except ImportError:  # optional: without it, Gram tiles run on one thread (same results)
-    threadpool_limits = None
+    ThreadpoolController = None
 
 from . import _krum
 from . import _shared as shared
@@ -99,13 +100,13 @@ def _tile_width(rows: Updates, dtype: np.dtype) -> int:
     return int(min(rows.d, max(256, TILE_BYTES // (rows.k * dtype.itemsize))))
 
 
-def _tiles(rows: Updates, dtype: DTypeLike = None, part: int = 0, parts: int = 1):
+def _tiles(rows: Updates, dtype: DTypeLike = None):
     """(j0, (K, n) C-contiguous tile buffer of ``dtype``, default the updates') over the
-    coordinates, reusing one buffer: every ``parts``-th tile from the ``part``-th."""
+    coordinates, reusing one buffer."""
     dtype = rows.dtype if dtype is None else np.dtype(dtype)
     width = _tile_width(rows, dtype)
     buffer = np.empty(rows.k * width, dtype)
-    for j0 in range(part * width, rows.d, parts * width):
+    for j0 in range(0, rows.d, width):
         n = min(width, rows.d - j0)
         yield j0, buffer[:rows.k * n].reshape(rows.k, n)
 
@@ -114,8 +115,14 @@ def _tiles(rows: Updates, dtype: DTypeLike = None, part: int = 0, parts: int = 1
 _PARALLEL_BLAS = threading.Lock()
 
 
-def _summed_on_threads(work: Callable[[int, int], np.ndarray], workers: int) -> np.ndarray:
-    """``work(0, 1)``, or the sum of ``work(p, q)`` over q = ``workers`` Python threads.
+@functools.lru_cache(maxsize=None)
+def _blas_threads():
+    """threadpoolctl's controller of the loaded BLAS (built once: a limit is then ~30 us)."""
+    return None if ThreadpoolController is None else ThreadpoolController()
+
+
+def _on_threads(work: Callable[[int, int], object], workers: int) -> list:
+    """``[work(0, 1)]``, or ``[work(p, q) for p in range(q)]`` on q = ``workers`` threads.
 
     BLAS products of K x K tiles are too small for OpenBLAS to split well, and its threads
     fight when several callers use them at once, so the threads run with BLAS limited to
@@ -123,44 +130,62 @@ def _summed_on_threads(work: Callable[[int, int], np.ndarray], workers: int) -> 
     dependency of scikit-learn), and only one caller at a time sets it; any other runs
     ``work(0, 1)`` meanwhile.
     """
-    if workers < 2 or threadpool_limits is None or not _PARALLEL_BLAS.acquire(blocking=False):
-        return work(0, 1)
+    controller = _blas_threads() if workers > 1 else None
+    if controller is None or not _PARALLEL_BLAS.acquire(blocking=False):
+        return [work(0, 1)]
     try:
-        with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(workers) as pool:
-            parts = list(pool.map(work, range(workers), [workers] * workers))
+        with controller.limit(limits=1, user_api="blas"), ThreadPoolExecutor(workers) as pool:
+            return list(pool.map(work, range(workers), [workers] * workers))
     finally:
         _PARALLEL_BLAS.release()
-    total = parts[0]
-    for part in parts[1:]:
-        total += part
-    return total
 
 
-def _gram(rows: Updates, backend: str | None, dtype: DTypeLike = None, workers: int = 1) -> np.ndarray:
-    """Gram matrix of the updates centred on the first finite one, tile by tile in ``dtype``
-    (default the updates'), the tiles' products added in float64; on up to ``workers``
-    threads (see _summed_on_threads), each summing its share of the tiles."""
-    module = kernels("robust", backend)
+def _centred_first(rows: Updates, backend: str | None) -> tuple[Updates, np.ndarray | None]:
+    """The rows with their first finite update first (gather_tile centres on row 0), and
+    the permutation undoing that (None when it is first already)."""
     center = next((i for i, bad in enumerate(shared.nonfinite(rows, backend)) if not bad), None)
-    order = None
-    if center:  # put a finite update first: gather_tile centres on row 0
-        order = np.r_[center, np.delete(np.arange(rows.k), center)]
-        rows = rows.subset(order)
+    if not center:
+        return rows, None
+    order = np.r_[center, np.delete(np.arange(rows.k), center)]
+    return rows.subset(order), np.argsort(order)
 
-    def products(part: int, parts: int) -> np.ndarray:
-        gram = np.zeros((rows.k, rows.k))
+
+def _gram(parts: list[Updates], backend: str | None, dtype: DTypeLike = None, workers: int = 1) -> np.ndarray:
+    """The sum over ``parts`` (the same K clients' updates in pieces) of each part's Gram
+    matrix, centred on its first finite update: for one part, the Gram matrix of the
+    updates centred on the first finite one. Tile by tile in ``dtype`` (default each
+    part's own), the tiles' products added in float64; the tiles of every part are dealt
+    round-robin to up to ``workers`` threads (see _on_threads), each summing its share."""
+    module = kernels("robust", backend)
+    k = parts[0].k
+    centred = [_centred_first(rows, backend) for rows in parts]
+    dtypes = [rows.dtype if dtype is None else np.dtype(dtype) for rows in parts]
+    widths = [_tile_width(rows, tile_dtype) for (rows, _), tile_dtype in zip(centred, dtypes)]
+    tiles = [(p, j0, min(width, rows.d - j0)) for p, ((rows, _), width) in enumerate(zip(centred, widths))
+             for j0 in range(0, rows.d, width)]
+    sizes: dict[np.dtype, int] = {}  # one buffer per tile dtype, for the widest tile
+    for tile_dtype, width in zip(dtypes, widths):
+        sizes[tile_dtype] = max(sizes.get(tile_dtype, 0), k * width)
+
+    def products(worker: int, workers: int) -> list[np.ndarray]:
+        grams = [np.zeros((k, k)) for _ in parts]
+        buffers = {dt: np.empty(size, dt) for dt, size in sizes.items()}
         with np.errstate(invalid="ignore", over="ignore"):  # non-finite updates are handled by the caller
-            for j0, tile in _tiles(rows, dtype, part, parts):
-                module.gather_tile(rows, j0, True, tile)
-                gram += tile @ tile.T  # numpy calls BLAS SYRK for this product
-        return gram
+            for p, j0, n in tiles[worker::workers]:
+                tile = buffers[dtypes[p]][:k * n].reshape(k, n)
+                module.gather_tile(centred[p][0], j0, True, tile)
+                grams[p] += tile @ tile.T  # numpy calls BLAS SYRK for this product
+        return grams
 
-    tiles = -(-rows.d // _tile_width(rows, rows.dtype if dtype is None else np.dtype(dtype)))
-    gram = _summed_on_threads(products, min(workers, tiles))
-    if order is not None:
-        inverse = np.argsort(order)
-        gram = gram[np.ix_(inverse, inverse)]
-    return gram
+    shares = _on_threads(products, min(workers, len(tiles)))
+    total = np.zeros((k, k))
+    with np.errstate(invalid="ignore"):  # inf - inf: such a client is bad in any case
+        for p, (_, inverse) in enumerate(centred):
+            gram = shares[0][p]
+            for share in shares[1:]:
+                gram += share[p]
+            total += gram if inverse is None else gram[np.ix_(inverse, inverse)]
+    return total
 
 
 def _sq_distances(rows: Updates, method: str, backend: str | None) -> tuple[np.ndarray, np.ndarray]:
@@ -176,7 +201,7 @@ def _sq_distances(rows: Updates, method: str, backend: str | None) -> tuple[np.n
         if not np.isfinite(distances).all():  # only then a scan to tell which updates are bad
             finite = ~shared.nonfinite_mask(rows, backend)
     else:
-        gram = _gram(rows, backend)
+        gram = _gram([rows], backend)
         sq = np.diag(gram)
         finite = np.isfinite(sq)
         with np.errstate(invalid="ignore", over="ignore"):
@@ -208,23 +233,27 @@ class _Certified:
 
     **The bound.** Notation: u = 2^-53, :math:`\gamma_m = mu / (1 - mu)`,
     :math:`\lambda = 2^{-1022}` (float64's smallest normal), d coordinates in all, cut into
-    t tiles of at most w coordinates, P parts. Each part is centred on one of its finite
+    t tiles of at most w coordinates, P parts, q threads. Each part is centred on one of its finite
     updates c, so :math:`a_i = x_i - c` (real) and the true distance is
     :math:`\delta_{il} = \lVert a_i - a_l \rVert^2` over all parts (a distance does not
     depend on the centre). ``gather_tile`` stores :math:`\tilde a_{ij} = \mathrm{fl}(x_{ij} - c_j)`
     in a float64 tile, one rounding: :math:`|\tilde a_{ij} - a_{ij}| \le u|a_{ij}| + \lambda`
-    (:math:`\lambda` covers underflow, even flushed to zero). All error bounds below hold
-    for any order of summation, blocking, FMA use and thread count (Higham, *Accuracy and
-    Stability of Numerical Algorithms*, 2nd ed., 2002, Sec. 3.1, Lemma 3.3, Eq. (3.5)):
+    (:math:`\lambda` covers underflow, even flushed to zero). BLAS is assumed to compute
+    each entry of a product as an inner product of its two rows, in floating point; the
+    error bounds below hold for any order of summation, blocking, FMA use and thread count
+    (Higham, *Accuracy and Stability of Numerical Algorithms*, 2nd ed., 2002, Sec. 3.1,
+    Lemma 3.3, Eq. (3.5)):
 
     1. BLAS's product of one tile, :math:`g^T_{il} = \mathrm{fl}(\sum_{j \in T} \tilde a_{ij}\tilde a_{lj})`,
-       is within :math:`\gamma_w \sum_{j\in T} |\tilde a_{ij}\tilde a_{lj}|`; the tiles' products
-       are added in float64 (t - 1 additions per part, P - 1 across parts), within
-       :math:`\gamma_{t+P} \sum_T |g^T_{il}|`. So the Gram entry :math:`G_{il}` is within
-       :math:`\varepsilon\, p_{il} + \alpha` of :math:`\tilde a_i \cdot \tilde a_l`, where
-       :math:`\varepsilon = \gamma_{w+t+P} \ge (1+\gamma_w)(1+\gamma_{t+P}) - 1`,
+       is within :math:`\gamma_w \sum_{j\in T} |\tilde a_{ij}\tilde a_{lj}|`; the t tiles' products
+       are added in float64 (each of q threads sums its share, then the threads' sums and
+       the parts are added: one summation tree over t terms), within
+       :math:`\gamma_{t-1} \sum_T |g^T_{il}|`, counted here as :math:`\gamma_{t+q+P}`. So the
+       Gram entry :math:`G_{il}` is within :math:`\varepsilon\, p_{il} + \alpha` of
+       :math:`\tilde a_i \cdot \tilde a_l`, where
+       :math:`\varepsilon = \gamma_{w+t+q+P} \ge (1+\gamma_w)(1+\gamma_{t+q+P}) - 1`,
        :math:`p_{il} = \sum_j |\tilde a_{ij} \tilde a_{lj}| \le \lVert\tilde a_i\rVert \lVert\tilde a_l\rVert`
-       (Cauchy-Schwarz) and :math:`\alpha = 2(d + t + P)\lambda` bounds underflow, at most
+       (Cauchy-Schwarz) and :math:`\alpha = 2(d + t + q + P)\lambda` bounds underflow, at most
        :math:`\lambda` per operation.
     2. The diagonal then gives :math:`\lVert\tilde a_i\rVert^2 \le N_i^2 = (G_{ii} + \alpha)/(1 - \varepsilon)`;
        let :math:`S_{il} = (N_i + N_l)^2`.
@@ -238,7 +267,7 @@ class _Certified:
        and :math:`|\lVert a_i - a_l\rVert^2 - \lVert\tilde a_i - \tilde a_l\rVert^2| \le e(2(N_i + N_l) + e)`.
     5. Together: :math:`|D_{il} - \delta_{il}| \le \kappa S_{il} + \beta_{il}`, with
        :math:`\kappa = \varepsilon + 3\gamma_2 + 3u` and
-       :math:`\beta_{il} = 8(d + t + P)\lambda(1 + N_i + N_l)` (all underflow terms).
+       :math:`\beta_{il} = 8(d + t + q + P)\lambda(1 + N_i + N_l)` (all underflow terms).
     6. The exact method's own error: per pair and coordinate one rounded difference, squared
        with one more rounding, then d terms summed in some order, then the parts added:
        :math:`\hat d_{il} = \sum_j (x_{ij} - x_{lj})^2 (1 + \theta_j)`, :math:`|\theta_j| \le \gamma_{d+P+2}`,
@@ -271,12 +300,10 @@ class _Certified:
         self.k = k = layers[0].k
         self.rows_computed = 0
         self._rows: dict[int, np.ndarray] = {}
-        gram = np.zeros((k, k))
-        width = tiles = d = 0
         workers = get_num_threads()
+        gram = _gram(layers, backend, np.float64, workers)
+        width = tiles = d = 0
         for rows in layers:
-            with np.errstate(invalid="ignore"):  # inf - inf: the client is bad either way
-                gram += _gram(rows, backend, np.float64, workers)
             w = _tile_width(rows, np.dtype(np.float64))
             width, tiles, d = max(width, w), tiles + -(-rows.d // w), d + rows.d
         sq = np.diag(gram).copy()
