@@ -325,6 +325,9 @@ class _Certified:
         good = np.flatnonzero(~self.bad)
         finite_upper = self.upper[np.ix_(good, good)]
         if overflow or not (finite_upper <= 2.0 ** 1000).all():  # also catches NaN
+            self.bad = np.zeros(k, bool)
+            for rows in layers:  # the exact method's own mask: a scan, not the squared norms
+                self.bad |= shared.nonfinite_mask(rows, backend)
             self._exact_everything()
             return
         for bounds in (self.lower, self.upper):
@@ -342,9 +345,6 @@ class _Certified:
         for rows in self._layers:
             total += _sq_distances(rows, "exact", self._backend)[0]
         self.rows_computed += self.k
-        self.bad = shared.nonfinite_mask(self._layers[0], self._backend)
-        for rows in self._layers[1:]:
-            self.bad |= shared.nonfinite_mask(rows, self._backend)
         self.lower = self.upper = total
         self._rows = dict(enumerate(total))
 
