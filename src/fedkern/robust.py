@@ -222,14 +222,23 @@ class _Certified:
     r"""Bounds on the exact method's squared distances, from the centred Gram form, and the
     exact method's rows on demand: what :func:`fedkern._krum.certified_order` ranks with.
 
-    ``layers`` are the same K clients' updates in one or more parts (the Flower drop-in's
-    layers); the target :math:`\hat d_{il}` is what the exact method computes: per part the
+    The target :math:`\hat d_{il}` is what the exact method computes: per part the
     ``exact_sq_distances`` kernel (float64 differences and sums), summed over the parts in
-    order from 0 (for one part, the kernel's value itself). After construction,
-    ``lower <= d_hat <= upper`` entrywise for every pair of finite clients (+inf for a
-    client holding NaN or inf, as the exact method gives; 0 on the diagonal), ``bad`` marks
-    the clients holding NaN or inf, and ``exact_rows(i)`` returns rows of
-    :math:`\hat d` bit for bit. ``rows_computed`` counts the exact rows computed so far.
+    order from 0 (for one part, the kernel's value itself).
+
+    Parameters
+    ----------
+    layers : list of validated Updates, the same K clients' updates in one or more parts
+        (the Flower drop-in's layers)
+    backend : the kernels' backend (as the exact method's, so its rows are the same bits)
+
+    Attributes
+    ----------
+    lower, upper : (K, K) float64, ``lower <= d_hat <= upper`` entrywise between finite
+        clients; +inf for a client holding NaN or inf (as the exact method gives), 0 on the
+        diagonal
+    bad : (K,) bool, the clients holding NaN or inf
+    rows_computed : exact rows computed so far (the whole matrix counts K)
 
     **The bound.** Notation: u = 2^-53, :math:`\gamma_m = mu / (1 - mu)`,
     :math:`\lambda = 2^{-1022}` (float64's smallest normal), d coordinates in all, cut into
