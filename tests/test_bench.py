@@ -13,7 +13,7 @@ from fedkern import bench, cli
 
 #: Every optional package fedkern knows of (extras and test-only peers).
 OPTIONAL = ("scipy", "flwr", "sklearn", "mlxtend", "matplotlib", "ray", "tqdm", "cryptography",
-            "dp_accounting", "torch")
+            "dp_accounting", "torch", "threadpoolctl")
 
 #: Run first in a subprocess: makes every optional package unimportable, as on a plain install.
 BLOCK_OPTIONAL = textwrap.dedent(f"""

@@ -42,11 +42,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-try:
-    from threadpoolctl import ThreadpoolController
-except ImportError:  # optional: without it, Gram tiles run on one thread (same results)
-    ThreadpoolController = None
-
 from . import _krum
 from . import _shared as shared
 from . import _validate as check
@@ -117,8 +112,14 @@ _PARALLEL_BLAS = threading.Lock()
 
 @functools.lru_cache(maxsize=None)
 def _blas_threads():
-    """threadpoolctl's controller of the loaded BLAS (built once: a limit is then ~30 us)."""
-    return None if ThreadpoolController is None else ThreadpoolController()
+    """threadpoolctl's controller of the loaded BLAS (built once: a limit is then ~30 us),
+    None without threadpoolctl: then Gram tiles run on one thread (same results). Imported
+    here, on the first parallel Gram, so that ``import fedkern`` never imports it."""
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:
+        return None
+    return ThreadpoolController()
 
 
 def _on_threads(work: Callable[[int, int], object], workers: int) -> list:
