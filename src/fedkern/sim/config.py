@@ -161,6 +161,17 @@ def _params(settings: dict, key: str) -> tuple[str, dict]:
     return name, table
 
 
+def _optional_params(settings: dict, key: str) -> tuple[str, dict] | None:
+    """``_params`` of a table that is off by default: None for ``name = "none"``, which
+    takes no parameters."""
+    name, params = _params(settings, key)
+    if name != "none":
+        return name, params
+    if params:
+        raise ConfigError(f"config key '{key}': name 'none' takes no parameters; got {sorted(params)}")
+    return None
+
+
 def _call(key: str, factory, *args, **params):
     """Call a constructor; any TypeError/ValueError becomes a ConfigError naming the key.
 
@@ -246,11 +257,10 @@ def build(config: dict, data: FederatedDataset | None = None) -> tuple[Simulatio
 
 def _compression(settings: dict) -> Compression | None:
     """The ``compression`` table (its name the codec) as settings; None for ``"none"``."""
-    name, params = _params(settings, "compression")
-    if name == "none":
-        if params:
-            raise ConfigError(f"config key 'compression': name 'none' takes no parameters; got {sorted(params)}")
+    table = _optional_params(settings, "compression")
+    if table is None:
         return None
+    name, params = table
     if name not in compressions.CODECS:
         raise ConfigError(f"config key 'compression.name' must be one of {sorted(compressions.CODECS) + ['none']}; "
                           f"got {name!r}")
@@ -264,22 +274,20 @@ def _compression(settings: dict) -> Compression | None:
 
 def _secure_aggregation(settings: dict) -> SecureAggregation | None:
     """The ``secure_aggregation`` table (its name the graph) as settings; None for ``"none"``."""
-    name, params = _params(settings, "secure_aggregation")
-    if name == "none":
-        if params:
-            raise ConfigError(f"config key 'secure_aggregation': name 'none' takes no parameters; got {sorted(params)}")
+    table = _optional_params(settings, "secure_aggregation")
+    if table is None:
         return None
+    name, params = table
     return _call("secure_aggregation", SecureAggregation, graph=name, **params)
 
 
 def _privacy(settings: dict) -> DifferentialPrivacy | None:
     """The ``privacy`` table as :class:`DifferentialPrivacy` settings (None for ``"none"``);
     a ``target_epsilon`` is spread over the config's ``rounds``."""
-    name, params = _params(settings, "privacy")
-    if name == "none":
-        if params:
-            raise ConfigError(f"config key 'privacy': name 'none' takes no parameters; got {sorted(params)}")
+    table = _optional_params(settings, "privacy")
+    if table is None:
         return None
+    name, params = table
     if name not in ("central", "local"):
         raise ConfigError(f"config key 'privacy.name' must be one of ['central', 'local', 'none']; got {name!r}")
     for key in params:
