@@ -6,9 +6,9 @@ README's tables, and ``benchmarks/`` runs the same cases under pytest-benchmark.
 ``sim`` profile (:class:`SimSizes`) times the simulator's workloads instead
 (:mod:`fedkern.bench.sim`, imported when that profile runs).
 """
-from .cases import PROFILES, Case, Profile, SimSizes, cases
+from .cases import PROFILES, Case, Profile, ScalingSizes, SimSizes, cases
 from .runner import (INSTALL_HINTS, cache_sizes, cpu_description, cpu_line, cpu_name, installed, interleaved_times,
                      median_time, read_bandwidth, run, to_json)
 
-__all__ = ["INSTALL_HINTS", "PROFILES", "Case", "Profile", "SimSizes", "cache_sizes", "cases", "cpu_description",
+__all__ = ["INSTALL_HINTS", "PROFILES", "Case", "Profile", "ScalingSizes", "SimSizes", "cache_sizes", "cases", "cpu_description",
            "cpu_line", "cpu_name", "installed", "interleaved_times", "median_time", "read_bandwidth", "run", "to_json"]

@@ -7,7 +7,7 @@ workloads (:mod:`fedkern.bench.sim`) instead of the ops.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 
@@ -81,6 +81,36 @@ class SimSizes:
 
 
 @dataclass(frozen=True)
+class ScalingSizes:
+    """The grid of ``fedkern bench --scaling`` (:mod:`fedkern.bench.scaling`): ``ops`` at every
+    K of ``ks`` x D of ``ds``; ops in ``by_method`` are timed per method, the others per
+    compiled backend. ``exponents`` says how an op's work grows with K (K^e x D; 1 unless
+    listed), from which a cell's time is predicted and the cell skipped when that exceeds
+    ``max_seconds``; a cell whose updates exceed ``memory_fraction`` of the memory is
+    skipped too. ``budget`` is the seconds of repeated calls per candidate and cell.
+    """
+
+    ops: tuple[str, ...] = ("weighted_mean", "median", "krum", "geometric_median")
+    ks: tuple[int, ...] = (10, 100, 1000)
+    ds: tuple[int, ...] = (100_000, 1_000_000, 10_000_000)
+    by_method: tuple[str, ...] = ("krum",)
+    exponents: dict[str, int] = field(default_factory=lambda: {"krum": 2})
+    max_seconds: float = 120.0
+    memory_fraction: float = 0.5
+    budget: float = 1.0
+
+    def __post_init__(self) -> None:
+        unknown = [op for op in self.ops if op not in _registry.BY_NAME]
+        if unknown:
+            raise FedkernValueError(f"ops must name registry ops; got {unknown}")
+        for name in ("ks", "ds"):
+            for value in getattr(self, name):
+                count(value, name, low=1)
+        if not 0 < self.memory_fraction <= 1:
+            raise FedkernValueError(f"memory_fraction must be in (0, 1]; got {self.memory_fraction}")
+
+
+@dataclass(frozen=True)
 class Profile:
     """Sizes of a ``fedkern bench`` profile, per kind of op (or of the simulator's workloads)."""
 
@@ -90,6 +120,7 @@ class Profile:
     robust: tuple[tuple[int, int], ...] = ()    # (K, D) of the robust rules
     flwr: tuple[tuple[int, int], ...] = ()      # (K, D) of the Flower drop-in
     sim: SimSizes | None = None                 # set: the profile runs the simulator's workloads
+    scaling: ScalingSizes | None = None         # set: the profile times ops over a K x D grid, per byte
 
 
 _GRID = tuple((k, d) for k in (10, 100, 1000) for d in (100_000, 1_000_000, 10_000_000)
@@ -106,6 +137,9 @@ PROFILES: dict[str, Profile] = {
                     "Flower's Bulyan alone takes minutes)", flwr=((10, 1_000_000), (100, 1_000_000))),
     "sim": Profile("the simulator: FedProx's protocol, cross-device rounds, the engine's overhead, first-round "
                    "latency and memory at 100,000 clients (about a minute and a half)", sim=SimSizes()),
+    "scaling": Profile("weighted_mean, median, krum and geometric_median over K in {10, 100, 1000} x D in "
+                       "{1e5, 1e6, 1e7}, in ns per byte: how cost grows (skips cells predicted over 2 minutes; "
+                       "about 15 minutes)", scaling=ScalingSizes()),
 }
 
 

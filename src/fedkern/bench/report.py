@@ -25,6 +25,10 @@ def table(result: dict) -> str:
         from . import sim
 
         return sim.markdown(result)
+    if result.get("scaling"):   # a ``--scaling`` run: ns per byte over a K x D grid
+        from . import scaling
+
+        return scaling.markdown(result)
     groups: dict[tuple[str, str], dict[str, dict]] = {}
     for row in result["results"]:
         groups.setdefault((row["op"], row["size"]), {})[row["backend"]] = row

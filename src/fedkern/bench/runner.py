@@ -218,6 +218,11 @@ def run(profile: str = "default", backend_names: tuple[str, ...] | None = None,
     instead: ``backend_names`` picks the model backends it times and
     ``with_cold_start=False`` skips its first-round-latency subprocesses.
     """
+    grid = PROFILES[profile].scaling if profile in PROFILES else None
+    if grid is not None:
+        from . import scaling
+
+        return scaling.run(grid, profile=profile, echo=echo)
     sizes = PROFILES[profile].sim if profile in PROFILES else None
     if sizes is not None:
         from . import sim  # here, not at the top: bench.sim imports this module
