@@ -8,6 +8,7 @@ import scipy.stats
 from hypothesis import assume, given, strategies as st
 
 import fedkern
+from fedkern import _blocks
 from helpers import assert_close_dtype_rtol
 
 F32, F64 = np.dtype(np.float32), np.dtype(np.float64)
@@ -201,6 +202,37 @@ def test_preaggregators_match_reference(data, f, fast_backend):
         assert actual.dtype == dtype
         np.testing.assert_allclose(actual, expected, rtol=1e-5 if dtype == F32 else 1e-11,
                                    atol=1e-6 * scale_of(updates))
+
+
+#: K on both sides of every bound where an order-statistic kernel changes algorithm: Numba's
+#: pruned network up to SORT_ALL_MAX, its sample sizes (16 / 32 / 64 at 192, 640), the
+#: sorting networks' NET_MAX_BYTES (1024 float64, 2048 float32 values), a slab of NET_LANES.
+PATH_KS = sorted({1, 2, 3, 31, 32, 33, _blocks.SORT_ALL_MAX, _blocks.SORT_ALL_MAX + 1, 191, 192, 639, 640,
+                  _blocks.NET_MAX_BYTES // 8, _blocks.NET_MAX_BYTES // 8 + 1,
+                  _blocks.NET_MAX_BYTES // 4, _blocks.NET_MAX_BYTES // 4 + 1})
+
+
+@pytest.mark.parametrize("k", PATH_KS)
+@pytest.mark.parametrize("kind", ["normal", "ties", "nonfinite"])
+def test_order_statistics_match_reference_on_every_path(k, kind, dtype, fast_backend):
+    """D = 45 covers a partial slab; the window ends and the median's two middle values
+    fall in every band and tier the sampled path uses."""
+    rng = np.random.default_rng(k)
+    values = rng.integers(-3, 4, (k, 45)).astype(float) if kind == "ties" else rng.standard_normal((k, 45))
+    if kind == "nonfinite":
+        values[rng.integers(k, size=4), rng.integers(45, size=4)] = [np.nan, np.inf, -np.inf, np.nan]
+    updates = list(values.astype(dtype))
+    kw = dict(check_finite=False)
+    np.testing.assert_array_equal(fedkern.median(updates, backend=fast_backend, **kw),
+                                  fedkern.median(updates, backend="reference", **kw))
+    for beta in (0.1, 0.3):
+        expected = fedkern.trimmed_mean(updates, beta, backend="reference", **kw)
+        assert_close_dtype_rtol(fedkern.trimmed_mean(updates, beta, backend=fast_backend, **kw), expected,
+                                dtype, scale_of(updates))
+    if k >= 3:
+        expected = fedkern.meamed(updates, k // 4, backend="reference", **kw)
+        assert_close_dtype_rtol(fedkern.meamed(updates, k // 4, backend=fast_backend, **kw), expected, dtype,
+                                scale_of(updates))
 
 
 def test_results_do_not_depend_on_the_thread_count(fast_backend):

@@ -24,14 +24,15 @@ ranks by sample and count, ``_meamed_columns`` selects per coordinate.
 import functools
 from collections import namedtuple
 
+import numba
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-from .._blocks import (GATHER_BYTES, GATHER_MAX, GATHER_STEP, NET_MAX_BYTES,  # sizes, and why:
-                       NORM_BLOCK, PAIR_BLOCK_MAX, PAIR_BLOCK_STEP, PAIR_BYTES,  # fedkern/_blocks.py
-                       SELECT_SMALL, SORT_ALL_MAX)
+from .._blocks import (GATHER_BYTES, GATHER_MAX, GATHER_STEP, NET_LANES, NET_MAX_BYTES,  # sizes, and why:
+                       NET_RUN_BYTES, NET_TILE_BYTES, NORM_BLOCK, PAIR_BLOCK_MAX,  # fedkern/_blocks.py
+                       PAIR_BLOCK_STEP, PAIR_BYTES, SELECT_SMALL, SORT_ALL_MAX)
 from ._runtime import KERNEL, row
 
 
@@ -46,8 +47,8 @@ def _trailing_zeros(typingctx, value):
 
 @functools.lru_cache(maxsize=None)
 def _batcher(n: int) -> np.ndarray:
-    """Comparators of Batcher's odd-even merge sort of n = 2^p values, as (m, 2) indices:
-    built once per n (the one cache of networks), read-only since every call shares it."""
+    """Comparators of Batcher's odd-even merge sort of n values (any n, as ext/robust.pyx
+    builds it), as (m, 2) indices: built once per n, read-only since every call shares it."""
     pairs = []
     p = 1
     while p < n:
@@ -384,9 +385,13 @@ def _ranks(values, n, samples, r1, r2, networks, work, first_out, second_out):
 def trimmed_mean(updates, lo: int, hi: int, out) -> None:
     """out[j] = window mean of coordinate j: the mean of its sorted values x_(lo) .. x_(hi-1)
     (also the median)."""
+    if hi <= lo:  # an empty window: the reference's mean is NaN
+        out[:] = np.nan
+        return
     if updates.k <= SORT_ALL_MAX:
-        size, network, block = _sorting(updates)
-        _trimmed_mean_network(updates.pointers, updates.first, lo, hi, block, network, size, out)
+        width = _tile_width(updates.k, updates.dtype.itemsize)
+        _trimmed_mean_network(updates.pointers, updates.first, lo, hi, width,
+                              _pruned_network(updates.k, lo, hi), numba.get_num_threads(), out)
         return
     network = _sample_network(updates.k)
     s = network.max()  # samples; the network's last input is +inf padding
@@ -395,26 +400,107 @@ def trimmed_mean(updates, lo: int, hi: int, out) -> None:
                           rows, network, (_batcher(16), _batcher(32), _batcher(64)), out)
 
 
+def _tile_width(k: int, itemsize: int) -> int:
+    """Coordinates per block of the pruned network: rows read in runs of up to NET_RUN_BYTES,
+    the block's tile within NET_TILE_BYTES, a multiple of NET_LANES (ext/robust.pyx's rule)."""
+    width = min(NET_TILE_BYTES // (k * itemsize), NET_RUN_BYTES // itemsize)
+    return max(NET_LANES, width // NET_LANES * NET_LANES)
+
+
+@functools.lru_cache(maxsize=None)
+def _pruned_network(k: int, lo: int, hi: int) -> np.ndarray:
+    """Batcher's network on k wires, pruned to the comparators that feed wires lo .. hi-1
+    (a comparator is kept when a later kept one, or the output, reads one of its wires),
+    as (m, 2) offsets of its two wires in a slab of NET_LANES values per wire: the
+    comparators ext/robust.pyx runs. Read-only, since every call shares it."""
+    live = np.zeros(k, bool)
+    live[lo:hi] = True
+    kept = []
+    for a, b in _batcher(k)[::-1]:
+        if live[a] or live[b]:
+            live[a] = live[b] = True
+            kept.append((a * NET_LANES, b * NET_LANES))
+    network = np.array(kept[::-1], np.int64).reshape(-1, 2)
+    network.flags.writeable = False
+    return network
+
+
+@intrinsic
+def _compare_swap(typingctx, slab, a, b):
+    """slab.flat[a : a + NET_LANES] = elementwise min, slab.flat[b : b + NET_LANES] = max.
+
+    One LLVM vector of NET_LANES values, which LLVM splits into the machine's registers
+    (four AVX2, two AVX-512): its loop vectoriser leaves a compare-exchange of two rows
+    of one array scalar, since it cannot prove them distinct. min is ``x < y ? x : y`` and
+    max ``x > y ? x : y``, as in ext/robust.pyx (NaN never reaches a network).
+    """
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        vector = ir.VectorType(context.get_data_type(signature.args[0].dtype), NET_LANES)
+        px = builder.bitcast(builder.gep(data, [args[1]]), vector.as_pointer())
+        py = builder.bitcast(builder.gep(data, [args[2]]), vector.as_pointer())
+        x = builder.load(px, align=4)
+        y = builder.load(py, align=4)
+        # An empty asm hides that the stores go where the loads came from: otherwise LLVM
+        # stores only the lanes that change, as masked stores (microcoded, slow on AMD).
+        opaque = ir.FunctionType(px.type, [px.type])
+        qx = builder.asm(opaque, "", "=r,0", [px], side_effect=False)
+        qy = builder.asm(opaque, "", "=r,0", [py], side_effect=False)
+        builder.store(builder.select(builder.fcmp_ordered("<", x, y), x, y), qx, align=4)
+        builder.store(builder.select(builder.fcmp_ordered(">", x, y), x, y), qy, align=4)
+        return context.get_dummy_value()
+
+    return types.void(slab, a, b), codegen
+
+
 @njit(**KERNEL)
-def _trimmed_mean_network(pointers, first, lo, hi, block, network, size, out):
-    """For small K: sort a block's columns with one network and sum rows lo .. hi-1 in
-    ascending order, exactly as the reference does."""
-    k = pointers.shape[0]
+def _trimmed_mean_network(pointers, first, lo, hi, width, network, nthreads, out):
+    """Up to SORT_ALL_MAX clients, as ext/robust.pyx does: each block of ``width``
+    coordinates is gathered into slabs of NET_LANES coordinates (a slab holds every
+    client's values of its coordinates, wire by wire), a network pruned to the wires
+    lo .. hi-1 sorts each slab, and wires lo .. hi-1 are summed in ascending order, exactly
+    as the reference does. Each of the ``nthreads`` tasks keeps one tile for its run of
+    blocks (a block's result is its own, so the split does not change it)."""
     d = first.shape[0]
-    for c in prange((d + block - 1) // block):
-        j0 = c * block
-        n = min(block, d - j0)
-        values = np.empty((size, block), first.dtype)
-        total = np.zeros(block)
-        _gather(pointers, first, j0, n, values)
-        values[k:, :n] = np.inf
-        _network_sort(values, n, network)
-        for t in range(lo, hi):
-            x = values[t]
-            for j in range(n):
-                total[j] += x[j]
-        for j in range(n):
-            out[j0 + j] = total[j] / (hi - lo)
+    nblocks = (d + width - 1) // width
+    per_thread = (nblocks + nthreads - 1) // nthreads
+    for t in prange(nthreads):
+        tile = np.empty((width // NET_LANES, pointers.shape[0], NET_LANES), first.dtype)
+        total = np.empty(NET_LANES)
+        for b in range(t * per_thread, min(nblocks, (t + 1) * per_thread)):
+            j0 = b * width
+            n = min(width, d - j0)
+            _gather_slabs(pointers, first, j0, n, tile)
+            for s in range((n + NET_LANES - 1) // NET_LANES):
+                slab = tile[s]
+                for c in range(network.shape[0]):
+                    _compare_swap(slab, network[c, 0], network[c, 1])
+                for l in range(NET_LANES):
+                    total[l] = slab[lo, l]
+                for i in range(lo + 1, hi):
+                    wire = slab[i]
+                    for l in range(NET_LANES):
+                        total[l] += wire[l]
+                for l in range(min(NET_LANES, n - s * NET_LANES)):
+                    out[j0 + s * NET_LANES + l] = total[l] / (hi - lo)
+
+
+@njit(cache=True, nogil=True)
+def _gather_slabs(pointers, first, j0, n, tile):
+    """tile[s, i, l] = x_i[j0 + s * NET_LANES + l], NaN as +inf, zero past n: rows read in
+    runs of n, so the prefetchers follow every row."""
+    inf = tile.dtype.type(np.inf)
+    zero = tile.dtype.type(0)
+    for i in range(pointers.shape[0]):
+        x = row(pointers, i, first)[j0:j0 + n]
+        for s in range((n + NET_LANES - 1) // NET_LANES):
+            wire = tile[s, i]
+            m = min(NET_LANES, n - s * NET_LANES)
+            for l in range(m):
+                v = x[s * NET_LANES + l]
+                wire[l] = v if v == v else inf
+            for l in range(m, NET_LANES):
+                wire[l] = zero
 
 
 @njit(**KERNEL)
