@@ -133,5 +133,5 @@ def markdown(result: dict) -> str:
         cells = [f"{by_d[d]['ns_per_byte']:.3f} ({_time(by_d[d]['median_s'])})" if d in by_d else "skipped"
                  for d in ds]
         lines.append("| " + " | ".join([op, label, str(k), *cells]) + " |")
-    return (f"{result['processor']}, {result['threads']} threads; ns per byte of input (median time).\n\n"
+    return (f"{cpu_line(result['cpu'])}, {result['threads']} threads; ns per byte of input (median time).\n\n"
             + "\n".join(lines))
