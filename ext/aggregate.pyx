@@ -11,37 +11,41 @@ from libc.math cimport frexp, isfinite
 from libc.stdint cimport uintptr_t
 from libc.stdlib cimport free
 
-from _blocks cimport CHUNK, CLIP_GROUP_BYTES, NORM_BLOCK  # sizes, and why: src/fedkern/_blocks.py
+from _blocks cimport CLIP_GROUP_BYTES, NORM_BLOCK  # sizes, and why: src/fedkern/_blocks.py
 from _fused cimport in_t, out_t
 from _openmp cimport fk_threads_for
 from _rows cimport add_rows, norms_from_partials, sq_norm_partials
 from _scratch cimport scratch
 
+from fedkern._tuning import sum_chunk
+
 
 def weighted_sum(updates, const double[::1] weights, double divisor, out) -> int:
     """out = (sum_i weights[i] * updates[i]) / divisor; return the number of non-finite outputs."""
-    return _weighted_sum(updates.pointers, updates.first, weights, divisor, out)
+    return _weighted_sum(updates.pointers, updates.first, weights, divisor, sum_chunk(updates.d), out)
 
 
 def _weighted_sum(const uintptr_t[::1] pointers, const in_t[::1] first,
-                  const double[::1] weights, double divisor, out_t[::1] out):
+                  const double[::1] weights, double divisor, Py_ssize_t chunk, out_t[::1] out):
+    """Per chunk of coordinates (fedkern._tuning.sum_chunk), the rows added into a thread's
+    float64 accumulator in index order, then divided and rounded once."""
     # dividing by a power of two is multiplying by its exact reciprocal, and much cheaper
     cdef int exponent
     cdef bint by_reciprocal = frexp(divisor, &exponent) == 0.5
     cdef double reciprocal = 1.0 / divisor
     cdef const in_t** rows = <const in_t**> &pointers[0]
     cdef Py_ssize_t k = pointers.shape[0], d = first.shape[0]
-    cdef Py_ssize_t nchunks = (d + CHUNK - 1) // CHUNK
+    cdef Py_ssize_t nchunks = (d + chunk - 1) // chunk
     cdef int nthreads = fk_threads_for(k * d * <Py_ssize_t> sizeof(in_t))
-    cdef double* accumulators = <double*> scratch(nthreads * CHUNK * sizeof(double))
+    cdef double* accumulators = <double*> scratch(nthreads * chunk * sizeof(double))
     cdef double* acc
     cdef out_t value
     cdef Py_ssize_t c, j, j0, n, nonfinite = 0
     with nogil:
         for c in prange(nchunks, schedule="static", num_threads=nthreads):
-            acc = accumulators + threadid() * CHUNK
-            j0 = c * CHUNK
-            n = min(<Py_ssize_t> CHUNK, d - j0)
+            acc = accumulators + threadid() * chunk
+            j0 = c * chunk
+            n = min(chunk, d - j0)
             for j in range(n):
                 acc[j] = 0.0
             add_rows(acc, rows, &weights[0], k, j0, n)

@@ -11,12 +11,14 @@ from libc.math cimport sqrt
 from libc.stdint cimport int64_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport free
 
-from _blocks cimport CHUNK, CLIP_GROUP_BYTES, NOISE_PAIRS, NORM_BLOCK  # sizes, and why: src/fedkern/_blocks.py
+from _blocks cimport CLIP_GROUP_BYTES, NOISE_PAIRS, NORM_BLOCK  # sizes, and why: src/fedkern/_blocks.py
 from _fused cimport in_t, out_t
 from _openmp cimport fk_threads_for
 from _philox cimport Words4, philox_block
-from _rows cimport add_rows, block_sq_norm
+from _rows cimport add_rows, block_sq_norm, block_sq_norms8
 from _scratch cimport scratch
+
+from fedkern._tuning import sum_chunk
 
 cdef extern from *:
     """
@@ -36,22 +38,22 @@ cdef extern from *:
 
 def clip_and_sum(updates, double clip, const double[::1] weights, double[::1] out, double[::1] norms) -> None:
     """out = sum_i weights[i] min(1, clip / ||updates[i]||) updates[i] in float64; norms get the norms."""
-    _clip_and_sum(updates.pointers, updates.first, clip, weights, out, norms)
+    _clip_and_sum(updates.pointers, updates.first, clip, weights, sum_chunk(updates.d), out, norms)
 
 
 def _clip_and_sum(const uintptr_t[::1] pointers, const in_t[::1] first, double clip,
-                  const double[::1] weights, double[::1] out, double[::1] norms):
+                  const double[::1] weights, Py_ssize_t chunk, double[::1] out, double[::1] norms):
     # One parallel region for the whole op, its steps separated by the worksharing loops'
     # barriers: on a loaded machine each new region can wait a scheduler time slice for
     # its threads, and a group-by-group op would open three per group.
     cdef const in_t** rows = <const in_t**> &pointers[0]
     cdef Py_ssize_t k = pointers.shape[0], d = first.shape[0]
-    cdef Py_ssize_t nblocks = (d + NORM_BLOCK - 1) // NORM_BLOCK, nchunks = (d + CHUNK - 1) // CHUNK
+    cdef Py_ssize_t nblocks = (d + NORM_BLOCK - 1) // NORM_BLOCK, nchunks = (d + chunk - 1) // chunk
     cdef Py_ssize_t group = max(1, CLIP_GROUP_BYTES // (d * <Py_ssize_t> sizeof(in_t)))
     cdef double* partials = <double*> scratch(min(group, k) * nblocks * sizeof(double))
     cdef double* scaled = <double*> scratch(min(group, k) * sizeof(double))
     cdef int nthreads = fk_threads_for(k * d * <Py_ssize_t> sizeof(in_t))
-    cdef Py_ssize_t g0, g, i, b, t, c, j, j0
+    cdef Py_ssize_t g0, g, g8, i, b, t, c, j, j0
     cdef double total
     with nogil, parallel(num_threads=nthreads):
         for j in prange(d, schedule="static"):
@@ -59,9 +61,17 @@ def _clip_and_sum(const uintptr_t[::1] pointers, const in_t[::1] first, double c
         g0 = 0
         while g0 < k:       # every thread walks the groups; the loops inside share the work
             g = min(group, k - g0)
-            for t in prange(g * nblocks, schedule="static"):
-                partials[t] = block_sq_norm(rows[g0 + t // nblocks] + (t % nblocks) * NORM_BLOCK,
-                                            min(<Py_ssize_t> NORM_BLOCK, d - (t % nblocks) * NORM_BLOCK))
+            g8 = g // 8 * 8  # eight rows per task, as sq_norm_partials (ext/_rows.pxd) and why
+            for t in prange(g8 // 8 * nblocks, schedule="static"):
+                i = 8 * (t // nblocks)
+                b = t % nblocks
+                block_sq_norms8(rows + g0 + i, b * NORM_BLOCK, min(<Py_ssize_t> NORM_BLOCK, d - b * NORM_BLOCK),
+                                partials + i * nblocks + b, nblocks)
+            for t in prange((g - g8) * nblocks, schedule="static"):
+                i = g8 + t // nblocks
+                b = t % nblocks
+                partials[i * nblocks + b] = block_sq_norm(rows[g0 + i] + b * NORM_BLOCK,
+                                                          min(<Py_ssize_t> NORM_BLOCK, d - b * NORM_BLOCK))
             for i in prange(g, schedule="static"):
                 total = 0.0
                 for b in range(nblocks):   # in block order, as every norm kernel
@@ -70,8 +80,8 @@ def _clip_and_sum(const uintptr_t[::1] pointers, const in_t[::1] first, double c
                 # clip / norm only above the bound: a zero row keeps its weight
                 scaled[i] = weights[g0 + i] * (clip / norms[g0 + i] if norms[g0 + i] > clip else 1.0)
             for c in prange(nchunks, schedule="static"):
-                j0 = c * CHUNK
-                add_rows(&out[j0], rows + g0, scaled, g, j0, min(<Py_ssize_t> CHUNK, d - j0))
+                j0 = c * chunk
+                add_rows(&out[j0], rows + g0, scaled, g, j0, min(chunk, d - j0))
             g0 = g0 + g
     free(partials)
     free(scaled)

@@ -19,8 +19,9 @@ globals they import, so it would keep kernels compiled with the old value.
 """
 
 # -- aggregate (both backends) ---------------------------------------------------------------
-#: Coordinates per task of weighted_sum (and of ring_sum): the K rows are added into one
-#: accumulator of CHUNK float64 (16 KiB), which stays in L1 while every row streams through.
+#: Coordinates per task of ring_sum: the K rows are added into one accumulator of CHUNK
+#: words, which stays in L1 while every row streams through. weighted_sum and clip_and_sum
+#: choose their chunk at run time from the L2 (fedkern._tuning.sum_chunk), never below this.
 CHUNK = 2048
 #: Coordinates per partial sum of a squared norm (l2_norms, clip_by_norm) or squared
 #: distance (robust sq_distances_to): a block of a row is one long run for the prefetcher,

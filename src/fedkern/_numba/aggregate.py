@@ -9,7 +9,8 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from .._blocks import CHUNK, CLIP_GROUP_BYTES, NORM_BLOCK, NORM_LANES  # sizes, and why: fedkern/_blocks.py
+from .._blocks import CLIP_GROUP_BYTES, NORM_BLOCK, NORM_LANES  # sizes, and why: fedkern/_blocks.py
+from .._tuning import sum_chunk
 from ._runtime import KERNEL, row
 
 
@@ -17,17 +18,20 @@ def weighted_sum(updates, weights, divisor, out) -> int:
     """out = (sum_i weights[i] * updates[i]) / divisor; return the number of non-finite outputs."""
     # dividing by a power of two is multiplying by its exact reciprocal, and much cheaper
     by_reciprocal = math.frexp(divisor)[0] == 0.5
-    return _weighted_sum(updates.pointers, updates.first, weights, np.float64(divisor), by_reciprocal, out)
+    return _weighted_sum(updates.pointers, updates.first, weights, np.float64(divisor), by_reciprocal,
+                         sum_chunk(updates.d), out)
 
 
 @njit(**KERNEL)
-def _weighted_sum(pointers, first, weights, divisor, by_reciprocal, out):
+def _weighted_sum(pointers, first, weights, divisor, by_reciprocal, chunk, out):
+    """Per chunk of coordinates (fedkern._tuning.sum_chunk), the rows added into a float64
+    accumulator in index order, then divided and rounded once."""
     reciprocal = 1.0 / divisor
     d = first.shape[0]
     nonfinite = 0
-    for c in prange((d + CHUNK - 1) // CHUNK):
-        j0 = c * CHUNK
-        n = min(CHUNK, d - j0)
+    for c in prange((d + chunk - 1) // chunk):
+        j0 = c * chunk
+        n = min(chunk, d - j0)
         acc = np.zeros(n)
         _add_rows(acc, pointers, first, 0, weights, j0)
         for j in range(n):

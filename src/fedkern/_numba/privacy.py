@@ -10,7 +10,8 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-from .._blocks import CHUNK, CLIP_GROUP_BYTES, NORM_BLOCK  # sizes, and why: fedkern/_blocks.py
+from .._blocks import CLIP_GROUP_BYTES, NORM_BLOCK  # sizes, and why: fedkern/_blocks.py
+from .._tuning import sum_chunk
 from .._reference.privacy import COS_SERIES, LN2_HI, LN2_LO, LOG_SERIES, QUARTER_PI, SIN_SERIES, SQRT2
 from ._philox import philox_block
 from ._runtime import KERNEL
@@ -53,15 +54,15 @@ def clip_and_sum(updates, clip: float, weights, out, norms) -> None:
         group_norms = norms[g0:g0 + g]
         # clip / norm only above the bound: a zero row keeps its weight
         scaled = weights[g0:g0 + g] * np.where(group_norms > clip, clip / np.maximum(group_norms, clip), 1.0)
-        _add_group(updates.pointers, updates.first, g0, scaled, out)
+        _add_group(updates.pointers, updates.first, g0, scaled, sum_chunk(updates.d), out)
 
 
 @njit(**KERNEL)
-def _add_group(pointers, first, row0, weights, out):
+def _add_group(pointers, first, row0, weights, chunk, out):
     d = first.shape[0]
-    for c in prange((d + CHUNK - 1) // CHUNK):
-        j0 = c * CHUNK
-        _add_rows(out[j0:j0 + min(CHUNK, d - j0)], pointers, first, row0, weights, j0)
+    for c in prange((d + chunk - 1) // chunk):
+        j0 = c * chunk
+        _add_rows(out[j0:j0 + min(chunk, d - j0)], pointers, first, row0, weights, j0)
 
 
 @njit(inline="always")

@@ -26,6 +26,7 @@ from collections.abc import Callable
 import numpy as np
 
 from .. import backends
+from .._tuning import cache_sizes
 from .cases import PROFILES, cases
 
 #: How a user adds each optional package a case or a peer needs.
@@ -55,27 +56,6 @@ def cpu_name() -> str:
 
 #: The vector instruction sets the CPU line names (as /proc/cpuinfo spells them), widest first.
 ISA_FLAGS = {"avx512f": "AVX-512", "avx2": "AVX2", "sse4_2": "SSE4.2", "asimd": "NEON"}
-
-
-def cache_sizes(root: str = "/sys/devices/system/cpu/cpu0/cache") -> dict[str, int]:
-    """Bytes of each cache of CPU 0 by name ("L1d", "L1i", "L2", "L3"), from Linux's sysfs;
-    empty where the system does not say."""
-    sizes: dict[str, int] = {}
-    try:
-        entries = sorted(e for e in os.listdir(root) if e.startswith("index"))
-    except OSError:
-        return sizes
-    for entry in entries:
-        try:
-            with open(f"{root}/{entry}/level") as level, open(f"{root}/{entry}/type") as kind, \
-                    open(f"{root}/{entry}/size") as size:
-                name = f"L{level.read().strip()}" + {"Data": "d", "Instruction": "i"}.get(kind.read().strip(), "")
-                text = size.read().strip()
-        except OSError:
-            continue
-        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-        sizes[name] = int(text[:-1]) * units[text[-1]] if text[-1:] in units else int(text)
-    return sizes
 
 
 def cpu_description() -> dict:

@@ -1,0 +1,76 @@
+"""Block sizes the compiled kernels choose at run time, from the CPU's cache sizes.
+
+The sizes in :mod:`fedkern._blocks` are fixed at build time, and the ones that set a
+summation order must stay fixed, or results would change from machine to machine. A size
+that only sets how work is cut, with every sum in the same order whatever it is, can
+follow the machine instead; this module derives those from the caches Linux reports
+(``/sys/devices/system/cpu/cpu0/cache``) and falls back to the smallest cache of a current
+x86-64 or Arm server core where the system does not say.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+from . import backends
+from ._blocks import CHUNK
+
+#: The L2 assumed when the system does not report one: the smallest of current server cores.
+FALLBACK_L2_BYTES = 256 << 10
+#: Largest chunk of a streaming weighted sum, in coordinates (a 512 KiB float64 accumulator).
+MAX_SUM_CHUNK = 65536
+
+
+def cache_sizes(root: str = "/sys/devices/system/cpu/cpu0/cache") -> dict[str, int]:
+    """Bytes of each cache of CPU 0 by name ("L1d", "L1i", "L2", "L3"), from Linux's sysfs;
+    empty where the system does not say."""
+    sizes: dict[str, int] = {}
+    try:
+        entries = sorted(e for e in os.listdir(root) if e.startswith("index"))
+    except OSError:
+        return sizes
+    for entry in entries:
+        try:
+            with open(f"{root}/{entry}/level") as level, open(f"{root}/{entry}/type") as kind, \
+                    open(f"{root}/{entry}/size") as size:
+                name = f"L{level.read().strip()}" + {"Data": "d", "Instruction": "i"}.get(kind.read().strip(), "")
+                text = size.read().strip()
+        except OSError:
+            continue
+        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+        sizes[name] = int(text[:-1]) * units[text[-1]] if text[-1:] in units else int(text)
+    return sizes
+
+
+@functools.lru_cache(maxsize=None)
+def l2_bytes() -> int:
+    """This machine's L2 per core in bytes (read once)."""
+    return cache_sizes().get("L2", FALLBACK_L2_BYTES)
+
+
+def sum_chunk(d: int, l2: int | None = None, threads: int | None = None) -> int:
+    """Coordinates per task of a streaming weighted sum (``weighted_sum``, ``clip_and_sum``).
+
+    A power of two whose float64 accumulator fills a quarter of the L2 (16384 on Zen 3's
+    512 KiB), so each row is read in long runs while the accumulator stays in L2, at most
+    MAX_SUM_CHUNK, and small enough to give every thread four tasks; never below CHUNK
+    (16 KiB of accumulator, which any L1 holds). Every coordinate's sum adds the rows in
+    index order whatever the chunk, so results do not depend on it.
+
+    Examples
+    --------
+    >>> from fedkern._tuning import sum_chunk
+    >>> sum_chunk(1_000_000, l2=512 << 10, threads=2)
+    16384
+    >>> sum_chunk(1_000_000, l2=2 << 20, threads=2)
+    65536
+    >>> sum_chunk(20_000, l2=2 << 20, threads=2)
+    2048
+    """
+    l2 = l2_bytes() if l2 is None else l2
+    threads = backends.get_num_threads() if threads is None else threads
+    limit = min(MAX_SUM_CHUNK, l2 // 4 // 8, max(CHUNK, d // (4 * max(threads, 1))))
+    chunk = CHUNK
+    while 2 * chunk <= limit:
+        chunk *= 2
+    return chunk
