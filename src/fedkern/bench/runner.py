@@ -29,6 +29,10 @@ from .. import backends
 from .._tuning import cache_sizes
 from .cases import PROFILES, cases
 
+#: Seconds the candidates wait after a peer's call, for its threads to stop spinning
+#: (:func:`interleaved_times`): OpenBLAS's default of 2^28 cycles, at 2 GHz and more.
+PEER_SETTLE_S = 0.15
+
 #: How a user adds each optional package a case or a peer needs.
 INSTALL_HINTS = {"scipy": "pip install scipy", "flwr": 'pip install "fedkern[flwr]"',
                  "cryptography": 'pip install "fedkern[secagg]"'}
@@ -82,7 +86,8 @@ def cpu_line(cpu: dict) -> str:
 
 
 def interleaved_times(calls: dict[str, Callable[[], object]], budget: float = 1.0, min_repeats: int = 3,
-                      max_repeats: int = 15, no_warm_up: frozenset[str] = frozenset()) -> dict[str, list[float]]:
+                      max_repeats: int = 15, no_warm_up: frozenset[str] = frozenset(),
+                      settle: float = 0.0) -> dict[str, list[float]]:
     """Wall times of every call, timed in turn, one call each per round.
 
     Each candidate is first called once as a warm-up (which also compiles Numba; for the
@@ -91,13 +96,27 @@ def interleaved_times(calls: dict[str, Callable[[], object]], budget: float = 1.
     or ``budget`` seconds of them; a candidate whose warm-up alone took more than
     ``budget`` is timed only once (keeping slow reference implementations from
     dominating the run).
+
+    After each call of a name in ``no_warm_up`` the next candidate waits ``settle``
+    seconds: a peer's threads may keep spinning after it returns (OpenBLAS's do for up to
+    2^28 cycles, about 0.1 s, unless ``OPENBLAS_THREAD_TIMEOUT`` says less), and on a
+    small machine they would take cores from whichever candidate runs next (measured on
+    2 cores: fedkern's weighted sum timed right after BLAS ran at 0.56-0.76x of BLAS, and
+    at 0.95-1.11x with the spinning cut short).
     """
     times: dict[str, list[float]] = {name: [] for name in calls}
     slow: set[str] = set()
-    for name, call in calls.items():
+
+    def timed(name: str) -> float:
         start = time.perf_counter()
-        call()
-        first = time.perf_counter() - start
+        calls[name]()
+        seconds = time.perf_counter() - start
+        if name in no_warm_up and settle > 0:
+            time.sleep(settle)
+        return seconds
+
+    for name in calls:
+        first = timed(name)
         if name in no_warm_up:
             times[name].append(first)
         if first > budget:
@@ -110,11 +129,9 @@ def interleaved_times(calls: dict[str, Callable[[], object]], budget: float = 1.
         return n >= min_repeats and (n >= max_repeats or sum(times[name]) >= budget)
 
     while not all(done(name) for name in calls):
-        for name, call in calls.items():
+        for name in calls:
             if not done(name):
-                start = time.perf_counter()
-                call()
-                times[name].append(time.perf_counter() - start)
+                times[name].append(timed(name))
     return times
 
 
@@ -237,7 +254,7 @@ def run(profile: str = "default", backend_names: tuple[str, ...] | None = None,
             skip(case.peer_package, f"peer {case.peer}")
         elif case.peer:
             calls[case.peer] = call.peer
-        times = interleaved_times(calls, budget=budget, no_warm_up=frozenset({case.peer}))
+        times = interleaved_times(calls, budget=budget, no_warm_up=frozenset({case.peer}), settle=PEER_SETTLE_S)
         timings = {name: statistics.median(seconds) for name, seconds in times.items()}
         for name, seconds in timings.items():
             gbps = case.nbytes / seconds / 1e9
