@@ -11,13 +11,13 @@ from libc.math cimport frexp, isfinite
 from libc.stdint cimport uintptr_t
 from libc.stdlib cimport free
 
-from _blocks cimport CLIP_GROUP_BYTES, NORM_BLOCK  # sizes, and why: src/fedkern/_blocks.py
+from _blocks cimport NORM_BLOCK  # sizes, and why: src/fedkern/_blocks.py
 from _fused cimport in_t, out_t
 from _openmp cimport fk_threads_for
 from _rows cimport add_rows, norms_from_partials, sq_norm_partials
 from _scratch cimport scratch
 
-from fedkern._tuning import sum_chunk
+from fedkern._tuning import group_bytes, sum_chunk
 
 
 def weighted_sum(updates, const double[::1] weights, double divisor, out) -> int:
@@ -105,7 +105,7 @@ def _l2_norms(const uintptr_t[::1] pointers, const in_t[::1] first, double[::1] 
 def clip_by_norm(updates, double max_norm, out, double[::1] norms) -> None:
     """out[i] = updates[i] * min(1, max_norm / ||updates[i]||); norms get the norms.
 
-    Rows are processed in groups of about CLIP_GROUP_BYTES, norms then scaling, so the
+    Rows are processed in groups of about fedkern._tuning.group_bytes(), norms then scaling, so the
     second read of a group comes from cache when it fits.
     """
     _clip_by_norm(updates.pointers, updates.first, max_norm, out.pointers, norms)
@@ -117,7 +117,7 @@ def _clip_by_norm(const uintptr_t[::1] pointers, const in_t[::1] first, double m
     cdef in_t** out_rows = <in_t**> &out_pointers[0]
     cdef Py_ssize_t k = pointers.shape[0], d = first.shape[0]
     cdef Py_ssize_t nblocks = (d + NORM_BLOCK - 1) // NORM_BLOCK
-    cdef Py_ssize_t group = max(1, CLIP_GROUP_BYTES // (d * <Py_ssize_t> sizeof(in_t)))
+    cdef Py_ssize_t group = max(1, group_bytes() // (d * <Py_ssize_t> sizeof(in_t)))
     cdef double* partials = <double*> scratch(min(group, k) * nblocks * sizeof(double))
     cdef double* scales = <double*> scratch(min(group, k) * sizeof(double))
     cdef Py_ssize_t g0, g, i, t, j, j0, n

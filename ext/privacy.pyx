@@ -1,9 +1,9 @@
 """Cython/OpenMP kernels of the privacy family: clipped weighted sums and Gaussian noise.
 
 Same kernels, arguments and bits as ``fedkern._reference.privacy``, where the normal
-stream is defined. Client rows are read through ``updates.pointers``; rows go in groups of
-about CLIP_GROUP_BYTES, norms then the weighted sum, so the sum's read of a group comes
-from cache when it fits. Noise is a pure function of (seed, stream, index): pairs of
+stream is defined. Client rows are read through ``updates.pointers``; rows go in groups
+(fedkern._tuning.clip_group), norms then the weighted sum, so the sum's read of a group
+comes from cache when it fits. Noise is a pure function of (seed, stream, index): pairs of
 normals are split over threads with no effect on the bits.
 """
 from cython.parallel cimport parallel, prange
@@ -11,14 +11,14 @@ from libc.math cimport sqrt
 from libc.stdint cimport int64_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport free
 
-from _blocks cimport CLIP_GROUP_BYTES, NOISE_PAIRS, NORM_BLOCK  # sizes, and why: src/fedkern/_blocks.py
+from _blocks cimport NOISE_PAIRS, NORM_BLOCK  # sizes, and why: src/fedkern/_blocks.py
 from _fused cimport in_t, out_t
 from _openmp cimport fk_threads_for
 from _philox cimport Words4, philox_block
 from _rows cimport add_rows, block_sq_norm, block_sq_norms8
 from _scratch cimport scratch
 
-from fedkern._tuning import sum_chunk
+from fedkern._tuning import clip_group, sum_chunk
 
 cdef extern from *:
     """
@@ -49,7 +49,7 @@ def _clip_and_sum(const uintptr_t[::1] pointers, const in_t[::1] first, double c
     cdef const in_t** rows = <const in_t**> &pointers[0]
     cdef Py_ssize_t k = pointers.shape[0], d = first.shape[0]
     cdef Py_ssize_t nblocks = (d + NORM_BLOCK - 1) // NORM_BLOCK, nchunks = (d + chunk - 1) // chunk
-    cdef Py_ssize_t group = max(1, CLIP_GROUP_BYTES // (d * <Py_ssize_t> sizeof(in_t)))
+    cdef Py_ssize_t group = clip_group(k, d, sizeof(in_t))
     cdef double* partials = <double*> scratch(min(group, k) * nblocks * sizeof(double))
     cdef double* scaled = <double*> scratch(min(group, k) * sizeof(double))
     cdef int nthreads = fk_threads_for(k * d * <Py_ssize_t> sizeof(in_t))

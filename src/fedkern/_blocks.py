@@ -32,8 +32,9 @@ NORM_BLOCK = 8192
 #: loop of 64 lanes is one that Numba's LLVM vectorises (it does not with 16, which it
 #: unrolls into scalar code; its SLP vectoriser is off), so both backends give the same bits.
 NORM_LANES = 64
-#: clip_by_norm handles rows in groups of about this many bytes, norms then scaling, so the
-#: second read of a group comes from L3 rather than memory.
+#: clip_by_norm and clip_and_sum handle rows in groups of at least this many bytes, norms
+#: then the second read, so that read comes from L3 rather than memory; at run time a
+#: quarter of the L3 when that is more (fedkern._tuning.group_bytes).
 CLIP_GROUP_BYTES = 8 << 20
 
 #: Cython aggregation kernels that move fewer bytes than this run on one thread: one core

@@ -9,8 +9,8 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from .._blocks import CLIP_GROUP_BYTES, NORM_BLOCK, NORM_LANES  # sizes, and why: fedkern/_blocks.py
-from .._tuning import sum_chunk
+from .._blocks import NORM_BLOCK, NORM_LANES  # sizes, and why: fedkern/_blocks.py
+from .._tuning import group_bytes, sum_chunk
 from ._runtime import KERNEL, row
 
 
@@ -199,10 +199,10 @@ def l2_norms(updates, norms) -> None:
 def clip_by_norm(updates, max_norm: float, out, norms) -> None:
     """out[i] = updates[i] * min(1, max_norm / ||updates[i]||); norms get the norms.
 
-    Rows go in groups of about CLIP_GROUP_BYTES, norms then scaling, so the second read
+    Rows go in groups of about fedkern._tuning.group_bytes(), norms then scaling, so the second read
     of a group comes from cache when it fits.
     """
-    group = max(1, CLIP_GROUP_BYTES // (updates.d * updates.dtype.itemsize))
+    group = max(1, group_bytes() // (updates.d * updates.dtype.itemsize))
     partials = np.empty((min(group, updates.k), _nblocks(updates.d)))
     for g0 in range(0, updates.k, group):
         g = min(group, updates.k - g0)

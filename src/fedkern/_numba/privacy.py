@@ -2,7 +2,7 @@
 
 Same kernels, arguments and bits as ``ext/privacy.pyx``; the normal stream is defined in
 ``fedkern._reference.privacy``, whose series coefficients these kernels read (Numba
-freezes module globals at compile time). Rows go in groups of about CLIP_GROUP_BYTES,
+freezes module globals at compile time). Rows go in groups (fedkern._tuning.clip_group),
 norms then the weighted sum, so the sum's read of a group comes from cache when it fits.
 """
 import numpy as np
@@ -10,8 +10,8 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-from .._blocks import CLIP_GROUP_BYTES, NORM_BLOCK  # sizes, and why: fedkern/_blocks.py
-from .._tuning import sum_chunk
+from .._blocks import NORM_BLOCK  # sizes, and why: fedkern/_blocks.py
+from .._tuning import clip_group, sum_chunk
 from .._reference.privacy import COS_SERIES, LN2_HI, LN2_LO, LOG_SERIES, QUARTER_PI, SIN_SERIES, SQRT2
 from ._philox import philox_block
 from ._runtime import KERNEL
@@ -44,7 +44,7 @@ def _double(typingctx, bits):
 
 def clip_and_sum(updates, clip: float, weights, out, norms) -> None:
     """out = sum_i weights[i] min(1, clip / ||updates[i]||) updates[i] in float64; norms get the norms."""
-    group = max(1, CLIP_GROUP_BYTES // (updates.d * updates.dtype.itemsize))
+    group = clip_group(updates.k, updates.d, updates.dtype.itemsize)
     partials = np.empty((min(group, updates.k), (updates.d + NORM_BLOCK - 1) // NORM_BLOCK))
     out[:] = 0.0
     for g0 in range(0, updates.k, group):
