@@ -18,8 +18,10 @@ Words used in names, as in ``ext/robust.pyx``: a *window* is a range of ranks lo
 of a coordinate's sorted values and a *window mean* its mean (trimmed_mean and the median
 are window means with a fixed window); *meamed* is the whole mean-around-the-median rule
 (grow the window from the median, ``keep`` values, then take its mean). ``*_network``
-kernels sort a block's columns by one sorting network; ``_trimmed_mean_sampled`` finds
-ranks by sample and count, ``_meamed_columns`` selects per coordinate.
+kernels sort by one sorting network (trimmed_mean's pruned to its window and run over
+slabs of NET_LANES coordinates, as ext/robust.pyx does; meamed's over a block's columns);
+``_trimmed_mean_sampled`` finds ranks by sample and count, ``_meamed_columns`` selects
+per coordinate.
 """
 import functools
 from collections import namedtuple
