@@ -562,6 +562,38 @@ cdef inline double _sq_diff(const in_t* x, const ref_t* y, Py_ssize_t n) noexcep
     return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]))  # DIST_LANES = 8
 
 
+cdef inline void _sq_diffs8(const in_t** rows, const double* y, Py_ssize_t j0, Py_ssize_t n,
+                            double* out, Py_ssize_t out_stride) noexcept nogil:
+    """out[r * out_stride] = _sq_diff(rows[r] + j0, y, n) for r < 8, bit for bit: the rows
+    read in turn, 512 values at a time, so that each thread keeps eight read streams going
+    (one row per task reached about 60% of the read bandwidth on Zen 3)."""
+    cdef double s[8][DIST_LANES]
+    cdef const in_t* x
+    cdef double t
+    cdef Py_ssize_t r, u, j, c, end = n - n % DIST_LANES
+    for r in range(8):
+        for u in range(DIST_LANES):
+            s[r][u] = 0.0
+    c = 0
+    while c < end:
+        for r in range(8):
+            x = rows[r] + j0
+            j = c
+            while j < min(c + 512, end):
+                for u in range(DIST_LANES):
+                    t = <double> x[j + u] - y[j + u]
+                    s[r][u] = s[r][u] + t * t
+                j = j + DIST_LANES
+        c = c + 512
+    for r in range(8):
+        x = rows[r] + j0
+        for j in range(end, n):
+            t = <double> x[j] - y[j]
+            s[r][0] = s[r][0] + t * t
+        out[r * out_stride] = (((s[r][0] + s[r][1]) + (s[r][2] + s[r][3]))
+                               + ((s[r][4] + s[r][5]) + (s[r][6] + s[r][7])))  # DIST_LANES = 8
+
+
 cdef void _pairs_block(const in_t** rows, Py_ssize_t i, Py_ssize_t j0, Py_ssize_t n,
                        double* out_row) noexcept nogil:
     """out_row[l] += block partial of ||x_i - x_l||^2 for l < i."""
@@ -642,11 +674,19 @@ def _sq_distances_to(const uintptr_t[::1] pointers, const in_t[::1] first,
     cdef double* partials = <double*> scratch(k * nblocks * sizeof(double))
     cdef Py_ssize_t t, i, b, j0
     cdef double total
+    cdef Py_ssize_t groups = k // 8
     with nogil:
-        for t in prange(k * nblocks, schedule="static"):
+        # eight rows x one block per task, as the norms (ext/_rows.pxd), the rest a row each
+        for t in prange(groups * nblocks, schedule="static"):
+            i = 8 * (t // nblocks)
             j0 = (t % nblocks) * NORM_BLOCK
-            partials[t] = _sq_diff(rows[t // nblocks] + j0, &point[j0],
-                                   min(<Py_ssize_t> NORM_BLOCK, d - j0))
+            _sq_diffs8(rows + i, &point[j0], j0, min(<Py_ssize_t> NORM_BLOCK, d - j0),
+                       partials + i * nblocks + t % nblocks, nblocks)
+        for t in prange((k - 8 * groups) * nblocks, schedule="static"):
+            i = 8 * groups + t // nblocks
+            j0 = (t % nblocks) * NORM_BLOCK
+            partials[i * nblocks + t % nblocks] = _sq_diff(rows[i] + j0, &point[j0],
+                                                           min(<Py_ssize_t> NORM_BLOCK, d - j0))
         for i in range(k):
             total = 0.0
             for b in range(nblocks):

@@ -97,8 +97,9 @@ CACHE_LINE = 64
 DIST_BLOCK = 2048
 #: Interleaved float64 partial sums of one squared difference (_sq_diff): two AVX2 / one
 #: AVX-512 register of independent adds. The final sum in ext/robust.pyx is written out
-#: for exactly 8 lanes. (Numba's distance loops write out four sums, s0 .. s3: another
-#: order of the same float64 sum, kept as it is so no Numba result changes.)
+#: for exactly 8 lanes. (Numba's pairwise distance loops write out four sums, s0 .. s3,
+#: and its sq_distances_to sums in NORM_LANES lanes, as its norms: other orders of the same
+#: float64 sums.)
 DIST_LANES = 8
 
 # -- robust, Numba: order statistics by sample, count and band over a gathered block ----------
