@@ -102,50 +102,38 @@ def count_nonfinite(values) -> int:
 
 
 @njit(cache=True, nogil=True)
-def _block_sq_norm(x):
-    """Sum of squares in float64, in NORM_LANES interleaved partial sums (as ``ext/_rows.pxd``),
-    indexed unsigned: Numba's negative-index fix-up of a signed index stops LLVM from
-    vectorising the loop over the lanes."""
-    lanes = np.zeros(NORM_LANES)
-    n, width = np.uint64(x.shape[0]), np.uint64(NORM_LANES)
-    j = np.uint64(0)
-    while j + width <= n:
-        for l in range(width):
-            v = np.float64(x[j + l])
-            lanes[l] += v * v
-        j += width
-    while j < n:
-        v = np.float64(x[j])
-        lanes[0] += v * v
-        j += np.uint64(1)
-    total = 0.0
-    for l in range(NORM_LANES):
-        total += lanes[l]
-    return total
+def _block_sq_sums(pointers, first, point, i0, rows, j0, n, lanes, out):
+    """out[r] = sum_j (x_{i0+r}[j0 + j] - point[j0 + j])^2 over j < n, for r < rows; with
+    ``point=None`` the squared norms (Numba compiles that case without the subtraction).
 
-
-@njit(cache=True, nogil=True)
-def _block_sq_norms8(pointers, first, i0, j0, n, lanes, out):
-    """out[r] = squared norm of x_{i0+r}[j0 : j0 + n] for r < 8: _block_sq_norm's sums bit
-    for bit, the eight rows read in turn, NORM_LANES values at a time, so that each thread
-    keeps eight read streams going. ``lanes`` is an (8, NORM_LANES) scratch."""
+    The rows are read in turn, NORM_LANES values at a time, so that a task of eight rows
+    keeps eight read streams going; each row sums in NORM_LANES interleaved float64 lanes
+    (as ``ext/_rows.pxd``'s norms), indexed unsigned: Numba's negative-index fix-up of a
+    signed index stops LLVM from vectorising the loop over the lanes. ``lanes`` is a
+    (rows, NORM_LANES) scratch.
+    """
     lanes[:, :] = 0.0
     m, width, start = np.uint64(n), np.uint64(NORM_LANES), np.uint64(j0)
     j = np.uint64(0)
     while j + width <= m:
-        for r in range(8):
+        for r in range(rows):
             x = row(pointers, i0 + r, first)
             sums = lanes[r]
-            for l in range(width):
-                v = np.float64(x[start + j + l])
-                sums[l] += v * v
+            if point is None:
+                for l in range(width):
+                    v = np.float64(x[start + j + l])
+                    sums[l] += v * v
+            else:
+                for l in range(width):
+                    e = np.float64(x[start + j + l]) - point[start + j + l]
+                    sums[l] += e * e
         j += width
-    for r in range(8):
+    for r in range(rows):
         x = row(pointers, i0 + r, first)
         sums = lanes[r]
         for t in range(start + j, start + m):
-            v = np.float64(x[t])
-            sums[0] += v * v
+            e = np.float64(x[t]) if point is None else np.float64(x[t]) - point[t]
+            sums[0] += e * e
         total = 0.0
         for l in range(NORM_LANES):
             total += sums[l]
@@ -153,27 +141,26 @@ def _block_sq_norms8(pointers, first, i0, j0, n, lanes, out):
 
 
 @njit(**KERNEL)
-def _sq_norm_partials(pointers, first, row0, nrows, partials):
-    """partials[i, b] = squared norm of block b of row row0 + i, in parallel.
-
-    Tasks of eight rows x one block: eight read streams per thread keep the memory system
-    busier than one (as weighted_sum's eight-row passes do; one row per task reached about
-    60% of the read bandwidth on Zen 3). The last nrows % 8 rows go a block per task.
-    """
+def _sq_sum_partials(pointers, first, point, row0, nrows, partials):
+    """partials[i, b] = sum over block b of (x_{row0+i} - point)^2 (of x^2 with ``point=None``),
+    in parallel: tasks of eight rows x one block, eight read streams per thread (one row
+    per task reached about 60% of the read bandwidth on Zen 3); the last nrows % 8 rows a
+    block per task."""
     d = first.shape[0]
     nblocks = partials.shape[1]
     groups = nrows // 8
     for t in prange(groups * nblocks):
         i = 8 * (t // nblocks)
-        b = t % nblocks
-        j0 = b * NORM_BLOCK
+        j0 = (t % nblocks) * NORM_BLOCK
         lanes = np.empty((8, NORM_LANES))
-        _block_sq_norms8(pointers, first, row0 + i, j0, min(NORM_BLOCK, d - j0), lanes, partials[i:i + 8, b])
+        _block_sq_sums(pointers, first, point, row0 + i, 8, j0, min(NORM_BLOCK, d - j0), lanes,
+                       partials[i:i + 8, t % nblocks])
     for t in prange((nrows - 8 * groups) * nblocks):
         i = 8 * groups + t // nblocks
         j0 = (t % nblocks) * NORM_BLOCK
-        n = min(NORM_BLOCK, d - j0)
-        partials[i, t % nblocks] = _block_sq_norm(row(pointers, row0 + i, first)[j0:j0 + n])
+        lanes = np.empty((1, NORM_LANES))
+        _block_sq_sums(pointers, first, point, row0 + i, 1, j0, min(NORM_BLOCK, d - j0), lanes,
+                       partials[i:i + 1, t % nblocks])
 
 
 @njit(cache=True, nogil=True)
@@ -192,7 +179,7 @@ def _nblocks(d: int) -> int:
 def l2_norms(updates, norms) -> None:
     """norms[i] = sqrt(sum_j updates[i, j]**2), in float64."""
     partials = np.empty((updates.k, _nblocks(updates.d)))
-    _sq_norm_partials(updates.pointers, updates.first, 0, updates.k, partials)
+    _sq_sum_partials(updates.pointers, updates.first, None, 0, updates.k, partials)
     _norms_from_partials(partials, updates.k, norms, 0)
 
 
@@ -206,7 +193,7 @@ def clip_by_norm(updates, max_norm: float, out, norms) -> None:
     partials = np.empty((min(group, updates.k), _nblocks(updates.d)))
     for g0 in range(0, updates.k, group):
         g = min(group, updates.k - g0)
-        _sq_norm_partials(updates.pointers, updates.first, g0, g, partials)
+        _sq_sum_partials(updates.pointers, updates.first, None, g0, g, partials)
         _norms_from_partials(partials, g, norms, g0)
         # c / max(n, c) is 1 for rows within the bound (zero rows too) and c / n above it
         scales = max_norm / np.maximum(norms[g0:g0 + g], max_norm)

@@ -15,7 +15,7 @@ from .._tuning import clip_group, sum_chunk
 from .._reference.privacy import COS_SERIES, LN2_HI, LN2_LO, LOG_SERIES, QUARTER_PI, SIN_SERIES, SQRT2
 from ._philox import philox_block
 from ._runtime import KERNEL
-from .aggregate import _add_rows, _norms_from_partials, _sq_norm_partials
+from .aggregate import _add_rows, _norms_from_partials, _sq_sum_partials
 
 _1, _12, _20, _49, _52 = np.uint64(1), np.uint64(12), np.uint64(20), np.uint64(49), np.uint64(52)
 _TWO_49, _TWO_52 = np.uint64(1 << 49), np.uint64(1 << 52)
@@ -49,7 +49,7 @@ def clip_and_sum(updates, clip: float, weights, out, norms) -> None:
     out[:] = 0.0
     for g0 in range(0, updates.k, group):
         g = min(group, updates.k - g0)
-        _sq_norm_partials(updates.pointers, updates.first, g0, g, partials)
+        _sq_sum_partials(updates.pointers, updates.first, None, g0, g, partials)
         _norms_from_partials(partials, g, norms, g0)
         group_norms = norms[g0:g0 + g]
         # clip / norm only above the bound: a zero row keeps its weight

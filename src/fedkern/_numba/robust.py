@@ -33,9 +33,10 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from .._blocks import (GATHER_BYTES, GATHER_MAX, GATHER_STEP, NET_LANES, NET_MAX_BYTES,  # sizes, and why:
-                       NET_RUN_BYTES, NET_TILE_BYTES, NORM_BLOCK, NORM_LANES, PAIR_BLOCK_MAX,  # fedkern/_blocks.py
+                       NET_RUN_BYTES, NET_TILE_BYTES, NORM_BLOCK, PAIR_BLOCK_MAX,  # fedkern/_blocks.py
                        PAIR_BLOCK_STEP, PAIR_BYTES, SELECT_SMALL, SORT_ALL_MAX)
 from ._runtime import KERNEL, row
+from .aggregate import _sq_sum_partials  # the squared norms' loop, with the point subtracted
 
 
 @intrinsic
@@ -818,63 +819,8 @@ def _exact_sq_rows(pointers, first, block, rows, out):
 def sq_distances_to(updates, point, out) -> None:
     """out[i] = sum_j (x_ij - point_j)^2 in float64: block partials in parallel, then in order."""
     partials = np.empty((updates.k, (updates.d + NORM_BLOCK - 1) // NORM_BLOCK))
-    _sq_distance_partials(updates.pointers, updates.first, point, partials)
+    _sq_sum_partials(updates.pointers, updates.first, point, 0, updates.k, partials)
     _sum_partials(partials, out)
-
-
-@njit(**KERNEL)
-def _sq_distance_partials(pointers, first, point, partials):
-    """partials[i, b] = sum over block b of (x_ij - point_j)^2, in parallel.
-
-    Tasks of eight rows x one block (the last K % 8 rows a block per task): eight read
-    streams per thread, as aggregate's norms. Each row's block sum runs in NORM_LANES
-    interleaved float64 lanes, indexed unsigned, which LLVM vectorises (the order of
-    ``_block_sq_norm``; Cython's DIST_LANES order is another, so the two backends differ
-    in the last bits).
-    """
-    k = pointers.shape[0]
-    d = first.shape[0]
-    nblocks = partials.shape[1]
-    groups = k // 8
-    for t in prange(groups * nblocks):
-        i = 8 * (t // nblocks)
-        j0 = (t % nblocks) * NORM_BLOCK
-        lanes = np.empty((8, NORM_LANES))
-        _block_sq_distances(pointers, first, point, i, 8, j0, min(NORM_BLOCK, d - j0), lanes,
-                            partials[i:i + 8, t % nblocks])
-    for t in prange((k - 8 * groups) * nblocks):
-        i = 8 * groups + t // nblocks
-        j0 = (t % nblocks) * NORM_BLOCK
-        lanes = np.empty((1, NORM_LANES))
-        _block_sq_distances(pointers, first, point, i, 1, j0, min(NORM_BLOCK, d - j0), lanes,
-                            partials[i:i + 1, t % nblocks])
-
-
-@njit(cache=True, nogil=True)
-def _block_sq_distances(pointers, first, point, i0, rows, j0, n, lanes, out):
-    """out[r] = sum_j (x_{i0+r}[j0 + j] - point[j0 + j])^2 over j < n, for r < rows: the rows
-    read in turn, NORM_LANES values at a time. ``lanes`` is a (rows, NORM_LANES) scratch."""
-    lanes[:, :] = 0.0
-    m, width, start = np.uint64(n), np.uint64(NORM_LANES), np.uint64(j0)
-    j = np.uint64(0)
-    while j + width <= m:
-        for r in range(rows):
-            x = row(pointers, i0 + r, first)
-            sums = lanes[r]
-            for l in range(width):
-                e = np.float64(x[start + j + l]) - point[start + j + l]
-                sums[l] += e * e
-        j += width
-    for r in range(rows):
-        x = row(pointers, i0 + r, first)
-        sums = lanes[r]
-        for t in range(start + j, start + m):
-            e = np.float64(x[t]) - point[t]
-            sums[0] += e * e
-        total = 0.0
-        for l in range(NORM_LANES):
-            total += sums[l]
-        out[r] = total
 
 
 @njit(cache=True, nogil=True)
