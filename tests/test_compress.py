@@ -11,6 +11,8 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import fedkern
 from fedkern import backends, compress
@@ -239,6 +241,28 @@ def test_accumulate_mixes_codecs_and_does_not_depend_on_threads(fast_backend):
     assert np.array_equal(results[0], results[1])
     want = sum(m.codec.decode(m, out=np.empty(d), backend="reference") for m in msgs)
     np.testing.assert_allclose(results[0], want, rtol=0, atol=1e-10)
+
+
+@settings(max_examples=40, deadline=None)
+@given(d=st.one_of(st.integers(1, 70), st.integers(4090, 3 * 4096 + 9)), block_size=st.integers(1, 600),
+       bits=st.sampled_from([1, 2, 4, 8]), signed=st.booleans(), seed=st.integers(0, 2**64 - 1),
+       dtype=st.sampled_from([np.float32, np.float64]), data=st.data())
+def test_quantize_kernel_matches_reference(fast_backend, d, block_size, bits, signed, seed, dtype, data):
+    """The quantize kernel's codes and signs against the reference's, byte for byte, over
+    lengths that cut the last chunk and byte anywhere, blocks that straddle chunks, steps of
+    zero (a constant block) and values outside a block's range (clamped)."""
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    x = (rng.standard_normal(d) * 3).astype(dtype)
+    nblocks = -(-d // block_size)
+    offsets = rng.uniform(-2, 0, nblocks) * (0 if signed else 1)
+    steps = np.where(rng.random(nblocks) < 0.2, 0.0, rng.uniform(0.01, 1.0, nblocks))
+    levels = (1 << bits) - 1
+    got, want = ([np.full(-(-d * bits // 8), 0xAA, np.uint8), np.full(-(-d // 8), 0xAA, np.uint8)] for _ in range(2))
+    for name, (codes, signs) in ((fast_backend, got), ("reference", want)):
+        backends.kernels("compress", name).quantize(x, offsets, steps, block_size, levels, bits, signed, seed,
+                                                    spec.ROUND_STREAM, codes, signs if signed else codes)
+    assert np.array_equal(got[0], want[0])
+    assert not signed or np.array_equal(got[1], want[1])
 
 
 # --------------------------------------------------------------------------- error feedback
