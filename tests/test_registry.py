@@ -149,13 +149,15 @@ def _bad_updates(dtype):
 @pytest.fixture
 def kernels_forbidden(monkeypatch):
     """Every kernel of every family and backend raises if it is reached."""
-    for name in ALL_BACKENDS:
-        for family in ("aggregate", "optim", "robust"):
-            module = backends._load(name, family)
-            for attribute in dir(module):
-                if not attribute.startswith("__") and callable(getattr(module, attribute)) and \
-                        getattr(getattr(module, attribute), "__module__", "").startswith("fedkern."):
-                    monkeypatch.setattr(module, attribute, _forbidden(name, family, attribute))
+    # every module imported before any is patched: a module importing another's kernel
+    # (robust uses aggregate's) would otherwise keep the forbidden one after the test
+    modules = {(name, family): backends._load(name, family)
+               for name in ALL_BACKENDS for family in ("aggregate", "optim", "robust")}
+    for (name, family), module in modules.items():
+        for attribute in dir(module):
+            if not attribute.startswith("__") and callable(getattr(module, attribute)) and \
+                    getattr(getattr(module, attribute), "__module__", "").startswith("fedkern."):
+                monkeypatch.setattr(module, attribute, _forbidden(name, family, attribute))
 
 
 def _forbidden(backend, family, kernel):

@@ -313,9 +313,19 @@ def _add_at(args):
     return call
 
 
+def _encode_8bit(backend, x, seed):
+    """What one client sends of x, 8-bit in blocks of 256: its codes and scales."""
+    encoded = compress.StochasticQuantizer(bits=8, block_size=256).encode(x, seed=seed, backend=backend)
+    return encoded.codes, encoded.scales
+
+
 # compression: the fused decode-and-accumulate reads only the compressed bytes (plus the
-# float64 accumulator, read and written once)
+# float64 accumulator, read and written once); an encode is counted on its float32 input,
+# the figure its target names
 OPS += (
+    OpSpec("compress.encode", "compress", ("block_stats", "quantize"),
+           lambda rng, k, d, dtype: ((_vector(rng, k, d, dtype), 5), {}), run=_encode_8bit,
+           nbytes=lambda k, d: 4 * d, out=None, ulps=0.0, per_update=False),
     OpSpec("compress.accumulate", "compress", ("accumulate_quantized",),
            _encoded_example(lambda d: compress.StochasticQuantizer(bits=8, block_size=256)),
            run=_run(compress.accumulate), nbytes=lambda k, d: k * d + k * 8 * (d // 256) + 2 * 8 * d),
