@@ -159,6 +159,14 @@ def _trim_mean(stack: np.ndarray) -> Callable[[], Any]:
 SYRK = Peer("BLAS syrk", _stack_syrk)
 
 
+def _stack_gemv(stack: np.ndarray) -> Callable[[], Any]:
+    """The weighted mean as BLAS computes it on the stacked updates: w @ X, float32
+    weights (float64 ones would make numpy convert the whole stack first)."""
+    k = stack.shape[0]
+    w = (np.arange(1.0, k + 1) / (k * (k + 1) / 2)).astype(stack.dtype)
+    return lambda: w @ stack
+
+
 def _numpy_clip_sum(stack: np.ndarray) -> Callable[[], Any]:
     """Clip-and-sum as a numpy user writes it: norms, scales, one matrix-vector product."""
     clip = _clip(*stack.shape)
@@ -197,7 +205,8 @@ OPS: tuple[OpSpec, ...] = (
     OpSpec("weighted_sum", "aggregate", ("weighted_sum",),
            lambda rng, k, d, dtype: ((updates(rng, k, d, dtype), np.arange(1.0, k + 1)), {})),
     OpSpec("weighted_mean", "aggregate", ("weighted_sum",),
-           lambda rng, k, d, dtype: ((updates(rng, k, d, dtype), np.arange(1.0, k + 1)), {})),
+           lambda rng, k, d, dtype: ((updates(rng, k, d, dtype), np.arange(1.0, k + 1)), {}),
+           peer=Peer("BLAS w @ X (stacked)", _stack_gemv)),
     OpSpec("accumulate", "aggregate", ("count_nonfinite", "accumulate"), _accumulate_example,
            nbytes=lambda k, d: 4 * d + 2 * 8 * d, mutates=(0,), out=None, per_update=False),
     OpSpec("l2_norms", "aggregate", ("l2_norms",), _with_updates(), nbytes=lambda k, d: 4 * k * d, out=None),
