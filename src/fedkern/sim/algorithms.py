@@ -373,7 +373,8 @@ class BufferedRun:
     Philox stream keyed by (seed, j), and trains at once on the model version current
     then (its update arrives ``delay`` later; until then the model it trained on is what
     it would have seen). Arrivals are processed in (time, dispatch) order and each frees
-    a slot that the next dispatch fills. Training is called in dispatch order, so the run
+    a slot that the next dispatch fills, after the server update if that arrival filled
+    the buffer. Training is called in dispatch order, so the run
     depends only on the seed, never on threads or timing.
 
     Parameters
@@ -430,10 +431,12 @@ class BufferedRun:
             self.clock, _, _, started, delta = heapq.heappop(self.in_flight)
             buffer.append(delta)
             staleness.append(self.version - started)
-            self._dispatch()
+            if len(buffer) < self.fedbuff.buffer_size:
+                self._dispatch()      # the freed slot's next client gets the model as it is now
         staleness = np.array(staleness, np.int64)
         self.params += self.fedbuff.server_step(np.stack(buffer), staleness)
         self.version += 1
+        self._dispatch()              # the last arrival's slot: the new client gets the new model
         record = {"round": self.version, "time": self.clock, "staleness_mean": float(staleness.mean()),
                   "staleness_max": int(staleness.max())}
         self.history.append(record)
