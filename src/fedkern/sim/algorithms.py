@@ -111,6 +111,7 @@ class FedNova(FedProx):
     --------
     >>> import numpy as np
     >>> from fedkern.sim.algorithms import FedNova
+    >>> from fedkern.sim.models import LocalTraining
     >>> nova = FedNova()
     >>> _ = nova.local(LocalTraining(lr=0.1))
     >>> nova.combine(np.array([[2.0], [1.0]]), np.array([1.0, 1.0]), np.array([4, 1]))  # a_1 = 4, a_2 = 1
