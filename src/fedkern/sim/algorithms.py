@@ -29,6 +29,7 @@ import numpy as np
 
 from .. import _validate as check
 from .._errors import FedkernValueError
+from .history import History
 from .models import LocalTraining
 
 
@@ -407,7 +408,7 @@ class BufferedRun:
         self.seed = check.count(seed, "seed", high=(1 << 64) - 1)
         self.clock, self.version, self.dispatched = 0.0, 0, 0
         self.in_flight: list[tuple[float, int, int, int, np.ndarray]] = []   # a heap by (arrival, dispatch)
-        self.history: list[dict] = []
+        self.history = History()      # one record per server update, with its staleness figures
         for _ in range(fedbuff.concurrency):
             self._dispatch()
 
@@ -443,8 +444,8 @@ class BufferedRun:
         self.history.append(record)
         return record
 
-    def run(self, rounds: int) -> list[dict]:
-        """Run server updates until ``rounds`` are done; return the history records."""
+    def run(self, rounds: int) -> History:
+        """Run server updates until ``rounds`` are done; return the history."""
         while self.version < check.count(rounds, "rounds"):
             self.step()
         return self.history
@@ -459,7 +460,7 @@ class BufferedRun:
                   "fedbuff.flight": np.array([f[1:4] for f in flight], np.int64).reshape(-1, 3),
                   "fedbuff.flight_deltas": np.stack([f[4] for f in flight])}     # never empty: concurrency >= 1
         meta = {"clock": self.clock, "version": self.version, "dispatched": self.dispatched,
-                "seed": self.seed, "history": self.history}
+                "seed": self.seed, "history": self.history.records}
         return arrays, meta
 
     def restore(self, arrays: dict[str, np.ndarray], meta: dict) -> None:
@@ -472,7 +473,7 @@ class BufferedRun:
                                                          arrays["fedbuff.flight_deltas"])]
         heapq.heapify(self.in_flight)
         self.clock, self.version, self.dispatched = meta["clock"], meta["version"], meta["dispatched"]
-        self.history = list(meta["history"])
+        self.history = History(meta["history"])
 
 
 #: Algorithms by config name.
