@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from fedkern import FedkernValueError
-from fedkern.sim import LocalTraining, checkpoint, config
+from fedkern.sim import LocalTraining, Stragglers, ThreadExecutor, checkpoint, config
 from fedkern.sim.algorithms import BufferedRun, FedBuff, FedNova, QFFL, Scaffold
 from fedkern.sim.config import ConfigError
 from fedkern.sim.models import TrainResult
@@ -308,3 +308,13 @@ def test_config_errors_name_the_algorithm_key(table, match):
 def test_combining_algorithms_refuse_a_robust_rule():
     with pytest.raises(FedkernValueError, match="aggregator: fednova combines the updates itself"):
         simulation(algorithm=FedNova(), aggregator="median")
+
+
+@pytest.mark.parametrize("algorithm", [FedNova(), QFFL(q=1.0, lipschitz=2.0)], ids=["fednova", "qffl"])
+def test_combining_algorithms_give_the_same_bits_on_threads(algorithm):
+    serial = simulation(algorithm=algorithm, stragglers=Stragglers(fraction=0.5), seed=5)
+    serial.run(3)
+    with simulation(algorithm=algorithm, stragglers=Stragglers(fraction=0.5), seed=5,
+                    executor=ThreadExecutor(workers=2)) as threaded:
+        threaded.run(3)
+    assert serial.params.tobytes() == threaded.params.tobytes()
