@@ -187,6 +187,6 @@ def test_algorithms_set_the_local_objective():
     base = LocalTraining(epochs=3, mu=0.0)
     assert FedAvg().local(base) == base
     assert FedProx(mu=0.25).local(base).mu == 0.25 and FedProx(mu=0.25).local(base).epochs == 3
-    assert set(ALGORITHMS) == {"fedavg", "fedprox"}
+    assert set(ALGORITHMS) == {"fedavg", "fedprox", "fednova", "qffl", "scaffold", "fedbuff"}
     with pytest.raises(FedkernValueError, match="mu"):
         FedProx(mu=-1.0)

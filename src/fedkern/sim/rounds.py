@@ -398,7 +398,9 @@ class Simulation:
     model : a :class:`~fedkern.sim.models.Model` (built-in or your own)
     clients_per_round : clients selected each round
     local : the local training settings (epochs, batch size, learning rate, ...)
-    algorithm : client side, :class:`~fedkern.sim.algorithms.FedAvg` (default) or ``FedProx``
+    algorithm : :class:`~fedkern.sim.algorithms.FedAvg` (default), ``FedProx``, or ``FedNova``
+        / ``QFFL``, which replace the mean (they need the ``mean`` aggregator, and no
+        privacy, secure aggregation, compression or update attack)
     sampler : a :mod:`~fedkern.sim.sampling` sampler (default uniform)
     availability : each client's probability of being online in a round (scalar or per client)
     aggregator : an :class:`Aggregator` or a rule name (default ``"mean"``)
@@ -465,9 +467,11 @@ class Simulation:
         self.privacy = self._privacy(privacy, n_with_data)
         self.secure = self._secure(secure_aggregation, n_with_data)
         self.compression = self._compression(compression, model.n_params)
+        self._check_algorithm()
         #: error feedback's residual (float64) of every client that has sent, by client id
         self.residuals: dict[int, np.ndarray] = {}
         self.needs_rows = (not self.aggregator.streaming or self.reject_norm_ratio is not None
+                           or self.algorithm.combines_updates
                            or (attack is not None and attack.on_updates) or self.secure is not None)
 
         self.params = np.ascontiguousarray(model.init(stream(self.seed, STREAM_INIT, 0)), np.float32)
@@ -483,6 +487,25 @@ class Simulation:
         self._clip_kernel = backends.kernels("privacy", backend, "clip_and_sum") if self.privacy else None
         self._local_by_epochs = {self.local.epochs: self.local}
         self.executor.start(self)
+
+    def _check_algorithm(self) -> None:
+        """Refuse an algorithm the round cannot run, or one that combines the updates
+        itself (FedNova, q-FFL) with a stage that would hide them."""
+        algorithm = self.algorithm
+        if not algorithm.runs_in_simulation:
+            raise FedkernValueError(f"algorithm: {algorithm.name} is not run by Simulation yet "
+                                    f"(its math is in fedkern.sim.algorithms.{type(algorithm).__name__})")
+        if not algorithm.combines_updates:
+            return
+        if not self.aggregator.streaming:
+            raise FedkernValueError(f"aggregator: {algorithm.name} combines the updates itself, so it needs the "
+                                    f"'mean' aggregator without pre-aggregation; got {self.aggregator!r}")
+        others = {"privacy": self.privacy, "secure_aggregation": self.secure, "compression": self.compression,
+                  "attack": self.attack if self.attack is not None and self.attack.on_updates else None}
+        for key, setting in others.items():
+            if setting is not None:
+                raise FedkernValueError(f"{key}: not with {algorithm.name}, which needs every client's own update "
+                                        f"and step count")
 
     def _secure(self, settings: SecureAggregation | None, population: int) -> SecureAggregation | None:
         """The secure aggregation settings, once the others are known to fit them; sets the
@@ -707,6 +730,13 @@ class Simulation:
             self._matrix = UpdateMatrix(max(n, self.clients_per_round), self.params.shape[0])
         return self._matrix.array[:n]
 
+    def _combine(self, rows: np.ndarray, sizes: np.ndarray, steps: np.ndarray, clients: np.ndarray) -> np.ndarray:
+        """FedNova's or q-FFL's step from the accepted rows, with each client's loss at the
+        global model (on its own training data) when the algorithm needs it."""
+        losses = self._client_losses(clients) if self.algorithm.needs_global_loss else None
+        weights = sizes if self.aggregator.weights == "size" else np.ones(sizes.size)
+        return self.algorithm.combine(rows, weights, steps, losses)
+
     def _screen(self, rows: np.ndarray) -> np.ndarray:
         """Accepted rows: finite, and within reject_norm_ratio x the median norm if set."""
         norms = aggregate.l2_norms(rows, dtype=np.float64, check_finite=False, backend=self.backend)
@@ -784,7 +814,10 @@ class Simulation:
                 accepted = self._screen(rows)
                 if accepted.sum() >= self.dropout.quorum:
                     kept = np.flatnonzero(accepted)
-                    delta = self.aggregator([rows[i] for i in kept], sizes[kept], self.previous, rng)
+                    if self.algorithm.combines_updates:
+                        delta = self._combine(rows[kept], sizes[kept], cat("steps")[kept], clients[kept])
+                    else:
+                        delta = self.aggregator([rows[i] for i in kept], sizes[kept], self.previous, rng)
         elif private or accepted.sum() >= self.dropout.quorum:
             total = np.zeros(self.params.shape[0])
             for chunk in results:      # in chunk order: the same bits on every executor

@@ -1,0 +1,320 @@
+"""FedNova, q-FFL, SCAFFOLD and FedBuff against small numpy references of the papers' math."""
+import numpy as np
+import pytest
+
+from fedkern import FedkernValueError
+from fedkern.sim import LocalTraining, Stragglers, ThreadExecutor, checkpoint, config
+from fedkern.sim.algorithms import BufferedRun, FedBuff, FedNova, QFFL, Scaffold
+from fedkern.sim.config import ConfigError
+from fedkern.sim.models import TrainResult
+
+from .test_config import SMALL
+from .test_rounds import federation, simulation
+from .toy import ToyModel
+
+
+class OneStepPerRow(ToyModel):
+    """The toy quadratic, trained one plain SGD step per row: clients of different sizes
+    take different step counts (FedNova's tau_i)."""
+
+    def train(self, params, x, y, config, rng, delta_out):
+        w = params.astype(np.float64)
+        for _ in range(x.shape[0]):
+            w -= config.lr * (w - x.mean(axis=0))
+        delta_out[:] = w.astype(np.float32) - params
+        return TrainResult(loss=self.loss(params, x, y), steps=x.shape[0])
+
+
+def local_quadratic_deltas(data, w0, lr, steps_of):
+    """Each client's delta after its steps of SGD on 0.5 ||w - m_i||^2, in float64."""
+    deltas = []
+    for c in range(data.n_clients):
+        x, _ = data.client(c)
+        w = w0.astype(np.float64)
+        for _ in range(steps_of(x)):
+            w -= lr * (w - x.mean(axis=0))
+        deltas.append(w - w0)
+    return np.array(deltas)
+
+
+# --------------------------------------------------------------------------- FedNova
+def test_fednova_norms_of_a_are_the_sums_of_the_papers_a_vectors():
+    tau = np.array([1, 3, 7])
+    momentum = FedNova()
+    momentum.local(LocalTraining(lr=0.1, momentum=0.9))
+    # momentum SGD: a = [1 - rho^tau, ..., 1 - rho] / (1 - rho)
+    by_sum = [sum((1 - 0.9 ** (t - k)) / 0.1 for k in range(t)) for t in tau]
+    np.testing.assert_allclose(momentum.norm_a(tau), by_sum, rtol=1e-12)
+    proximal = FedNova(mu=0.5)
+    proximal.local(LocalTraining(lr=0.1))
+    # proximal SGD: a = [(1 - eta mu)^(tau-1), ..., 1]
+    np.testing.assert_allclose(proximal.norm_a(tau), [sum(0.95 ** k for k in range(t)) for t in tau], rtol=1e-12)
+    plain = FedNova()
+    plain.local(LocalTraining())
+    np.testing.assert_array_equal(plain.norm_a(tau), tau)
+
+
+def test_fednova_round_matches_a_numpy_reference_with_unequal_step_counts():
+    data = federation(n_clients=6)
+    run = simulation(data, model=OneStepPerRow(data.train.n_features), clients_per_round=6,
+                     local=LocalTraining(lr=0.05), algorithm=FedNova())
+    w0 = run.params.copy()
+    run.step()
+    deltas = local_quadratic_deltas(data.train, w0, 0.05, lambda x: x.shape[0])
+    tau = data.train.sizes.astype(np.float64)
+    assert len(set(tau)) > 1
+    p = tau / tau.sum()                  # data shares; here also the step counts
+    expected = w0 + (p @ tau) * ((p / tau) @ deltas)
+    np.testing.assert_allclose(run.params, expected, rtol=1e-5, atol=1e-6)
+    mean = w0 + p @ deltas               # FedAvg's step differs: the test can tell them apart
+    assert np.abs(run.params - mean).max() > 1e-3
+
+
+def test_fednova_is_the_weighted_mean_when_every_client_takes_the_same_steps():
+    nova = FedNova()
+    nova.local(LocalTraining())
+    deltas, weights = np.random.default_rng(0).standard_normal((4, 3)), np.array([1.0, 2.0, 3.0, 4.0])
+    np.testing.assert_allclose(nova.combine(deltas, weights, np.full(4, 5)), weights @ deltas / weights.sum(),
+                               rtol=1e-6)
+
+
+def test_fednova_counts_a_stragglers_partial_work_at_its_own_step_count():
+    nova = FedNova()
+    nova.local(LocalTraining())
+    # a full client (10 steps) and a straggler (2 steps) moving at the same rate per step
+    step = nova.combine(np.array([[10.0], [2.0]]), np.ones(2), np.array([10, 2]))
+    assert step == pytest.approx(6.0)    # tau_eff = 6 times the mean per-step progress 1
+
+
+@pytest.mark.parametrize("algorithm, local, match", [
+    (FedNova(mu=0.1), LocalTraining(momentum=0.9), "fednova.*not both"),
+])
+def test_fednova_refuses_momentum_with_a_proximal_term(algorithm, local, match):
+    with pytest.raises(FedkernValueError, match=match):
+        simulation(algorithm=algorithm, local=local)
+
+
+# --------------------------------------------------------------------------- q-FFL
+def q_fedavg_reference(deltas, losses, q, lipschitz):
+    """The paper's update written out client by client."""
+    numerator, denominator = np.zeros(deltas.shape[1]), 0.0
+    for delta_w, loss in zip(deltas, losses):
+        big_delta = lipschitz * (-delta_w)
+        numerator += loss ** q * big_delta
+        denominator += q * loss ** (q - 1) * big_delta @ big_delta + lipschitz * loss ** q
+    return -numerator / denominator
+
+
+def test_qffl_matches_the_papers_update():
+    rng = np.random.default_rng(1)
+    deltas, losses = rng.standard_normal((5, 4)), rng.uniform(0.2, 3.0, 5)
+    np.testing.assert_allclose(QFFL(q=2.0, lipschitz=4.0).combine(deltas, None, None, losses),
+                               q_fedavg_reference(deltas, losses, 2.0, 4.0), rtol=1e-6)
+
+
+def test_qffl_with_q_zero_is_the_unweighted_mean_over_l():
+    deltas = np.random.default_rng(2).standard_normal((3, 2))
+    np.testing.assert_allclose(QFFL(q=0.0, lipschitz=2.0).combine(deltas, None, None, np.array([1.0, 5.0, 9.0])),
+                               deltas.mean(axis=0), rtol=1e-6)
+
+
+def test_qffl_with_each_clients_own_loss_moves_toward_the_high_loss_client():
+    # two clients pulling along orthogonal axes by the same amount; client 1's loss is 4x client 0's
+    deltas, own = np.array([[1.0, 0.0], [0.0, 1.0]]), np.array([0.5, 2.0])
+    toward_high_over_low = lambda step: float(step[1] / step[0])
+    fair = QFFL(q=1.5, lipschitz=1.0)
+    with_own = fair.combine(deltas, None, None, own)
+    one_loss = fair.combine(deltas, None, None, np.full(2, own.mean()))     # Flower's single server loss
+    fedavg = deltas.mean(axis=0)
+    assert toward_high_over_low(with_own) == pytest.approx(4.0 ** 1.5)      # (F_1 / F_0)^q
+    assert toward_high_over_low(one_loss) == pytest.approx(1.0)             # the reweighting cancels
+    assert toward_high_over_low(fedavg) == pytest.approx(1.0)
+
+
+def test_qffl_round_uses_each_clients_loss_at_the_global_model():
+    data = federation(n_clients=5)
+    model = ToyModel(data.train.n_features, noise=0.0)
+    run = simulation(data, model=model, clients_per_round=5, local=LocalTraining(epochs=2, lr=0.5),
+                     algorithm=QFFL(q=1.5, lipschitz=2.0))
+    w0 = run.params.copy()
+    run.step()
+    deltas = local_quadratic_deltas(data.train, w0, 0.5, lambda x: 2)
+    losses = [model.loss(w0, *data.train.client(c)) for c in range(5)]
+    np.testing.assert_allclose(run.params, w0 + q_fedavg_reference(deltas, losses, 1.5, 2.0), rtol=1e-5, atol=1e-6)
+
+
+def test_qffl_refuses_losses_it_cannot_raise_to_a_power():
+    with pytest.raises(FedkernValueError, match="global_losses"):
+        QFFL().combine(np.ones((2, 1)), None, None, np.array([1.0, 0.0]))
+
+
+# --------------------------------------------------------------------------- SCAFFOLD
+CURVATURES, TARGETS = np.array([1.0, 4.0, 0.25]), np.array([[1.0, -2.0], [3.0, 0.5], [-1.0, 1.0]])
+
+
+def scaffold_round(scaffold, w, lr, steps):
+    """Every client of the quadratic federation 0.5 a_i ||w - m_i||^2 runs corrected SGD."""
+    deltas, variate_deltas = [], []
+    for i, (a, m) in enumerate(zip(CURVATURES, TARGETS)):
+        correction, y = scaffold.correction(i).astype(np.float64), w.copy()
+        for _ in range(steps):
+            y -= lr * (a * (y - m) + correction)
+        deltas.append(y - w)
+        variate_deltas.append(scaffold.client_update(i, y - w, steps, lr))
+    return w + scaffold.server_step(np.array(deltas), np.array(variate_deltas))
+
+
+def test_scaffold_round_matches_the_papers_option_two():
+    scaffold = Scaffold(global_lr=0.5)
+    scaffold.start(n_params=2, n_clients=4)      # one client never takes part: |S|/N = 3/4
+    w = np.zeros(2)
+    c, c_i = np.zeros(2), np.zeros((3, 2))
+    for _ in range(2):                           # the second round starts from non-zero variates
+        w_next = scaffold_round(scaffold, w, 0.1, 5)
+        ys = []
+        for i in range(3):
+            y = w.copy()
+            for _ in range(5):
+                y -= 0.1 * (CURVATURES[i] * (y - TARGETS[i]) - c_i[i] + c)
+            ys.append(y)
+        new_c_i = c_i - c + (w - np.array(ys)) / (5 * 0.1)
+        w_ref = w + 0.5 * (np.array(ys) - w).mean(axis=0)
+        c, c_i = c + 3 / 4 * (new_c_i - c_i).mean(axis=0), new_c_i
+        np.testing.assert_allclose(w_next, w_ref, rtol=1e-5, atol=1e-7)   # the step is float32
+        # the variates are float64; the correction the local steps see is float32
+        np.testing.assert_allclose(scaffold.server_variate, c, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(scaffold.client_variates[2], c_i[2], rtol=1e-6, atol=1e-7)
+        w = w_next
+
+
+def test_scaffold_removes_the_client_drift_that_biases_fedavg():
+    optimum = CURVATURES @ TARGETS / CURVATURES.sum()
+    scaffold, fedavg = Scaffold(), Scaffold()
+    for algorithm in (scaffold, fedavg):
+        algorithm.start(n_params=2, n_clients=3)
+    w_scaffold = w_fedavg = np.zeros(2)
+    for _ in range(200):
+        w_scaffold = scaffold_round(scaffold, w_scaffold, 0.1, 10)
+        w_fedavg = scaffold_round(fedavg, w_fedavg, 0.1, 10)
+        fedavg.start(n_params=2, n_clients=3)    # variates kept at 0: plain FedAvg
+    assert np.abs(w_scaffold - optimum).max() < 1e-6
+    assert np.abs(w_fedavg - optimum).max() > 0.1
+
+
+def test_scaffold_checkpoint_continues_bit_identically(tmp_path):
+    straight, resumed = Scaffold(), Scaffold()
+    straight.start(2, 3)
+    w = scaffold_round(straight, np.zeros(2), 0.1, 4)
+    checkpoint.save(tmp_path / "s.npz", straight.state(), {})
+    arrays, _ = checkpoint.load(tmp_path / "s.npz")
+    resumed.start(2, 3)
+    resumed.restore(arrays)
+    np.testing.assert_array_equal(scaffold_round(resumed, w, 0.1, 4), scaffold_round(straight, w, 0.1, 4))
+    np.testing.assert_array_equal(resumed.server_variate, straight.server_variate)
+
+
+def test_scaffold_is_refused_by_the_round_engine():
+    with pytest.raises(FedkernValueError, match="algorithm: scaffold is not run by Simulation"):
+        simulation(algorithm=Scaffold())
+
+
+# --------------------------------------------------------------------------- FedBuff
+def test_fedbuff_step_weights_updates_by_staleness():
+    deltas, staleness = np.array([[1.0, 2.0], [4.0, 0.0], [2.0, 2.0]]), np.array([0, 3, 8])
+    step = FedBuff(buffer_size=3, server_lr=0.5).server_step(deltas, staleness)
+    expected = 0.5 / 3 * (deltas[0] + deltas[1] / 2 + deltas[2] / 3)
+    np.testing.assert_allclose(step, expected, rtol=1e-6)
+
+
+TARGETS_BY_CLIENT = np.linspace(-1.0, 1.0, 7)[:, None] * np.ones((1, 3))
+
+
+def pull_toward_target(client, params, rng):
+    assert not params.flags.writeable
+    return (0.3 * (TARGETS_BY_CLIENT[client] - params) + 0.01 * rng.standard_normal(3)).astype(np.float32)
+
+
+def buffered(seed=0, **settings):
+    settings = {"buffer_size": 3, "concurrency": 5, **settings}
+    return BufferedRun(FedBuff(**settings), pull_toward_target, np.zeros(3, np.float32), n_clients=7, seed=seed)
+
+
+def test_fedbuff_with_one_client_in_flight_is_sequential_sgd():
+    run = buffered(buffer_size=1, concurrency=1)
+    run.run(4)
+    w = np.zeros(3, np.float32)
+    for j in range(4):       # the reference draws each dispatch's client from the same keyed stream
+        rng = np.random.Generator(np.random.Philox(key=np.array([0, j], np.uint64)))
+        client = int(rng.integers(7))
+        rng.exponential(1.0)
+        w = w + pull_toward_target(client, np.frombuffer(w.tobytes(), np.float32), rng)
+    np.testing.assert_array_equal(run.params, w)
+    assert all(record["staleness_max"] == 0 for record in run.history)
+
+
+def test_fedbuff_records_staleness_when_clients_overlap():
+    history = buffered().run(6)
+    assert [record["round"] for record in history] == list(range(1, 7))
+    assert max(record["staleness_max"] for record in history) >= 1
+    assert all(0 <= r["staleness_mean"] <= r["staleness_max"] for r in history)
+    assert all(a["time"] <= b["time"] for a, b in zip(history, history[1:]))
+
+
+def test_fedbuff_is_deterministic_under_a_seed():
+    first, second, other = buffered(seed=3), buffered(seed=3), buffered(seed=4)
+    for run in (first, second, other):
+        run.run(5)
+    assert first.params.tobytes() == second.params.tobytes() and first.history.records == second.history.records
+    assert first.params.tobytes() != other.params.tobytes()
+
+
+def test_fedbuff_checkpoint_continues_bit_identically(tmp_path):
+    straight, interrupted = buffered(seed=1), buffered(seed=1)
+    straight.run(5)
+    interrupted.run(2)
+    checkpoint.save(tmp_path / "b.npz", *interrupted.state())
+    resumed = buffered(seed=1)
+    resumed.restore(*checkpoint.load(tmp_path / "b.npz"))
+    resumed.run(5)
+    assert resumed.params.tobytes() == straight.params.tobytes() and resumed.history.records == straight.history.records
+    with pytest.raises(FedkernValueError, match="another seed"):
+        buffered(seed=2).restore(*checkpoint.load(tmp_path / "b.npz"))
+
+
+# --------------------------------------------------------------------------- config
+@pytest.mark.parametrize("table, kind", [({"name": "fednova"}, FedNova), ({"name": "qffl", "q": 0.5}, QFFL)])
+def test_config_builds_and_runs_the_combining_algorithms(table, kind):
+    simulation_, _ = config.build({**SMALL, "algorithm": table})
+    assert isinstance(simulation_.algorithm, kind)
+    simulation_.run(1)
+    assert np.isfinite(simulation_.params).all()
+
+
+@pytest.mark.parametrize("table, match", [
+    ({"name": "qffl", "q": -1.0}, "'algorithm'.*q must be >= 0"),
+    ({"name": "qffl", "lipschitz": 0.0}, "'algorithm'.*lipschitz must be > 0"),
+    ({"name": "fednova", "mu": -0.5}, "'algorithm'.*mu must be >= 0"),
+    ({"name": "scaffold", "global_lr": 0.0}, "'algorithm'.*global_lr must be > 0"),
+    ({"name": "scaffold"}, "'algorithm'.*not run by Simulation"),
+    ({"name": "fedbuff", "buffer_size": 0}, "'algorithm'.*buffer_size must be >= 1"),
+    ({"name": "fedbuff", "staleness_exponent": -1.0}, "'algorithm'.*staleness_exponent"),
+    ({"name": "fedbuff", "delay": 1.0}, "'algorithm'.*delay"),
+])
+def test_config_errors_name_the_algorithm_key(table, match):
+    with pytest.raises(ConfigError, match=match):
+        config.build({**SMALL, "algorithm": table})
+
+
+def test_combining_algorithms_refuse_a_robust_rule():
+    with pytest.raises(FedkernValueError, match="aggregator: fednova combines the updates itself"):
+        simulation(algorithm=FedNova(), aggregator="median")
+
+
+@pytest.mark.parametrize("algorithm", [FedNova(), QFFL(q=1.0, lipschitz=2.0)], ids=["fednova", "qffl"])
+def test_combining_algorithms_give_the_same_bits_on_threads(algorithm):
+    serial = simulation(algorithm=algorithm, stragglers=Stragglers(fraction=0.5), seed=5)
+    serial.run(3)
+    with simulation(algorithm=algorithm, stragglers=Stragglers(fraction=0.5), seed=5,
+                    executor=ThreadExecutor(workers=2)) as threaded:
+        threaded.run(3)
+    assert serial.params.tobytes() == threaded.params.tobytes()
