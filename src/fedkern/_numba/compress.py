@@ -127,7 +127,7 @@ def _quantize(x, offsets, steps, block_size, levels, bits, signed, seed, stream,
         g0 = c * COMPRESS_CHUNK
         g1 = min(d, g0 + COMPRESS_CHUNK)
         # a pass per step, each a loop LLVM vectorises: the chunk's words, the levels written
-        # over them, the packing (one loop doing all three, 8 coordinates at a time, ran 3x slower)
+        # over them, the packing (one loop doing all three, 8 coordinates at a time, ran 5x slower)
         level = _chunk_words(seed, stream, g0, g1 - g0)
         a = g0
         while a < g1:                # one block segment at a time: its offset and step are fixed
