@@ -442,17 +442,23 @@ cdef double _softmax_grad(_Net net, const double* logits, const int32_t* y, cons
 
 cdef struct _Sgd:
     double lr, momentum, weight_decay, mu
+    # where SCAFFOLD's correction lies from the start weights, in doubles (0: no correction):
+    # a fixed distance in the training block, so the step finds it from W0 alone
+    Py_ssize_t correction
 
 
 cdef inline void _step(double* W, double* V, const double* W0, fk_v8 g, _Sgd h) noexcept nogil:
     """One vector of the SGD step given its gradient sum g: g += weight_decay w +
-    mu (w - w0); v = momentum v + g; w -= lr v."""
+    mu (w - w0) (+ the correction c - c_i); v = momentum v + g; w -= lr v."""
     cdef fk_v8 w = fk_load(W), v
     # w - w0 as w + (-1) w0 and w - lr v as w + (-lr) v: exact rewrites of the
     # subtractions (negation is exact), so the helpers need no subtraction
     cdef fk_v8 d = fk_add(fk_mul(fk_splat(h.weight_decay), w),
                           fk_mul(fk_splat(h.mu), fk_add(w, fk_mul(fk_splat(-1.0), fk_load(W0)))))
-    v = fk_add(fk_mul(fk_splat(h.momentum), fk_load(V)), fk_add(g, d))
+    g = fk_add(g, d)
+    if h.correction:
+        g = fk_add(g, fk_load(W0 + h.correction))
+    v = fk_add(fk_mul(fk_splat(h.momentum), fk_load(V)), g)
     fk_store(V, v)
     fk_store(W, fk_add(w, fk_mul(fk_splat(-h.lr), v)))
 
@@ -624,10 +630,11 @@ def shuffle(uint64_t seed, int64_t[:, ::1] order) -> None:
 
 def train(const float[::1] params, const int64_t[::1] sizes, const float[:, ::1] x, const int32_t[::1] y,
           const int64_t[:, ::1] order, Py_ssize_t batch_size, double lr, double momentum,
-          double weight_decay, double mu, float[::1] delta_out) -> float:
+          double weight_decay, double mu, const float[::1] correction, float[::1] delta_out) -> float:
     """Minibatch SGD from ``params`` over the row order (epochs, n); delta_out =
     float32(w_final) - params; returns the sum over steps of each step's mean batch
-    cross-entropy (taken before the step). See ``fedkern._reference.models.train``."""
+    cross-entropy (taken before the step); ``correction`` (like params, or None) is added
+    to every gradient. See ``fedkern._reference.models.train``."""
     cdef _Net net = _Net(sizes)
     cdef Py_ssize_t n = x.shape[0], f = x.shape[1], epochs = order.shape[0]
     cdef Py_ssize_t rows = min(batch_size, n), tiled = _tiled(rows)
@@ -635,21 +642,24 @@ def train(const float[::1] params, const int64_t[::1] sizes, const float[:, ::1]
     cdef Py_ssize_t n_acts = _output_block(net, tiled, f, net.layers)
     cdef Py_ssize_t n_dz = _padded(rows * net.widest)
     cdef Py_ssize_t n_wt = _transposed_length(net)
-    cdef void* block = scratch((3 * p + n_acts + 2 * n_dz + n_wt + 8) * sizeof(double))
+    cdef void* block = scratch((4 * p + n_acts + 2 * n_dz + n_wt + 8) * sizeof(double))
     cdef double* w = _aligned(block)
     cdef double* start_w = w + p
     cdef double* velocity = start_w + p
-    cdef double* dz = velocity + p
+    cdef double* shift = velocity + p             # start_w + 2p: _Sgd.correction
+    cdef double* dz = shift + p
     cdef double* da = dz + n_dz
     cdef double* acts = da + n_dz
     cdef double* logits = acts + _output_block(net, tiled, f, net.layers - 1)
     cdef double* WT = acts + n_acts
-    cdef _Sgd h = _Sgd(lr, momentum, weight_decay, mu)
+    cdef _Sgd h = _Sgd(lr, momentum, weight_decay, mu, 0 if correction is None else 2 * p)
     cdef double total = 0.0
     cdef Py_ssize_t e, s, nb, i
     cdef const int64_t* batch
     with nogil:
         _load(net, &params[0], start_w)
+        if h.correction:
+            _load(net, &correction[0], shift)
         for i in range(p):
             w[i] = start_w[i]
             velocity[i] = 0.0

@@ -151,9 +151,10 @@ class ModelsKernels(Protocol):
 
     def train(self, params: np.ndarray, sizes: np.ndarray, x: np.ndarray, y: np.ndarray, order: np.ndarray,
               batch_size: int, lr: float, momentum: float, weight_decay: float, mu: float,
-              delta_out: np.ndarray) -> float:
-        """Minibatch SGD from params over the row order (epochs, n); delta_out = w_final - params;
-        returns the sum of the steps' mean batch losses."""
+              correction: np.ndarray | None, delta_out: np.ndarray) -> float:
+        """Minibatch SGD from params over the row order (epochs, n), ``correction`` (float32
+        like params, or None) added to every gradient; delta_out = w_final - params; returns
+        the sum of the steps' mean batch losses."""
 
     def evaluate(self, params: np.ndarray, sizes: np.ndarray, x: np.ndarray, y: np.ndarray,
                  predictions: np.ndarray) -> float:

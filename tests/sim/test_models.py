@@ -63,6 +63,50 @@ def test_backends_agree(backend, kind, seed, n, f, c, batch):
 
 
 @pytest.mark.parametrize("backend", COMPILED)
+@pytest.mark.parametrize("hidden", [[], [7], [9], [16, 3]])
+def test_backends_agree_with_a_correction(backend, hidden):
+    """SCAFFOLD's correction, added to every gradient: the compiled kernels (Cython's in
+    its padded layout) against the reference's g += correction; zeros change nothing."""
+    f, c = 9, 5
+    x, y = data(31, f, c, seed=len(hidden))
+    config = LocalTraining(epochs=2, batch_size=7, lr=0.1, momentum=0.5, weight_decay=0.01, mu=0.1)
+    fast, slow = MLP(f, hidden, c, backend=backend), MLP(f, hidden, c, backend="reference")
+    params = fast.init(np.random.default_rng(3))
+    correction = np.random.default_rng(4).normal(0.0, 0.5, fast.n_params).astype(np.float32)
+    got, want = np.empty_like(params), np.empty_like(params)
+    fast.train(params, x, y, config, np.random.default_rng(0), got, correction)
+    slow.train(params, x, y, config, np.random.default_rng(0), want, correction)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * float(np.abs(want).max()))
+    plain, zeros = trained_delta(fast, params, x, y, config, 0)[0], np.empty_like(params)
+    fast.train(params, x, y, config, np.random.default_rng(0), zeros, np.zeros_like(params))
+    np.testing.assert_array_equal(zeros, plain)
+    assert np.abs(got - plain).max() > 1e-3       # the correction moved the model
+
+
+def test_a_correction_is_added_to_every_step():
+    """One full-batch step of plain SGD is w - lr (g(w) + correction): the correction moves
+    the delta by -lr correction (to the float32 rounding of the deltas)."""
+    x, y = data(12, 3, 2, seed=5)
+    model = LogisticRegression(3, 2, backend="reference")
+    params = np.zeros(model.n_params, np.float32)
+    config = LocalTraining(epochs=1, batch_size=12, lr=0.5)        # one step
+    correction = np.arange(model.n_params, dtype=np.float32) / 8
+    plain, shifted = np.empty_like(params), np.empty_like(params)
+    model.train(params, x, y, config, np.random.default_rng(0), plain)
+    model.train(params, x, y, config, np.random.default_rng(0), shifted, correction)
+    np.testing.assert_allclose(shifted - plain, -0.5 * correction, atol=1e-7)
+
+
+def test_a_bad_correction_is_refused():
+    model = LogisticRegression(3, 2)
+    x, y = data(5, 3, 2)
+    params, delta = np.zeros(model.n_params, np.float32), np.empty(model.n_params, np.float32)
+    for bad in (np.zeros(model.n_params), np.zeros(model.n_params - 1, np.float32)):
+        with pytest.raises((FedkernTypeError, FedkernValueError), match="correction"):
+            model.train(params, x, y, LocalTraining(), np.random.default_rng(0), delta, bad)
+
+
+@pytest.mark.parametrize("backend", COMPILED)
 @pytest.mark.parametrize("hidden", [[], [1], [7], [8], [9], [16, 3], [24, 17, 8]])
 @pytest.mark.parametrize("f, c", [(1, 2), (8, 8), (9, 17), (16, 7)])
 def test_backends_agree_at_widths_around_the_vector_lanes(backend, hidden, f, c):

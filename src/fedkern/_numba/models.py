@@ -284,11 +284,15 @@ def _backward(w, dims, offsets, blocks, acts, nb, dz, da, grad):
 
 
 @njit(**HELPER)
-def _step(w, grad, velocity, start_w, lr, momentum, weight_decay, mu):
+def _step(w, grad, velocity, start_w, lr, momentum, weight_decay, mu, shift):
     """One SGD step on every parameter, one fused contiguous loop:
-    g += weight_decay w + mu (w - start_w); v = momentum v + g; w -= lr v."""
+    g += weight_decay w + mu (w - start_w) (+ shift, unless it is empty); v = momentum v + g;
+    w -= lr v."""
+    shifted = shift.shape[0] > 0
     for i in range(w.shape[0]):
         g = grad[i] + weight_decay * w[i] + mu * (w[i] - start_w[i])
+        if shifted:
+            g += shift[i]
         v = momentum * velocity[i] + g
         velocity[i] = v
         w[i] -= lr * v
@@ -327,13 +331,14 @@ def shuffle(seed, order):
 
 
 @njit(**KERNEL)
-def train(params, sizes, x, y, order, batch_size, lr, momentum, weight_decay, mu, delta_out):
+def train(params, sizes, x, y, order, batch_size, lr, momentum, weight_decay, mu, correction, delta_out):
     """Minibatch SGD from ``params``; delta_out = float32(w_final) - params; returns the sum
     over steps of each step's mean batch cross-entropy (taken before the step).
 
     ``order`` is (epochs, n): epoch e visits rows order[e] in batches of ``batch_size``,
     the last one smaller when batch_size does not divide n. Each step, with g the batch
-    mean gradient: g += weight_decay w + mu (w - params); v = momentum v + g; w -= lr v.
+    mean gradient: g += weight_decay w + mu (w - params) (+ correction, a float32 vector
+    like params, or None: SCAFFOLD's c - c_i); v = momentum v + g; w -= lr v.
     """
     dims = sizes.astype(np.uint64)
     n = np.uint64(x.shape[0])
@@ -349,6 +354,9 @@ def train(params, sizes, x, y, order, batch_size, lr, momentum, weight_decay, mu
     velocity = np.zeros(n_params, np.float64)
     start_w = np.empty(n_params, np.float64)
     _to_kernel_layout(params, dims, offsets, start_w)
+    shift = np.empty(np.uint64(0) if correction is None else n_params, np.float64)
+    if correction is not None:       # pruned at compile time when it is None
+        _to_kernel_layout(correction, dims, offsets, shift)
     w = start_w.copy()
     logits = blocks[-2]
     n_out = dims[-1]
@@ -361,7 +369,7 @@ def train(params, sizes, x, y, order, batch_size, lr, momentum, weight_decay, mu
             _forward(w, dims, offsets, blocks, acts, nb)
             total += _softmax_rows(acts, logits, n_out, y, rows, start, nb, 1.0 / nb, dz) / nb
             _backward(w, dims, offsets, blocks, acts, nb, dz, da, grad)
-            _step(w, grad, velocity, start_w, lr, momentum, weight_decay, mu)
+            _step(w, grad, velocity, start_w, lr, momentum, weight_decay, mu, shift)
     _from_kernel_layout(w, dims, offsets, grad)
     for i in range(n_params):
         delta_out[i] = np.float32(grad[i]) - params[i]

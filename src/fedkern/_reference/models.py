@@ -100,9 +100,10 @@ def _gradient(params, sizes, x, y):
     return _backward(w, sizes, acts, probs / len(y))
 
 
-def train(params, sizes, x, y, order, batch_size, lr, momentum, weight_decay, mu, delta_out):
+def train(params, sizes, x, y, order, batch_size, lr, momentum, weight_decay, mu, correction, delta_out):
     """Minibatch SGD from ``params``; see ``fedkern._numba.models.train``."""
     n = x.shape[0]
+    shift = None if correction is None else correction.astype(np.float64)
     start_w = params.astype(np.float64)
     w = start_w.copy()
     velocity = np.zeros_like(w)
@@ -118,6 +119,8 @@ def train(params, sizes, x, y, order, batch_size, lr, momentum, weight_decay, mu
             probs[np.arange(len(idx)), labels] -= 1.0
             g = _backward(w, sizes, acts, probs * (1.0 / len(idx)))
             g += weight_decay * w + mu * (w - start_w)
+            if shift is not None:
+                g += shift
             velocity = momentum * velocity + g
             w -= lr * velocity
     delta_out[...] = w.astype(np.float32) - params

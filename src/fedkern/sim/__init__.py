@@ -7,8 +7,8 @@ Pieces, each usable alone inside another simulator:
 - :mod:`~fedkern.sim.partition`: IID, Dirichlet label skew, shards, labels per client, quantity skew
 - :mod:`~fedkern.sim.models`: logistic regression and an MLP trained by compiled kernels (Cython or Numba)
 - :mod:`~fedkern.sim.sampling`: client samplers
-- :mod:`~fedkern.sim.algorithms`: FedAvg, FedProx, FedNova, q-FFL (run by :class:`Simulation`), SCAFFOLD and
-  FedBuff (client and server math, not run by :class:`Simulation` yet)
+- :mod:`~fedkern.sim.algorithms`: FedAvg, FedProx, FedNova, q-FFL, SCAFFOLD (run by :class:`Simulation`) and
+  FedBuff (asynchronous: its own :class:`~fedkern.sim.algorithms.BufferedRun`)
 - :mod:`~fedkern.sim.rounds`: :class:`Simulation`, the round's stages and their settings
 - :mod:`~fedkern.sim.privacy`: :class:`DifferentialPrivacy` (DP-FedAvg) and a run's privacy ledger
 - :mod:`~fedkern.sim.secure`: :class:`SecureAggregation` (masked sums, Bonawitz et al. / SecAgg+)

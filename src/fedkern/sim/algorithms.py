@@ -5,9 +5,10 @@ client's local objective. For FedAvg and FedProx the server side (aggregation ru
 server optimizer) is chosen separately, so they combine with any rule and optimizer.
 FedNova and q-FFL replace the mean by their own combination of the round's updates
 (:meth:`FedNova.combine`, :meth:`QFFL.combine`), which the round passes to the server
-optimizer. SCAFFOLD keeps control variates per client (:class:`Scaffold`), and FedBuff
-is asynchronous (:class:`FedBuff`, :class:`BufferedRun`): both are defined and tested
-here but not yet run by :class:`~fedkern.sim.rounds.Simulation`, which refuses them.
+optimizer. SCAFFOLD keeps control variates per client (:class:`Scaffold`) and corrects every
+local step with them. FedBuff is asynchronous (:class:`FedBuff`, :class:`BufferedRun`):
+it is defined and tested here but not run by :class:`~fedkern.sim.rounds.Simulation`,
+whose rounds are synchronous, which refuses it.
 
 Every server side works on flat parameter vectors; a delta is ``w_client - w_global``
 and the returned step is added to the global model (``w += lr * step`` by the server
@@ -47,6 +48,8 @@ class FedAvg:
     needs_global_loss = False
     #: False if :class:`~fedkern.sim.rounds.Simulation` cannot run the algorithm yet
     runs_in_simulation = True
+    #: True if each client trains with a correction of its gradient (:meth:`Scaffold.correction`)
+    corrects_clients = False
 
     def local(self, base: LocalTraining) -> LocalTraining:
         """The local training settings every client of this algorithm uses."""
@@ -143,7 +146,7 @@ class FedNova(FedProx):
         return tau
 
     def combine(self, deltas: np.ndarray, weights: np.ndarray, steps: np.ndarray,
-                global_losses: np.ndarray | None = None) -> np.ndarray:
+                global_losses: np.ndarray | None = None, clients: np.ndarray | None = None) -> np.ndarray:
         """The server's step from the round's deltas, client weights and step counts."""
         if self._training is None:
             raise FedkernValueError("algorithm: call local() before combine() (it sets the local optimizer)")
@@ -196,10 +199,10 @@ class QFFL(FedAvg):
         self.q = check.real(q, "q", low=0.0)
         self.lipschitz = check.real(lipschitz, "lipschitz", low=0.0, low_inclusive=False)
 
-    def combine(self, deltas: np.ndarray, weights, steps, global_losses: np.ndarray) -> np.ndarray:
+    def combine(self, deltas: np.ndarray, weights, steps, global_losses: np.ndarray, clients=None) -> np.ndarray:
         """The server's step (``w += step``) from the deltas and each client's loss at w.
 
-        ``weights`` and ``steps`` are not used: the losses do the weighting."""
+        ``weights``, ``steps`` and ``clients`` are not used: the losses do the weighting."""
         losses = np.asarray(global_losses, np.float64)
         if not np.all(np.isfinite(losses) & (losses > 0)):
             raise FedkernValueError("global_losses: q-FFL needs every client's loss at the global model finite and > 0")
@@ -231,8 +234,13 @@ class Scaffold(FedAvg):
         x \leftarrow x + \eta_g \frac{1}{|S|} \sum_{i \in S} \Delta y_i, \qquad
         c \leftarrow c + \frac{|S|}{N} \frac{1}{|S|} \sum_{i \in S} \Delta c_i.
 
-    Not run by :class:`~fedkern.sim.rounds.Simulation` yet (the local kernels take no
-    correction term); :meth:`state` and :meth:`restore` give its checkpoint arrays.
+    In :class:`~fedkern.sim.rounds.Simulation` (``{name = "scaffold"}`` in a config) each
+    client's local SGD adds the correction to every step's gradient (the built-in models'
+    ``train(..., correction=)``), K is its own step count (a straggler's partial work
+    counts as run), the mean over the round's arrived clients is unweighted, as in the
+    paper, and the server optimizer applies the step. A client without data sends a zero
+    update and keeps its variate. The variates belong to the run: they are checkpointed
+    with it (:meth:`state`, :meth:`restore`), and :meth:`start` resets them.
 
     Parameters
     ----------
@@ -252,13 +260,22 @@ class Scaffold(FedAvg):
     """
 
     name = "scaffold"
-    runs_in_simulation = False
+    combines_updates = True
+    corrects_clients = True
 
     def __init__(self, global_lr: float = 1.0):
         self.global_lr = check.real(global_lr, "global_lr", low=0.0, low_inclusive=False)
         self.server_variate: np.ndarray | None = None
         self.client_variates: dict[int, np.ndarray] = {}
         self.n_clients = 0
+        self._lr: float | None = None
+
+    def local(self, base: LocalTraining) -> LocalTraining:
+        if base.momentum:
+            raise FedkernValueError("algorithm: scaffold's option II variate assumes plain local SGD; "
+                                    "set the local momentum to 0")
+        self._lr = base.lr
+        return base
 
     def start(self, n_params: int, n_clients: int) -> None:
         """Zero variates for a federation of ``n_clients`` and models of ``n_params``."""
@@ -293,6 +310,18 @@ class Scaffold(FedAvg):
         cohort = deltas.shape[0]
         self.server_variate = self.server_variate + cohort / self.n_clients * variate_deltas.mean(axis=0)
         return (self.global_lr * deltas.mean(axis=0)).astype(np.float32)
+
+    def combine(self, deltas: np.ndarray, weights, steps: np.ndarray, global_losses=None,
+                clients: np.ndarray | None = None) -> np.ndarray:
+        """The round's server side: every arrived client's new variate (in cohort order),
+        then :meth:`server_step`. ``weights`` are not used (the paper's mean is unweighted)."""
+        if self._lr is None or clients is None:
+            raise FedkernValueError("algorithm: scaffold needs local() and each row's client before combine()")
+        variate_deltas = np.zeros((len(clients), self.server_variate.size))
+        for row, (client, delta, taken) in enumerate(zip(clients, deltas, steps)):
+            if taken:                                     # a client without data keeps its variate
+                variate_deltas[row] = self.client_update(int(client), delta, int(taken), self._lr)
+        return self.server_step(deltas, variate_deltas)
 
     def state(self) -> dict[str, np.ndarray]:
         """The variates as checkpoint arrays (clients in id order)."""

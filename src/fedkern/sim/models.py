@@ -198,14 +198,21 @@ class _DenseNetwork:
             raise FedkernValueError(f"y[{bad}] is {y[bad]}; labels must be in 0 .. {self.n_classes - 1}")
         return n
 
+    #: train() takes SCAFFOLD's ``correction`` (a model of your own may too: set this)
+    takes_correction = True
+
     def train(self, params: np.ndarray, x: np.ndarray, y: np.ndarray, config: LocalTraining,
-              rng: np.random.Generator, delta_out: np.ndarray) -> TrainResult:
+              rng: np.random.Generator, delta_out: np.ndarray, correction: np.ndarray | None = None) -> TrainResult:
         """Run local SGD from ``params`` on (x, y); write ``delta_out = w_after - params``.
 
         See the module docstring for the step, the batch order and the precision. A
         client with no rows leaves the model as it is: delta 0, loss nan, 0 steps.
+        ``correction`` (float32, like ``params``; SCAFFOLD's c - c_i) is added to every
+        step's gradient.
         """
         n = self._check(params, x, y)
+        if correction is not None:
+            _check_array(correction, "correction", np.float32, (self.n_params,))
         if not isinstance(config, LocalTraining):
             raise FedkernTypeError(f"config must be a LocalTraining; got {type(config).__name__}")
         if not isinstance(rng, np.random.Generator):
@@ -221,7 +228,7 @@ class _DenseNetwork:
         order = np.empty((config.epochs, n), np.int64)
         self._kernels.shuffle(rng.integers(2**64, dtype=np.uint64), order)
         total = self._kernels.train(params, self._sizes, x, y, order, config.batch_size, config.lr,
-                                    config.momentum, config.weight_decay, config.mu, delta_out)
+                                    config.momentum, config.weight_decay, config.mu, correction, delta_out)
         steps = config.epochs * -(-n // config.batch_size)
         return TrainResult(float(total) / steps, steps)
 

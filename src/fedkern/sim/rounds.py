@@ -173,8 +173,8 @@ class _ChunkRows(threading.local):
 _chunk_rows = _ChunkRows()
 
 
-def _train(model, params, x, y, config, rng, delta_out):
-    return model.train(params, x, y, config, rng, delta_out)
+def _train(model, params, x, y, config, rng, delta_out, **correction):
+    return model.train(params, x, y, config, rng, delta_out, **correction)
 
 
 # --------------------------------------------------------------------------- settings
@@ -399,8 +399,9 @@ class Simulation:
     clients_per_round : clients selected each round
     local : the local training settings (epochs, batch size, learning rate, ...)
     algorithm : :class:`~fedkern.sim.algorithms.FedAvg` (default), ``FedProx``, or ``FedNova``
-        / ``QFFL``, which replace the mean (they need the ``mean`` aggregator, and no
-        privacy, secure aggregation, compression or update attack)
+        / ``QFFL`` / ``Scaffold``, which replace the mean (they need the ``mean``
+        aggregator, and no privacy, secure aggregation, compression or update attack;
+        ``Scaffold`` also a model whose ``train`` takes ``correction=``)
     sampler : a :mod:`~fedkern.sim.sampling` sampler (default uniform)
     availability : each client's probability of being online in a round (scalar or per client)
     aggregator : an :class:`Aggregator` or a rule name (default ``"mean"``)
@@ -480,6 +481,8 @@ class Simulation:
         self.byzantine = (attack.byzantine(self.train_data.n_clients, stream(self.seed, STREAM_INIT, 1))
                           if attack else np.zeros(self.train_data.n_clients, bool))
         self.previous = np.zeros_like(self.params)   # the last aggregate (centered clipping's centre)
+        if self.algorithm.corrects_clients:          # SCAFFOLD's variates, zero at the start of a run
+            self.algorithm.start(model.n_params, self.train_data.n_clients)
         self.round = 0
         self.history = History()
         self._matrix: UpdateMatrix | None = None
@@ -495,6 +498,13 @@ class Simulation:
         if not algorithm.runs_in_simulation:
             raise FedkernValueError(f"algorithm: {algorithm.name} is not run by Simulation yet "
                                     f"(its math is in fedkern.sim.algorithms.{type(algorithm).__name__})")
+        if algorithm.corrects_clients:
+            if not getattr(self.model, "takes_correction", False):
+                raise FedkernValueError(f"model: {algorithm.name} corrects every local step, so the model's train() "
+                                        f"must take correction= (and set takes_correction = True)")
+            if self.client_update is not _train:
+                raise FedkernValueError(f"client_update: not with {algorithm.name}, which passes each client's "
+                                        f"correction to the model's train()")
         if not algorithm.combines_updates:
             return
         if not self.aggregator.streaming:
@@ -660,7 +670,7 @@ class Simulation:
         # Python ints: indexing them costs less than numpy scalars, once per client
         clients, epochs = plan["clients"][begin:end].tolist(), plan["epochs"][begin:end].tolist()
         trains, flips = plan["trains"][begin:end].tolist(), plan["flips"][begin:end].tolist()
-        local_noise = plan["local_noise"]
+        local_noise, corrections = plan["local_noise"], plan["corrections"]
         for j in range(end - begin):
             if not trains[j]:
                 continue
@@ -669,8 +679,12 @@ class Simulation:
             y = data.y[first:last]
             if flips[j]:
                 y = top_label - y
-            result = update(self.model, params, data.x[first:last], y, self._config(epochs[j]),
-                            _streams.get(self.seed, r, c), rows[j])
+            if corrections is None:
+                result = update(self.model, params, data.x[first:last], y, self._config(epochs[j]),
+                                _streams.get(self.seed, r, c), rows[j])
+            else:
+                result = update(self.model, params, data.x[first:last], y, self._config(epochs[j]),
+                                _streams.get(self.seed, r, c), rows[j], correction=corrections[begin + j])
             loss[j], steps[j] = result.loss, result.steps
             if local_noise is not None:
                 self._noise_locally(rows[j], local_noise, r, c)
@@ -731,11 +745,11 @@ class Simulation:
         return self._matrix.array[:n]
 
     def _combine(self, rows: np.ndarray, sizes: np.ndarray, steps: np.ndarray, clients: np.ndarray) -> np.ndarray:
-        """FedNova's or q-FFL's step from the accepted rows, with each client's loss at the
-        global model (on its own training data) when the algorithm needs it."""
+        """FedNova's, q-FFL's or SCAFFOLD's step from the accepted rows, with each client's
+        loss at the global model (on its own training data) when the algorithm needs it."""
         losses = self._client_losses(clients) if self.algorithm.needs_global_loss else None
         weights = sizes if self.aggregator.weights == "size" else np.ones(sizes.size)
-        return self.algorithm.combine(rows, weights, steps, losses)
+        return self.algorithm.combine(rows, weights, steps, losses, clients)
 
     def _screen(self, rows: np.ndarray) -> np.ndarray:
         """Accepted rows: finite, and within reject_norm_ratio x the median norm if set."""
@@ -775,7 +789,9 @@ class Simulation:
                 "rows": self._rows(n) if self.needs_rows and n else None,
                 "sum_kernels": backends.kernels("aggregate", self.backend, "weighted_sum"),
                 "clip": private.clip if private and private.central else None,
-                "local_noise": (private.clip, private.value_multiplier) if private and not private.central else None}
+                "local_noise": (private.clip, private.value_multiplier) if private and not private.central else None,
+                "corrections": (np.stack([self.algorithm.correction(c) for c in clients.tolist()])
+                                if self.algorithm.corrects_clients and n else None)}
         plan["codec"] = plan["codec_seeds"] = plan["residuals"] = None
         if self.compression is not None:
             plan["codec"], seeds = self._round_codec(rng, selected.size)
@@ -970,6 +986,8 @@ class Simulation:
             private_arrays, private_meta = self.privacy.state()
             arrays.update(private_arrays)
             meta.update(private_meta)
+        if self.algorithm.corrects_clients:
+            arrays.update(self.algorithm.state())
         if self.compression is not None and self.compression.error_feedback:
             ids = sorted(self.residuals)
             arrays["compression.clients"] = np.array(ids, np.int64)
@@ -992,6 +1010,11 @@ class Simulation:
                                     f"{'without' if feedback else 'with'} error feedback")
         if feedback:
             self.residuals = dict(zip(arrays["compression.clients"].tolist(), arrays["compression.residuals"]))
+        if self.algorithm.corrects_clients != ("scaffold.server" in arrays):
+            raise FedkernValueError(f"checkpoint {str(path)!r} was written by a run "
+                                    f"{'without' if self.algorithm.corrects_clients else 'with'} SCAFFOLD's variates")
+        if self.algorithm.corrects_clients:
+            self.algorithm.restore(arrays)
         self.params[...] = arrays["params"]
         self.previous = arrays["previous"]
         self.optimizer.state = {k.split(".", 1)[1]: v for k, v in arrays.items() if k.startswith("optimizer.")}
