@@ -32,13 +32,18 @@ ALGORITHMS = {
 }
 
 
-def accuracy(dataset: str, partition: dict, algorithm: dict, seed: int) -> float:
+def final_record(dataset: str, partition: dict, algorithm: dict, seed: int) -> dict:
+    """The last round's history record of one run of the protocol (shared by sim_fbl.py)."""
     settings = {**PROTOCOL, "seed": seed, "eval_every": PROTOCOL["rounds"], "dataset": {"name": dataset},
                 "partition": {**partition, "seed": seed}, "algorithm": algorithm}
     simulation, resolved = config.build(settings)
     history = simulation.run(resolved["rounds"])
     simulation.close()
-    return 100 * history.last("test_accuracy")
+    return history.records[-1]
+
+
+def accuracy(dataset: str, partition: dict, algorithm: dict, seed: int) -> float:
+    return 100 * final_record(dataset, partition, algorithm, seed)["test_accuracy"]
 
 
 def main() -> None:

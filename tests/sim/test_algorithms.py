@@ -2,9 +2,14 @@
 import numpy as np
 import pytest
 
-from fedkern import FedkernValueError
+from fedkern import FedkernTypeError, FedkernValueError
 from fedkern.sim import LocalTraining, Stragglers, ThreadExecutor, checkpoint, config
-from fedkern.sim.algorithms import BufferedRun, FedBuff, FedNova, QFFL, Scaffold
+from fedkern.sim.algorithms import FBL, BufferedRun, FedAvg, FedBuff, FedNova, QFFL, Scaffold
+from fedkern.sim.data import FederatedDataset
+from fedkern.sim.models import LogisticRegression
+from fedkern.sim.privacy import DifferentialPrivacy
+from fedkern.sim.sampling import ByWeight, BySize, Uniform
+from fedkern.sim.secure import SecureAggregation
 from fedkern.sim.config import ConfigError
 from fedkern.sim.models import TrainResult
 
@@ -388,3 +393,137 @@ def test_combining_algorithms_give_the_same_bits_on_threads(algorithm):
                     executor=ThreadExecutor(workers=2)) as threaded:
         threaded.run(3)
     assert serial.params.tobytes() == threaded.params.tobytes()
+
+
+# --------------------------------------------------------------------------- FBL
+def skewed(n_clients=6, seed=0):
+    """The toy federation relabelled so that client i holds class 1 in a share from 5% to 95%."""
+    data = federation(n_clients=n_clients, seed=seed)
+    rng = np.random.default_rng(seed)
+    share = np.linspace(0.05, 0.95, n_clients)
+    y = np.concatenate([(rng.random(n) < share[i]).astype(np.int32) for i, n in enumerate(data.train.sizes)])
+    return FederatedDataset(data.train.with_labels(y), data.test, "skewed")
+
+
+def test_fbl_masses_and_priors_follow_their_formulas():
+    counts = np.array([[90, 10, 0], [10, 0, 5], [0, 0, 0]])
+    fbl = FBL(tau=0.5)
+    fbl.fit(counts)
+    np.testing.assert_allclose(fbl.server_weights(), [90 / 100 + 10 / 10, 10 / 100 + 5 / 5, 0.0])
+    np.testing.assert_allclose(fbl.logit_adjustment(1), 0.5 * np.log(np.array([11, 1, 6]) / 18), rtol=1e-6)
+    np.testing.assert_allclose(fbl.logit_adjustment(2), np.full(3, 0.5 * np.log(1 / 3)), rtol=1e-6)
+    assert fbl.logit_adjustment(0).dtype == np.float32
+
+
+def test_fbl_masses_are_fedavgs_weights_on_a_balanced_federation():
+    fbl = FBL()
+    fbl.fit(np.outer([3, 7, 20], [2, 5, 1]))       # every client holds the classes in one proportion
+    sizes = np.array([3, 7, 20]) * 8
+    np.testing.assert_allclose(fbl.server_weights() / fbl.server_weights().sum(), sizes / sizes.sum())
+
+
+def test_fbl_with_every_part_off_is_fedavg_bit_for_bit():
+    data = skewed()
+    plain, off = simulation(data, seed=3), simulation(data, seed=3, algorithm=FBL(False, False, False))
+    plain.run(3)
+    off.run(3)
+    assert plain.params.tobytes() == off.params.tobytes()
+
+
+def recorded_updates():
+    """A client_update that trains as usual and keeps every delta it wrote."""
+    deltas = []
+
+    def update(model, params, x, y, config, rng, delta_out):
+        result = model.train(params, x, y, config, rng, delta_out)
+        deltas.append(delta_out.astype(np.float64))
+        return result
+    return update, deltas
+
+
+def test_fbl_weighs_the_servers_mean_by_class_balanced_mass():
+    data = skewed()
+    update, deltas = recorded_updates()
+    run = simulation(data, clients_per_round=6, client_update=update,
+                     algorithm=FBL(balanced_loss=False, balanced_sampling=False))
+    start = run.params.astype(np.float64)
+    run.step()
+    counts = data.train.label_counts()
+    mass = (counts / counts.sum(axis=0)).sum(axis=1)
+    np.testing.assert_allclose(run.params - start, mass @ np.array(deltas) / mass.sum(), rtol=1e-5, atol=1e-6)
+    fedavg_step = data.train.sizes @ np.array(deltas) / data.train.sizes.sum()
+    assert np.abs(run.params - start - fedavg_step).max() > 1e-3        # not FedAvg's weights
+
+
+def test_fbl_samples_by_mass_in_place_of_uniform_sampling():
+    data = skewed()
+    for given in (None, Uniform()):
+        run = simulation(data, algorithm=FBL(balanced_loss=False), sampler=given)
+        assert isinstance(run.sampler, ByWeight) and run.sampler.weights.tolist() == run.algorithm.mass.tolist()
+    assert isinstance(simulation(data, algorithm=FBL(balanced_loss=False, balanced_sampling=False)).sampler, Uniform)
+    with pytest.raises(FedkernValueError, match="sampler: fbl draws its cohorts itself"):
+        simulation(data, algorithm=FBL(balanced_loss=False), sampler=BySize())
+
+
+class AdjustmentSpy(LogisticRegression):
+    """Logistic regression that keeps the logit adjustment of every train() call."""
+
+    def __init__(self, n_features):
+        super().__init__(n_features, 2)
+        self.seen = []
+
+    def train(self, *args, logit_adjustment=None, **kwargs):
+        self.seen.append(logit_adjustment.tolist())
+        return super().train(*args, logit_adjustment=logit_adjustment, **kwargs)
+
+
+def test_fbl_trains_every_client_with_its_own_logit_adjustment():
+    data = skewed()
+    model = AdjustmentSpy(data.train.n_features)
+    run = simulation(data, model=model, clients_per_round=6, algorithm=FBL(tau=2.0))
+    run.step()
+    counts = data.train.label_counts()
+    prior = (counts + 1) / (counts.sum(axis=1, keepdims=True) + 2)
+    np.testing.assert_allclose(model.seen, 2.0 * np.log(prior), rtol=1e-6)
+    assert len({tuple(row) for row in model.seen}) == 6
+
+
+def test_fbl_refuses_what_would_drop_a_part():
+    data = skewed()
+    with pytest.raises(FedkernValueError, match="model: fbl adjusts every client's logits"):
+        simulation(data, algorithm=FBL())                                 # ToyModel takes no adjustment
+    model = LogisticRegression(data.train.n_features, 2)
+    with pytest.raises(FedkernValueError, match="client_update: not with fbl"):
+        simulation(data, model=model, algorithm=FBL(), client_update=recorded_updates()[0])
+    weights_only = FBL(balanced_loss=False, balanced_sampling=False)
+    with pytest.raises(FedkernValueError, match="privacy: DP-FedAvg weighs every client 1"):
+        simulation(data, algorithm=weights_only, privacy=DifferentialPrivacy(clip=1.0, noise_multiplier=1.0,
+                                                                             sampling="fixed"))
+    with pytest.raises(FedkernValueError, match="secure_aggregation: needs integer client weights"):
+        simulation(data, algorithm=weights_only, secure_aggregation=SecureAggregation())
+    with pytest.raises(FedkernValueError, match="call fbl.fit"):
+        FBL().server_weights()
+    with pytest.raises(FedkernTypeError, match="balanced_loss must be true or false"):
+        FBL(balanced_loss=1)
+
+
+def test_fbl_runs_from_the_config_resumes_bit_identically_and_threads_agree(tmp_path):
+    settings = {**SMALL, "algorithm": {"name": "fbl", "tau": 0.5}}
+    straight, _ = config.build(settings)
+    straight.run(4)
+    first, _ = config.build(settings)
+    first.run(2)
+    first.save(tmp_path / "f.npz")
+    resumed, _ = config.build(settings)
+    resumed.restore(tmp_path / "f.npz")
+    resumed.run(4)
+    assert resumed.params.tobytes() == straight.params.tobytes()
+    threaded, _ = config.build({**settings, "executor": {"name": "threads", "workers": 2}})
+    with threaded:
+        threaded.run(4)
+    assert threaded.params.tobytes() == straight.params.tobytes()
+    uniform, _ = config.build({**SMALL, "algorithm": {"name": "fbl", "tau": 0.5, "balanced_sampling": False}})
+    uniform.run(4)
+    assert uniform.params.tobytes() != straight.params.tobytes()
+    with pytest.raises(ConfigError, match="'algorithm'.*tau must be >= 0"):
+        config.build({**SMALL, "algorithm": {"name": "fbl", "tau": -1.0}})

@@ -49,6 +49,20 @@ def test_fedavg_accuracy_falls_with_label_skew_on_digits():
     assert mean["iid"] >= mean["dirichlet(0.5)"] >= mean["2 labels"] >= mean["1 label"] + 0.05, mean
 
 
+def test_fbl_lifts_the_rare_classes_of_a_long_tailed_label_skewed_federation():
+    pytest.importorskip("sklearn")
+    # Dirichlet(0.1) label skew over a long tail of ratio 10 (class 0: 178 rows, class 9: 17),
+    # 3 seeds; measured mean balanced accuracy: FedAvg 0.61, FBL 0.87 (0.95 both on IID)
+    balanced = {"fedavg": [], "fbl": []}
+    for seed in range(3):
+        for name in balanced:
+            run, resolved = config.build({**DIGITS, "seed": seed, "algorithm": {"name": name},
+                                          "partition": {"name": "dirichlet", "alpha": 0.1, "n_clients": 20,
+                                                        "min_size": 2, "imbalance_ratio": 10, "seed": seed}})
+            balanced[name].append(run.run(resolved["rounds"]).last("balanced_accuracy"))
+    assert np.mean(balanced["fbl"]) > np.mean(balanced["fedavg"]) + 0.10, balanced
+
+
 ATTACKED = {"rounds": 20, "clients_per_round": 20, "local_epochs": 2, "batch_size": 10, "lr": 0.1,
             "dataset": {"name": "digits"}, "partition": {"name": "iid", "n_clients": 20}, "eval_every": 20}
 

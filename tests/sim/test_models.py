@@ -146,13 +146,13 @@ def finite_differences(loss, w, h=1e-6):
     return grad
 
 
-def mean_cross_entropy(w, sizes, x, y):
-    """Independent float64 forward pass of the dense network."""
+def mean_cross_entropy(w, sizes, x, y, adjustment=0.0):
+    """Independent float64 forward pass of the dense network (logits + adjustment)."""
     a, p = x.astype(np.float64), 0
     for l, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
         z = a @ w[p:p + n_in * n_out].reshape(n_in, n_out) + w[p + n_in * n_out:p + (n_in + 1) * n_out]
         p += (n_in + 1) * n_out
-        a = np.maximum(z, 0.0) if l < len(sizes) - 2 else z
+        a = np.maximum(z, 0.0) if l < len(sizes) - 2 else z + adjustment
     z = a - a.max(axis=1, keepdims=True)
     return float(np.mean(np.log(np.exp(z).sum(axis=1)) - z[np.arange(len(y)), y]))
 
@@ -180,14 +180,14 @@ def test_one_full_batch_step_is_minus_lr_times_the_gradient(backend, kind):
 
 
 # ---------------------------------------------------------------- local steps by hand
-def hand_lr_steps(params, x, y, c, steps, lr, momentum=0.0, weight_decay=0.0, mu=0.0):
-    """Logistic-regression SGD on one row, written out from the formulas."""
+def hand_lr_steps(params, x, y, c, steps, lr, momentum=0.0, weight_decay=0.0, mu=0.0, adjustment=0.0):
+    """Logistic-regression SGD on one row, written out from the formulas (logits z + adjustment)."""
     w = params.astype(np.float64)
     start, v = w.copy(), np.zeros_like(w)
     f = x.shape[1]
     for _ in range(steps):
         weights, bias = w[:f * c].reshape(f, c), w[f * c:]
-        z = x[0].astype(np.float64) @ weights + bias
+        z = x[0].astype(np.float64) @ weights + bias + adjustment
         p = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
         dz = p - np.eye(c)[y[0]]
         g = np.concatenate([np.outer(x[0], dz).ravel(), dz])
@@ -222,6 +222,52 @@ def test_momentum_weight_decay_and_mu_follow_their_formulas(backend, term):
     if term != "none":
         plain, _ = trained_delta(model, params, x, y, LocalTraining(epochs=3, lr=0.4), 0)
         assert np.abs(delta - plain).max() > 1e-3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("term", ["momentum", "weight_decay", "mu", "none"])
+def test_a_logit_adjustment_trains_the_adjusted_loss(backend, term):
+    """FBL's logits z + a in training: the steps of -log softmax(z + a)_y, weight decay
+    and the proximal term on the model's own weights; the input is left as it was."""
+    model = LogisticRegression(3, 4, backend=backend, init_scale=0.7)
+    x, y = data(1, 3, 4, seed=6)
+    params = model.init(np.random.default_rng(6))
+    kept = params.copy()
+    adjustment = np.log(np.array([0.5, 0.3, 0.15, 0.05])).astype(np.float32)
+    settings = {} if term == "none" else {term: 0.6}
+    config = LocalTraining(epochs=3, lr=0.4, **settings)
+    delta = np.empty_like(params)
+    model.train(params, x, y, config, np.random.default_rng(0), delta, logit_adjustment=adjustment)
+    w = hand_lr_steps(params, x, y, 4, steps=3, lr=0.4, adjustment=adjustment.astype(np.float64), **settings)
+    np.testing.assert_allclose(delta, w.astype(np.float32) - params, rtol=1e-5, atol=2e-6)
+    assert params.tobytes() == kept.tobytes()
+    plain, _ = trained_delta(model, params, x, y, config, 0)
+    assert np.abs(delta - plain).max() > 1e-2
+
+
+def test_an_mlp_logit_adjustment_step_is_the_adjusted_gradient():
+    model = MLP(3, [5], 3, backend="reference")
+    x, y = data(9, 3, 3, seed=7)
+    params = model.init(np.random.default_rng(7))
+    adjustment = np.array([0.0, -1.0, -3.0], np.float32)
+    delta = np.empty_like(params)
+    model.train(params, x, y, LocalTraining(batch_size=100, lr=0.01), np.random.default_rng(0), delta,
+                logit_adjustment=adjustment)
+    shifted = lambda w: mean_cross_entropy(w, model._sizes, x, y, adjustment)
+    np.testing.assert_allclose(delta, -0.01 * finite_differences(shifted, params.astype(np.float64)),
+                               rtol=1e-3, atol=1e-7)      # the float32 rounding of w + delta
+
+
+@pytest.mark.parametrize("adjustment, error", [
+    (np.zeros(4, np.float32), FedkernValueError), (np.zeros(3, np.float64), FedkernTypeError),
+    (np.array([0.0, -np.inf, 0.0], np.float32), FedkernValueError), ([0.0, 0.0, 0.0], FedkernTypeError)])
+def test_a_bad_logit_adjustment_is_refused(adjustment, error):
+    model = LogisticRegression(2, 3)
+    x, y = data(4, 2, 3)
+    params = model.init(np.random.default_rng(0))
+    with pytest.raises(error, match="logit_adjustment"):
+        model.train(params, x, y, LocalTraining(), np.random.default_rng(0), np.empty_like(params),
+                    logit_adjustment=adjustment)
 
 
 # ---------------------------------------------------------------- training behaviour

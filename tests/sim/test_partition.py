@@ -259,3 +259,34 @@ def test_partition_errors(args, kwargs, error, match):
 def test_partition_needs_a_dataset():
     with pytest.raises(FedkernTypeError, match="dataset must be a fedkern.datasets.Dataset"):
         P.partition((1, 2), "iid", 2)
+
+
+# ---------------------------------------------------------------- long-tailed federations
+@given(st.integers(2, 12), st.floats(1.0, 500.0), st.integers(0, 2**32 - 1))
+def test_long_tailed_keeps_the_exponential_profile(n_classes, ratio, seed):
+    labels = np.random.default_rng(seed).integers(0, n_classes, 3000)
+    counts = np.bincount(labels, minlength=n_classes)
+    kept = P.long_tailed(labels, ratio, n_classes=n_classes, seed=seed)
+    assert np.all(np.diff(kept) > 0)                             # sorted, no row twice
+    profile = np.floor(counts.max() * ratio ** (-np.arange(n_classes) / (n_classes - 1)))
+    want = np.minimum(counts, np.maximum(profile, 1))
+    np.testing.assert_array_equal(np.bincount(labels[kept], minlength=n_classes), want)
+
+
+def test_partition_with_an_imbalance_ratio_subsamples_only_the_train_rows():
+    x = np.arange(200, dtype=np.float32).reshape(100, 2)
+    y = np.repeat(np.arange(2), 50)
+    dataset = Dataset(x, y, x[:10], y[:10], 2, "toy")
+    fed = P.partition(dataset, "iid", 4, imbalance_ratio=10.0, seed=3)
+    assert fed.name == "toy/iid/long_tailed(10)"
+    assert fed.train.label_counts().sum(axis=0).tolist() == [50, 5]
+    assert fed.test.y.tolist() == y[:10].tolist()
+    rows = fed.train.x[:, 0].astype(int) // 2                   # each kept row is one of the originals
+    assert np.unique(rows).size == 55 and np.all(y[rows] == fed.train.y)
+    assert P.partition(dataset, "iid", 4, seed=3).train.sizes.sum() == 100
+
+
+@pytest.mark.parametrize("ratio, error", [(0.5, FedkernValueError), ("10", FedkernTypeError)])
+def test_bad_imbalance_ratios(ratio, error):
+    with pytest.raises(error, match="imbalance_ratio"):
+        P.long_tailed(np.arange(4) % 2, ratio)

@@ -14,7 +14,7 @@ from fedkern.sim.models import LocalTraining
 
 
 # ---------------------------------------------------------------- samplers
-@pytest.mark.parametrize("sampler", [sampling.Uniform(), sampling.BySize()])
+@pytest.mark.parametrize("sampler", [sampling.Uniform(), sampling.BySize(), sampling.ByWeight(np.arange(50) % 3)])
 def test_samplers_pick_distinct_candidates(sampler):
     rng = np.random.default_rng(0)
     sizes = np.arange(1, 51)
@@ -30,6 +30,26 @@ def test_by_size_favours_big_clients_in_proportion():
     sizes = np.array([1, 1, 1, 1, 96])
     hits = sum(int(4 in sampling.BySize().select(rng, 1, np.arange(5), sizes)) for _ in range(2000))
     assert 0.93 < hits / 2000 < 0.99            # P = 0.96; 2000 draws put it within 0.01 or so
+
+
+def test_by_weight_draws_in_proportion_and_zero_weights_last():
+    rng = np.random.default_rng(5)
+    sampler = sampling.ByWeight([0.0, 1.0, 3.0, 0.0, 4.0])
+    counts = np.bincount([int(sampler.select(rng, 1, np.arange(5), np.ones(5))[0]) for _ in range(4000)],
+                         minlength=5)
+    assert counts[0] == counts[3] == 0
+    # P = 1/8, 3/8, 1/2; 4000 draws put each within about 0.008 (one standard error)
+    np.testing.assert_allclose(counts[[1, 2, 4]] / 4000, [0.125, 0.375, 0.5], atol=0.035)
+    four = sampler.select(rng, 4, np.arange(5), np.ones(5)).tolist()
+    assert len(set(four)) == 4 and {1, 2, 4} <= set(four)        # every positive weight before a zero
+
+
+@pytest.mark.parametrize("weights, candidates, match", [
+    ([1.0, -1.0], np.arange(2), "weights must be"), ([1.0, np.nan], np.arange(2), "weights must be"),
+    ([[1.0]], np.arange(1), "weights must be"), ([1.0, 2.0], np.arange(3), "for 2 clients; got client 2")])
+def test_by_weight_errors(weights, candidates, match):
+    with pytest.raises(FedkernValueError, match=match):
+        sampling.ByWeight(weights).select(np.random.default_rng(0), 1, candidates, np.ones(3))
 
 
 def test_uniform_is_uniform():
@@ -187,6 +207,6 @@ def test_algorithms_set_the_local_objective():
     base = LocalTraining(epochs=3, mu=0.0)
     assert FedAvg().local(base) == base
     assert FedProx(mu=0.25).local(base).mu == 0.25 and FedProx(mu=0.25).local(base).epochs == 3
-    assert set(ALGORITHMS) == {"fedavg", "fedprox", "fednova", "qffl", "scaffold", "fedbuff"}
+    assert set(ALGORITHMS) == {"fedavg", "fedprox", "fednova", "qffl", "scaffold", "fedbuff", "fbl"}
     with pytest.raises(FedkernValueError, match="mu"):
         FedProx(mu=-1.0)

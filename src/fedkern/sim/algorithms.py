@@ -32,6 +32,7 @@ from .. import _validate as check
 from .._errors import FedkernValueError
 from .history import History
 from .models import LocalTraining
+from .sampling import ByWeight
 
 
 class FedAvg:
@@ -50,10 +51,22 @@ class FedAvg:
     runs_in_simulation = True
     #: True if each client trains with a correction of its gradient (:meth:`Scaffold.correction`)
     corrects_clients = False
+    #: True if the algorithm needs the clients' label counts (:meth:`FBL.fit`) before the first round
+    uses_label_counts = False
+    #: True if each client trains with adjusted logits (:meth:`FBL.logit_adjustment`)
+    adjusts_logits = False
 
     def local(self, base: LocalTraining) -> LocalTraining:
         """The local training settings every client of this algorithm uses."""
         return base
+
+    def server_weights(self) -> np.ndarray | None:
+        """Each client's weight in the server's mean, by client id (None: its data size)."""
+        return None
+
+    def sampler(self):
+        """The sampler that draws this algorithm's cohorts instead of uniform sampling (None: the run's)."""
+        return None
 
     def __repr__(self) -> str:
         return "FedAvg()"
@@ -505,6 +518,104 @@ class BufferedRun:
         self.history = History(meta["history"])
 
 
+class FBL(FedAvg):
+    r"""Federated Balanced Learning: FedAvg against class imbalance inside clients and across them.
+
+    Label skew makes each client's data imbalanced (client i holds :math:`n_{ic}` rows of
+    class c), and a long-tailed federation makes the sum :math:`N_c = \sum_i n_{ic}`
+    imbalanced too; FedAvg then fits the frequent classes and neglects the rare ones.
+    FBL targets the *balanced* risk, every class weighted alike, with three parts (each
+    can be switched off, for an ablation):
+
+    1. **balanced loss** (``balanced_loss``): client i trains on logit-adjusted
+       cross-entropy, :math:`-\log \mathrm{softmax}(z + \tau \log \pi_i)_y`, with
+       :math:`\pi_{ic} = (n_{ic} + 1) / (n_i + C)` its own label prior (add-one smoothed, so
+       an absent class gets a large negative shift and the client's steps hardly push it
+       down); predictions use the plain logits z. This is Balanced Softmax (Ren et al.,
+       NeurIPS 2020) and the logit-adjusted loss (Menon et al., ICLR 2021) with the
+       client's prior, as FedLC calibrates each client's logits by its label counts
+       (Zhang et al., ICML 2022).
+    2. **balanced weights** (``balanced_weights``): the server weighs client i by its
+       class-balanced mass :math:`m_i = \sum_c n_{ic} / N_c` (the share of each class it
+       holds, summed) instead of :math:`n_i`: the weighting of the balanced empirical risk
+       :math:`\frac{1}{C} \sum_c \frac{1}{N_c} \sum_i \sum_{(x, y = c) \in i} \ell`,
+       as class-balanced losses reweight by inverse class frequency (Cui et al., CVPR
+       2019), here over clients. On a balanced federation :math:`m_i \propto n_i`: FedAvg's.
+    3. **balanced sampling** (``balanced_sampling``): the cohort is drawn without
+       replacement with probability :math:`\propto m_i`, so clients holding rare classes
+       take part more often, the aim of class-imbalance-aware client selection (Yang et
+       al., "Federated Learning with Class Imbalance Reduction", EUSIPCO 2021). It replaces
+       uniform sampling (:class:`~fedkern.sim.sampling.ByWeight`).
+
+    The server learns each client's label counts (as FedLC and class-aware selection
+    assume); the local objective is the only part a client computes itself.
+
+    Parameters
+    ----------
+    balanced_loss, balanced_weights, balanced_sampling : bool, each part on or off
+    tau : the logit adjustment's scale, >= 0 (1: Balanced Softmax)
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fedkern.sim.algorithms import FBL
+    >>> fbl = FBL()
+    >>> fbl.fit(np.array([[90, 10], [10, 0]]))     # two clients, two classes; N = (100, 10)
+    >>> fbl.server_weights()                          # 90/100 + 10/10, 10/100 + 0
+    array([1.9, 0.1])
+    >>> np.round(np.exp(fbl.logit_adjustment(1)), 3)  # (10 + 1, 0 + 1) / 12
+    array([0.917, 0.083], dtype=float32)
+    """
+
+    name = "fbl"
+    uses_label_counts = True
+
+    def __init__(self, balanced_loss: bool = True, balanced_weights: bool = True, balanced_sampling: bool = True,
+                 tau: float = 1.0):
+        for flag, value in (("balanced_loss", balanced_loss), ("balanced_weights", balanced_weights),
+                            ("balanced_sampling", balanced_sampling)):
+            if not isinstance(value, (bool, np.bool_)):
+                raise check.FedkernTypeError(f"{flag} must be true or false; got {value!r}")
+        self.balanced_loss, self.balanced_weights = bool(balanced_loss), bool(balanced_weights)
+        self.balanced_sampling = bool(balanced_sampling)
+        self.tau = check.real(tau, "tau", low=0.0)
+        self.adjusts_logits = self.balanced_loss
+        self.mass: np.ndarray | None = None
+        self._adjustments: np.ndarray | None = None
+
+    def fit(self, label_counts: np.ndarray) -> None:
+        """Take the federation's (n_clients, n_classes) label counts: the masses and priors."""
+        counts = np.asarray(label_counts)
+        if counts.ndim != 2 or counts.dtype.kind not in "iu" or (counts < 0).any():
+            raise FedkernValueError("label_counts must be a 2-D array of counts >= 0 (clients x classes)")
+        counts = counts.astype(np.float64)
+        totals = counts.sum(axis=0)
+        self.mass = (counts / np.maximum(totals, 1.0)).sum(axis=1)
+        prior = (counts + 1.0) / (counts.sum(axis=1, keepdims=True) + counts.shape[1])
+        self._adjustments = (self.tau * np.log(prior)).astype(np.float32)
+
+    def _fitted(self) -> None:
+        if self.mass is None:
+            raise FedkernValueError("algorithm: call fbl.fit(label_counts) first")
+
+    def logit_adjustment(self, client: int) -> np.ndarray:
+        r""":math:`\tau \log \pi_i` of ``client``, added to its logits in training (float32)."""
+        self._fitted()
+        return self._adjustments[client]
+
+    def server_weights(self) -> np.ndarray | None:
+        self._fitted()
+        return self.mass if self.balanced_weights else None
+
+    def sampler(self):
+        self._fitted()
+        return ByWeight(self.mass) if self.balanced_sampling else None
+
+    def __repr__(self) -> str:
+        return (f"FBL(balanced_loss={self.balanced_loss}, balanced_weights={self.balanced_weights}, "
+                f"balanced_sampling={self.balanced_sampling}, tau={self.tau})")
+
+
 #: Algorithms by config name.
 ALGORITHMS: dict[str, type] = {"fedavg": FedAvg, "fedprox": FedProx, "fednova": FedNova, "qffl": QFFL,
-                               "scaffold": Scaffold, "fedbuff": FedBuff}
+                               "scaffold": Scaffold, "fedbuff": FedBuff, "fbl": FBL}

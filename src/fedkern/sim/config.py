@@ -79,7 +79,8 @@ TABLES: dict[str, tuple[dict, str]] = {
     "partition": ({"name": "iid", "n_clients": 20}, "how a central dataset is split (ignored by federated ones)"),
     "model": ({"name": "logistic_regression"}, "models.make_model(name, **params)"),
     "algorithm": ({"name": "fedavg"}, "fedavg, fedprox with mu, fednova with mu, qffl with q and lipschitz, "
-                                      "scaffold with global_lr (fedbuff: not run by Simulation yet)"),
+                                      "scaffold with global_lr, fbl with balanced_loss, balanced_weights, "
+                                      "balanced_sampling, tau (fedbuff: not run by Simulation yet)"),
     "sampler": ({"name": "uniform"}, "uniform, by_size, power_of_choice with d"),
     "aggregator": ({"name": "mean"}, "mean or a robust rule, with its parameters"),
     "server_optimizer": ({"name": "fedavg", "lr": 1.0}, "fedavg, fedavgm, fedadagrad, fedadam, fedyogi"),

@@ -32,7 +32,7 @@ import numpy as np
 
 #: The fields of one round's record, in CSV column order.
 FIELDS = ("round", "seconds", "train_loss", "test_loss", "test_accuracy", "balanced_accuracy",
-          "selected", "arrived", "dropped", "stragglers", "rejected", "byzantine", "skipped",
+          "worst_class_accuracy", "selected", "arrived", "dropped", "stragglers", "rejected", "byzantine", "skipped",
           "bytes_up", "bytes_down", "epsilon", "clip", "secagg_bytes", "secagg_seconds",
           "bytes_up_uncompressed")
 

@@ -137,6 +137,12 @@ class Evaluation:
         present = self.recall[~np.isnan(self.recall)]
         return float(present.mean()) if present.size else math.nan
 
+    @property
+    def worst_class_accuracy(self) -> float:
+        """The lowest recall over the classes present in y (nan if none)."""
+        present = self.recall[~np.isnan(self.recall)]
+        return float(present.min()) if present.size else math.nan
+
 
 @runtime_checkable
 class Model(Protocol):
@@ -200,19 +206,29 @@ class _DenseNetwork:
 
     #: train() takes SCAFFOLD's ``correction`` (a model of your own may too: set this)
     takes_correction = True
+    #: train() takes FBL's ``logit_adjustment`` (a model of your own may too: set this)
+    takes_logit_adjustment = True
 
     def train(self, params: np.ndarray, x: np.ndarray, y: np.ndarray, config: LocalTraining,
-              rng: np.random.Generator, delta_out: np.ndarray, correction: np.ndarray | None = None) -> TrainResult:
+              rng: np.random.Generator, delta_out: np.ndarray, correction: np.ndarray | None = None,
+              logit_adjustment: np.ndarray | None = None) -> TrainResult:
         """Run local SGD from ``params`` on (x, y); write ``delta_out = w_after - params``.
 
         See the module docstring for the step, the batch order and the precision. A
         client with no rows leaves the model as it is: delta 0, loss nan, 0 steps.
         ``correction`` (float32, like ``params``; SCAFFOLD's c - c_i) is added to every
-        step's gradient.
+        step's gradient. ``logit_adjustment`` (float32, (n_classes,); FBL's tau log of the
+        client's label prior) is added to the logits in training only, the loss becoming
+        -log softmax(z + a)_y (Menon et al. 2021; Balanced Softmax, Ren et al. 2020).
         """
         n = self._check(params, x, y)
         if correction is not None:
             _check_array(correction, "correction", np.float32, (self.n_params,))
+        if logit_adjustment is not None:
+            _check_array(logit_adjustment, "logit_adjustment", np.float32, (self.n_classes,))
+            if not np.isfinite(logit_adjustment).all():
+                raise FedkernValueError("logit_adjustment must be finite")
+            params, correction = self._adjusted(params, config, correction, logit_adjustment)
         if not isinstance(config, LocalTraining):
             raise FedkernTypeError(f"config must be a LocalTraining; got {type(config).__name__}")
         if not isinstance(rng, np.random.Generator):
@@ -231,6 +247,20 @@ class _DenseNetwork:
                                     config.momentum, config.weight_decay, config.mu, correction, delta_out)
         steps = config.epochs * -(-n // config.batch_size)
         return TrainResult(float(total) / steps, steps)
+
+    def _adjusted(self, params, config, correction, adjustment) -> tuple[np.ndarray, np.ndarray | None]:
+        """The start and correction under which plain training is training with logits z + a.
+
+        A constant added to the logits is a shift of the output bias, so training from
+        b + a gives every step the adjusted loss's gradient and the same delta; only weight
+        decay would see the shift, and the correction -weight_decay a on b takes it back.
+        """
+        start = params.copy()
+        start[-self.n_classes:] += adjustment
+        if config.weight_decay:
+            correction = np.zeros(self.n_params, np.float32) if correction is None else correction.copy()
+            correction[-self.n_classes:] -= np.float32(config.weight_decay) * adjustment
+        return start, correction
 
     def evaluate(self, params: np.ndarray, x: np.ndarray, y: np.ndarray) -> Evaluation:
         """Mean cross-entropy, accuracy and per-class recall of the model on (x, y)."""

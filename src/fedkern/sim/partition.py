@@ -31,7 +31,8 @@ from .._validate import count, parameters, real
 from ..datasets import Dataset
 from .data import FederatedData, FederatedDataset
 
-__all__ = ["iid", "dirichlet", "shards", "label_quantity", "quantity_skew", "PARTITIONS", "partition"]
+__all__ = ["iid", "dirichlet", "shards", "label_quantity", "quantity_skew", "long_tailed", "PARTITIONS",
+           "partition"]
 
 #: Attempts of a retrying scheme (dirichlet, quantity_skew with beta) before it gives up.
 MAX_TRIES = 1000
@@ -363,6 +364,35 @@ def quantity_skew(labels, n_clients: int, *, sigma: float | None = None, beta: f
     return _split(order, _lognormal_quantity(rng, n_rows, n_clients, sigma, min_size))
 
 
+def long_tailed(labels, ratio: float, *, n_classes: int | None = None, seed: int = 0) -> np.ndarray:
+    """Rows of a long-tailed subsample: class c keeps n_c = floor(n_max ratio^(-c / (C - 1))) rows.
+
+    The exponential profile of Cao et al. ("Learning Imbalanced Datasets with
+    Label-Distribution-Aware Margin Loss", NeurIPS 2019) and of the CIFAR-LT benchmarks:
+    class 0 keeps n_max rows (its own count), the last class n_max / ratio (at least 1),
+    in between geometrically; a class that holds fewer rows than its n_c keeps them all.
+    The kept rows of each class are a uniformly random subset (``RandomState(seed)``);
+    the result is sorted. ``ratio = 1`` keeps every row of the largest class's count.
+
+    Examples
+    --------
+    >>> from fedkern.sim.partition import long_tailed
+    >>> labels = np.repeat(np.arange(3), 100)
+    >>> np.bincount(labels[long_tailed(labels, 100)]).tolist()
+    [100, 10, 1]
+    """
+    labels = _labels(labels)
+    ratio = real(ratio, "imbalance_ratio", low=1.0)
+    n_classes = _n_classes(n_classes, labels)
+    rows, bounds = _by_class(labels, n_classes)
+    counts = np.diff(bounds)
+    profile = np.floor(counts.max() * ratio ** (-np.arange(n_classes) / max(n_classes - 1, 1)))
+    keep = np.minimum(counts, np.maximum(profile, 1).astype(np.int64))
+    rng = _rng(seed)
+    kept = [rng.permutation(rows[bounds[c]:bounds[c + 1]])[:keep[c]] for c in range(n_classes)]
+    return np.sort(np.concatenate(kept))
+
+
 #: Partition schemes by name, for a run's configuration.
 PARTITIONS: dict[str, Callable[..., list[np.ndarray]]] = {
     "iid": iid, "dirichlet": dirichlet, "shards": shards,
@@ -376,12 +406,16 @@ def _scheme(name) -> Callable[..., list[np.ndarray]]:
     return PARTITIONS[name]
 
 
-def partition(dataset: Dataset, name: str, n_clients: int, **params) -> FederatedDataset:
+def partition(dataset: Dataset, name: str, n_clients: int, *, imbalance_ratio: float = 1.0,
+              **params) -> FederatedDataset:
     """Federate a central :class:`~fedkern.datasets.Dataset` with the scheme ``PARTITIONS[name]``.
 
     The train rows are split among ``n_clients`` clients by their labels; the test set
     stays central (a test :class:`FederatedData` with one client). Both keep the
-    dataset's ``n_classes``, which is also passed to the schemes that take it.
+    dataset's ``n_classes``, which is also passed to the schemes that take it. An
+    ``imbalance_ratio`` above 1 first makes the federation's label distribution long-tailed
+    (:func:`long_tailed`, with the scheme's ``seed``); the test set stays as it is, so its
+    accuracy per class measures every class alike.
 
     Examples
     --------
@@ -398,9 +432,14 @@ def partition(dataset: Dataset, name: str, n_clients: int, **params) -> Federate
     parameters(scheme, params, f"partition {name!r}", given=("labels", "n_clients"))
     if "n_classes" in inspect.signature(scheme).parameters:
         params.setdefault("n_classes", dataset.n_classes)
-    train_labels = np.asarray(dataset.y_train)
+    train_x, train_labels = dataset.x_train, np.asarray(dataset.y_train)
+    name_suffix = ""
+    if imbalance_ratio != 1.0:
+        kept = long_tailed(train_labels, imbalance_ratio, n_classes=dataset.n_classes, seed=params.get("seed", 0))
+        train_x, train_labels = np.asarray(train_x)[kept], train_labels[kept]
+        name_suffix = f"/long_tailed({imbalance_ratio:g})"
     parts = scheme(train_labels, n_clients, **params)
-    train = FederatedData.from_partition(dataset.x_train, train_labels, parts, n_classes=dataset.n_classes)
+    train = FederatedData.from_partition(train_x, train_labels, parts, n_classes=dataset.n_classes)
     n_test = np.asarray(dataset.y_test).shape[0]
     test = FederatedData(dataset.x_test, dataset.y_test, [0, n_test], n_classes=dataset.n_classes)
-    return FederatedDataset(train, test, f"{dataset.name}/{name}")
+    return FederatedDataset(train, test, f"{dataset.name}/{name}{name_suffix}")

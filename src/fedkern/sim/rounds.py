@@ -447,8 +447,14 @@ class Simulation:
                                              why=f" (the number of clients with training data is {n_with_data})")
         self.algorithm = algorithm or FedAvg()
         self.local = self.algorithm.local(local or LocalTraining())
+        if self.algorithm.uses_label_counts:
+            self.algorithm.fit(self.train_data.label_counts())
         poisson = isinstance(privacy, DifferentialPrivacy) and privacy.sampling == "poisson"
-        self.sampler = sampler or (Poisson() if poisson else Uniform())
+        self.sampler = self._sampler(sampler) or (Poisson() if poisson else Uniform())
+        weights = self.algorithm.server_weights()
+        #: each client's weight in the server's mean (its data size unless the algorithm says)
+        self.client_weights = (self.train_data.sizes.astype(np.float64) if weights is None
+                               else np.asarray(weights, np.float64))
         if hasattr(self.sampler, "validate"):
             self.sampler.validate(self.clients_per_round)
         self.availability = self._availability(availability)
@@ -491,6 +497,16 @@ class Simulation:
         self._local_by_epochs = {self.local.epochs: self.local}
         self.executor.start(self)
 
+    def _sampler(self, sampler):
+        """The given sampler, or the algorithm's in place of uniform sampling (FBL's)."""
+        own = self.algorithm.sampler()
+        if own is None:
+            return sampler
+        if sampler is not None and not isinstance(sampler, Uniform):
+            raise FedkernValueError(f"sampler: {self.algorithm.name} draws its cohorts itself ({own!r}); "
+                                    f"got {sampler!r}")
+        return own
+
     def _check_algorithm(self) -> None:
         """Refuse an algorithm the round cannot run, or one that combines the updates
         itself (FedNova, q-FFL) with a stage that would hide them."""
@@ -502,9 +518,20 @@ class Simulation:
             if not getattr(self.model, "takes_correction", False):
                 raise FedkernValueError(f"model: {algorithm.name} corrects every local step, so the model's train() "
                                         f"must take correction= (and set takes_correction = True)")
-            if self.client_update is not _train:
-                raise FedkernValueError(f"client_update: not with {algorithm.name}, which passes each client's "
-                                        f"correction to the model's train()")
+        if algorithm.adjusts_logits and not getattr(self.model, "takes_logit_adjustment", False):
+            raise FedkernValueError(f"model: {algorithm.name} adjusts every client's logits, so the model's train() "
+                                    f"must take logit_adjustment= (and set takes_logit_adjustment = True)")
+        if (algorithm.corrects_clients or algorithm.adjusts_logits) and self.client_update is not _train:
+            raise FedkernValueError(f"client_update: not with {algorithm.name}, which passes each client's "
+                                    f"{'correction' if algorithm.corrects_clients else 'logit adjustment'} "
+                                    f"to the model's train()")
+        if algorithm.server_weights() is not None:
+            if self.secure is not None:
+                raise FedkernValueError(f"secure_aggregation: needs integer client weights; {algorithm.name}'s "
+                                        f"class-balanced weights are not (set balanced_weights to false)")
+            if self.privacy is not None:
+                raise FedkernValueError(f"privacy: DP-FedAvg weighs every client 1, which would drop "
+                                        f"{algorithm.name}'s class-balanced weights (set balanced_weights to false)")
         if not algorithm.combines_updates:
             return
         if not self.aggregator.streaming:
@@ -670,7 +697,8 @@ class Simulation:
         # Python ints: indexing them costs less than numpy scalars, once per client
         clients, epochs = plan["clients"][begin:end].tolist(), plan["epochs"][begin:end].tolist()
         trains, flips = plan["trains"][begin:end].tolist(), plan["flips"][begin:end].tolist()
-        local_noise, corrections = plan["local_noise"], plan["corrections"]
+        local_noise, corrections, adjustments = plan["local_noise"], plan["corrections"], plan["adjustments"]
+        extra: dict[str, np.ndarray] = {}       # the algorithm's per-client inputs to the model's train()
         for j in range(end - begin):
             if not trains[j]:
                 continue
@@ -679,12 +707,12 @@ class Simulation:
             y = data.y[first:last]
             if flips[j]:
                 y = top_label - y
-            if corrections is None:
-                result = update(self.model, params, data.x[first:last], y, self._config(epochs[j]),
-                                _streams.get(self.seed, r, c), rows[j])
-            else:
-                result = update(self.model, params, data.x[first:last], y, self._config(epochs[j]),
-                                _streams.get(self.seed, r, c), rows[j], correction=corrections[begin + j])
+            if corrections is not None:
+                extra["correction"] = corrections[begin + j]
+            if adjustments is not None:
+                extra["logit_adjustment"] = adjustments[begin + j]
+            result = update(self.model, params, data.x[first:last], y, self._config(epochs[j]),
+                            _streams.get(self.seed, r, c), rows[j], **extra)
             loss[j], steps[j] = result.loss, result.steps
             if local_noise is not None:
                 self._noise_locally(rows[j], local_noise, r, c)
@@ -744,11 +772,11 @@ class Simulation:
             self._matrix = UpdateMatrix(max(n, self.clients_per_round), self.params.shape[0])
         return self._matrix.array[:n]
 
-    def _combine(self, rows: np.ndarray, sizes: np.ndarray, steps: np.ndarray, clients: np.ndarray) -> np.ndarray:
+    def _combine(self, rows: np.ndarray, weights: np.ndarray, steps: np.ndarray, clients: np.ndarray) -> np.ndarray:
         """FedNova's, q-FFL's or SCAFFOLD's step from the accepted rows, with each client's
         loss at the global model (on its own training data) when the algorithm needs it."""
         losses = self._client_losses(clients) if self.algorithm.needs_global_loss else None
-        weights = sizes if self.aggregator.weights == "size" else np.ones(sizes.size)
+        weights = weights if self.aggregator.weights == "size" else np.ones(weights.size)
         return self.algorithm.combine(rows, weights, steps, losses, clients)
 
     def _screen(self, rows: np.ndarray) -> np.ndarray:
@@ -781,17 +809,20 @@ class Simulation:
         byzantine = self.byzantine[clients]
         forged = byzantine & bool(self.attack and self.attack.on_updates)
         sizes = self.train_data.sizes[clients].astype(np.float64)
+        weights = self.client_weights[clients]
         private = self.privacy
         plan = {"round": r, "clients": clients, "epochs": epochs[arrives], "trains": ~forged,
                 "costs": sizes * epochs[arrives] * ~forged,
                 "flips": byzantine & bool(self.attack and not self.attack.on_updates),
-                "weights": np.ones(n) if private or self.aggregator.weights == "equal" else sizes,
+                "weights": np.ones(n) if private or self.aggregator.weights == "equal" else weights,
                 "rows": self._rows(n) if self.needs_rows and n else None,
                 "sum_kernels": backends.kernels("aggregate", self.backend, "weighted_sum"),
                 "clip": private.clip if private and private.central else None,
                 "local_noise": (private.clip, private.value_multiplier) if private and not private.central else None,
                 "corrections": (np.stack([self.algorithm.correction(c) for c in clients.tolist()])
-                                if self.algorithm.corrects_clients and n else None)}
+                                if self.algorithm.corrects_clients and n else None),
+                "adjustments": (np.stack([self.algorithm.logit_adjustment(c) for c in clients.tolist()])
+                                if self.algorithm.adjusts_logits and n else None)}
         plan["codec"] = plan["codec_seeds"] = plan["residuals"] = None
         if self.compression is not None:
             plan["codec"], seeds = self._round_codec(rng, selected.size)
@@ -831,9 +862,9 @@ class Simulation:
                 if accepted.sum() >= self.dropout.quorum:
                     kept = np.flatnonzero(accepted)
                     if self.algorithm.combines_updates:
-                        delta = self._combine(rows[kept], sizes[kept], cat("steps")[kept], clients[kept])
+                        delta = self._combine(rows[kept], weights[kept], cat("steps")[kept], clients[kept])
                     else:
-                        delta = self.aggregator([rows[i] for i in kept], sizes[kept], self.previous, rng)
+                        delta = self.aggregator([rows[i] for i in kept], weights[kept], self.previous, rng)
         elif private or accepted.sum() >= self.dropout.quorum:
             total = np.zeros(self.params.shape[0])
             for chunk in results:      # in chunk order: the same bits on every executor
@@ -933,6 +964,7 @@ class Simulation:
             "test_loss": evaluation.loss if evaluation else math.nan,
             "test_accuracy": evaluation.accuracy if evaluation else math.nan,
             "balanced_accuracy": evaluation.balanced_accuracy if evaluation else math.nan,
+            "worst_class_accuracy": evaluation.worst_class_accuracy if evaluation else math.nan,
             "selected": int(n_selected), "arrived": int(n_arrived), "dropped": int(n_selected - n_arrived),
             "stragglers": int(straggles.sum()), "rejected": int((~accepted).sum()),
             "byzantine": int(byzantine.sum()), "skipped": bool(skipped),

@@ -87,6 +87,49 @@ def _by_size(rng, m, candidates, sizes):
     return rng.choice(candidates, size=m, replace=False, p=p / p.sum())
 
 
+class ByWeight:
+    """Without replacement, with probability proportional to a fixed weight per client.
+
+    :class:`BySize` with any weights: FBL's sampling draws by each client's class-balanced
+    mass (:class:`fedkern.sim.algorithms.FBL`). Candidates of weight 0 are drawn only once
+    every positive one is in.
+
+    Parameters
+    ----------
+    weights : (n_clients,) non-negative finite weights, indexed by client id
+
+    Examples
+    --------
+    >>> from fedkern.sim import sampling
+    >>> rng = np.random.default_rng(0)
+    >>> sampling.ByWeight([0.0, 1.0, 0.0, 3.0]).select(rng, 2, np.arange(4), np.ones(4)).tolist()
+    [3, 1]
+    """
+
+    needs_loss = False
+
+    def __init__(self, weights):
+        weights = np.array(weights, np.float64)
+        if weights.ndim != 1 or not np.all(np.isfinite(weights) & (weights >= 0)):
+            raise FedkernValueError("weights must be a 1-D array of finite weights >= 0")
+        self.weights = weights
+
+    def select(self, rng, m, candidates, sizes, loss=None):
+        if candidates.size and candidates.max() >= self.weights.size:
+            raise FedkernValueError(f"ByWeight has weights for {self.weights.size} clients; "
+                                    f"got client {int(candidates.max())}")
+        m = min(m, candidates.size)
+        positive = candidates[self.weights[candidates] > 0]
+        if positive.size < m:        # rng.choice cannot draw more than the positive weights
+            rest = np.setdiff1d(candidates, positive)
+            return np.concatenate([positive, rng.choice(rest, size=m - positive.size, replace=False)])
+        p = self.weights[positive]
+        return rng.choice(positive, size=m, replace=False, p=p / p.sum())
+
+    def __repr__(self) -> str:
+        return f"ByWeight({self.weights.size} clients)"
+
+
 class PowerOfChoice:
     r"""Power-of-choice (Cho, Wang and Joshi, AISTATS 2022): bias selection to high loss.
 
