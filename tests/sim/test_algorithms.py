@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 
+from fedkern import FedAvg as FedAvgOptimizer
 from fedkern import FedkernTypeError, FedkernValueError
 from fedkern.sim import LocalTraining, Stragglers, ThreadExecutor, checkpoint, config
 from fedkern.sim.algorithms import FBL, BufferedRun, FedAvg, FedBuff, FedNova, QFFL, Scaffold
@@ -355,6 +356,62 @@ def test_fedbuff_checkpoint_continues_bit_identically(tmp_path):
     assert resumed.params.tobytes() == straight.params.tobytes() and resumed.history.records == straight.history.records
     with pytest.raises(FedkernValueError, match="another seed"):
         buffered(seed=2).restore(*checkpoint.load(tmp_path / "b.npz"))
+
+
+def test_fedbuff_in_simulation_is_a_buffered_run_of_the_clients_with_data():
+    data = federation(n_clients=9, empty=(2, 5))
+    fedbuff = FedBuff(buffer_size=3, concurrency=4, staleness_exponent=0.5, server_lr=0.8)
+    run = simulation(data, algorithm=fedbuff, seed=7)
+    start = run.params.copy()
+    history = run.run(5)
+    with_data = np.flatnonzero(data.train.sizes)
+    model, local = run.model, run.local
+
+    def train(index, params, rng):
+        delta = np.empty_like(params)
+        model.train(params, *data.train.client(int(with_data[index])), local, rng, delta)
+        return delta
+    by_hand = BufferedRun(fedbuff, train, start, n_clients=with_data.size, seed=7)
+    by_hand.run(5)
+    assert run.params.tobytes() == by_hand.params.tobytes()
+    assert [r["staleness_max"] for r in history] == [r["staleness_max"] for r in by_hand.history]
+    assert all(r["arrived"] == 3 and np.isfinite(r["train_loss"]) for r in history)
+    assert history[0]["selected"] == 4 + 3 and history[1]["selected"] == 3     # models sent out each round
+
+
+def test_fedbuff_runs_from_the_config_and_resumes_bit_identically(tmp_path):
+    settings = {**SMALL, "algorithm": {"name": "fedbuff", "buffer_size": 2, "concurrency": 4}}
+    straight, _ = config.build(settings)
+    straight.run(5)
+    first, _ = config.build(settings)
+    first.run(3)
+    first.save(tmp_path / "b.npz")
+    resumed, _ = config.build(settings)
+    resumed.restore(tmp_path / "b.npz")
+    resumed.run(5)
+    assert resumed.params.tobytes() == straight.params.tobytes()
+    assert resumed.history.column("staleness_mean").tolist() == straight.history.column("staleness_mean").tolist()
+    plain, _ = config.build(SMALL)
+    with pytest.raises(FedkernValueError, match="with FedBuff"):
+        plain.restore(tmp_path / "b.npz")
+    plain.run(1)
+    plain.save(tmp_path / "p.npz")
+    with pytest.raises(FedkernValueError, match="without FedBuff"):
+        config.build(settings)[0].restore(tmp_path / "p.npz")
+
+
+@pytest.mark.parametrize("setting, match", [
+    ({"aggregator": "median"}, "aggregator: fedbuff averages its buffer itself"),
+    ({"stragglers": Stragglers(fraction=0.5)}, "stragglers: not with fedbuff"),
+    ({"reject_norm_ratio": 3.0}, "reject_norm_ratio: not with fedbuff"),
+    ({"sampler": BySize()}, "sampler: fedbuff draws its clients uniformly"),
+    ({"availability": 0.5}, "sampler: fedbuff draws its clients uniformly"),
+    ({"server_optimizer": FedAvgOptimizer(lr=0.5)}, "server_optimizer: fedbuff steps the model"),
+    ({"privacy": DifferentialPrivacy(clip=1.0, noise_multiplier=1.0, sampling="fixed")}, "privacy: not with fedbuff"),
+])
+def test_fedbuff_refuses_what_its_buffer_does_not_do(setting, match):
+    with pytest.raises(FedkernValueError, match=match):
+        simulation(algorithm=FedBuff(), **setting)
 
 
 # --------------------------------------------------------------------------- config

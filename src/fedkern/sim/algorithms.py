@@ -7,8 +7,7 @@ FedNova and q-FFL replace the mean by their own combination of the round's updat
 (:meth:`FedNova.combine`, :meth:`QFFL.combine`), which the round passes to the server
 optimizer. SCAFFOLD keeps control variates per client (:class:`Scaffold`) and corrects every
 local step with them. FedBuff is asynchronous (:class:`FedBuff`, :class:`BufferedRun`):
-it is defined and tested here but not run by :class:`~fedkern.sim.rounds.Simulation`,
-whose rounds are synchronous, which refuses it.
+in :class:`~fedkern.sim.rounds.Simulation` a round is one buffered server update.
 
 Every server side works on flat parameter vectors; a delta is ``w_client - w_global``
 and the returned step is added to the global model (``w += lr * step`` by the server
@@ -47,14 +46,14 @@ class FedAvg:
     combines_updates = False
     #: True if :meth:`combine` needs each client's loss at the global model
     needs_global_loss = False
-    #: False if :class:`~fedkern.sim.rounds.Simulation` cannot run the algorithm yet
-    runs_in_simulation = True
     #: True if each client trains with a correction of its gradient (:meth:`Scaffold.correction`)
     corrects_clients = False
     #: True if the algorithm needs the clients' label counts (:meth:`FBL.fit`) before the first round
     uses_label_counts = False
     #: True if each client trains with adjusted logits (:meth:`FBL.logit_adjustment`)
     adjusts_logits = False
+    #: True if a round is one buffered asynchronous server update (:class:`FedBuff`)
+    asynchronous = False
 
     def local(self, base: LocalTraining) -> LocalTraining:
         """The local training settings every client of this algorithm uses."""
@@ -366,7 +365,10 @@ class FedBuff(FedAvg):
         w \leftarrow w + \eta_g \frac{1}{K} \sum_{i=1}^{K} (1 + \tau_i)^{-a} \Delta_i.
 
     :class:`BufferedRun` simulates the clients and delays; a "round" is one server
-    update. Not run by :class:`~fedkern.sim.rounds.Simulation`, whose rounds are synchronous.
+    update. :class:`~fedkern.sim.rounds.Simulation` runs it so (``{name = "fedbuff"}`` in a
+    config): clients are drawn uniformly from those with data and train the run's model
+    one at a time, in dispatch order; the run's executor, server optimizer and faults do
+    not apply (it refuses settings that would need them).
 
     Parameters
     ----------
@@ -385,7 +387,7 @@ class FedBuff(FedAvg):
     """
 
     name = "fedbuff"
-    runs_in_simulation = False
+    asynchronous = True
 
     def __init__(self, buffer_size: int = 10, concurrency: int = 20, staleness_exponent: float = 0.5,
                  server_lr: float = 1.0, mean_delay: float = 1.0):
@@ -416,16 +418,19 @@ class BufferedRun:
     Dispatch j (the j-th client started) draws its client and its delay from its own
     Philox stream keyed by (seed, j), and trains at once on the model version current
     then (its update arrives ``delay`` later; until then the model it trained on is what
-    it would have seen). Arrivals are processed in (time, dispatch) order and each frees
+    it would have seen). The first ``concurrency`` dispatches happen at the first
+    :meth:`step`. Arrivals are processed in (time, dispatch) order and each frees
     a slot that the next dispatch fills, after the server update if that arrival filled
     the buffer. Training is called in dispatch order, so the run
-    depends only on the seed, never on threads or timing.
+    depends only on the seed, never on threads or timing. After each step,
+    :attr:`arrived` holds the buffer's (clients, losses).
 
     Parameters
     ----------
     fedbuff : the :class:`FedBuff` settings
-    train : ``train(client, params, rng) -> delta``: a client's local work (params is
-        read-only; rng is the dispatch's stream, after its client and delay)
+    train : ``train(client, params, rng) -> delta`` or ``-> (delta, loss)``: a client's
+        local work (params is read-only; rng is the dispatch's stream, after its client and
+        delay); the loss, if given, is kept with the update (:attr:`arrived`)
     params : the initial global model (copied, float32)
     n_clients : the federation's size (clients are drawn uniformly)
     seed : the run's seed
@@ -449,10 +454,10 @@ class BufferedRun:
         self.n_clients = check.count(n_clients, "n_clients", low=1)
         self.seed = check.count(seed, "seed", high=(1 << 64) - 1)
         self.clock, self.version, self.dispatched = 0.0, 0, 0
-        self.in_flight: list[tuple[float, int, int, int, np.ndarray]] = []   # a heap by (arrival, dispatch)
+        # a heap by (arrival, dispatch) of (arrival, dispatch, client, version, loss, delta)
+        self.in_flight: list[tuple[float, int, int, int, float, np.ndarray]] = []
         self.history = History()      # one record per server update, with its staleness figures
-        for _ in range(fedbuff.concurrency):
-            self._dispatch()
+        self.arrived = (np.zeros(0, np.int64), np.zeros(0))
 
     def _dispatch(self) -> None:
         j = self.dispatched
@@ -461,23 +466,30 @@ class BufferedRun:
         delay = float(rng.exponential(self.fedbuff.mean_delay))
         view = self.params.copy()
         view.flags.writeable = False
-        delta = np.asarray(self.train(client, view, rng), np.float32)
+        result = self.train(client, view, rng)
+        delta, loss = result if isinstance(result, tuple) else (result, np.nan)
+        delta = np.asarray(delta, np.float32)
         if delta.shape != self.params.shape:
             raise FedkernValueError(f"train returned shape {delta.shape} for client {client}; "
                                     f"expected {self.params.shape}")
-        heapq.heappush(self.in_flight, (self.clock + delay, j, client, self.version, delta))
+        heapq.heappush(self.in_flight, (self.clock + delay, j, client, self.version, float(loss), delta))
         self.dispatched = j + 1
 
     def step(self) -> dict:
         """Process arrivals until the buffer is full, then update the model: one round."""
-        buffer, staleness = [], []
+        while self.dispatched < self.fedbuff.concurrency:
+            self._dispatch()
+        buffer, staleness, clients, losses = [], [], [], []
         while len(buffer) < self.fedbuff.buffer_size:
-            self.clock, _, _, started, delta = heapq.heappop(self.in_flight)
+            self.clock, _, client, started, loss, delta = heapq.heappop(self.in_flight)
             buffer.append(delta)
             staleness.append(self.version - started)
+            clients.append(client)
+            losses.append(loss)
             if len(buffer) < self.fedbuff.buffer_size:
                 self._dispatch()      # the freed slot's next client gets the model as it is now
         staleness = np.array(staleness, np.int64)
+        self.arrived = (np.array(clients, np.int64), np.array(losses))
         self.params += self.fedbuff.server_step(np.stack(buffer), staleness)
         self.version += 1
         self._dispatch()              # the last arrival's slot: the new client gets the new model
@@ -494,13 +506,15 @@ class BufferedRun:
 
     def state(self) -> tuple[dict[str, np.ndarray], dict]:
         """Checkpoint arrays and JSON metadata (for :func:`fedkern.sim.checkpoint.save`):
-        the model, the clients in flight with their updates, the clock (between rounds
-        the buffer is empty)."""
+        the model, the clients in flight with their losses and updates, the clock (between
+        rounds the buffer is empty)."""
         flight = sorted(self.in_flight, key=lambda item: item[:2])
         arrays = {"params": self.params,
                   "fedbuff.arrival": np.array([f[0] for f in flight], np.float64),
                   "fedbuff.flight": np.array([f[1:4] for f in flight], np.int64).reshape(-1, 3),
-                  "fedbuff.flight_deltas": np.stack([f[4] for f in flight])}     # never empty: concurrency >= 1
+                  "fedbuff.flight_losses": np.array([f[4] for f in flight], np.float64),
+                  "fedbuff.flight_deltas": (np.stack([f[5] for f in flight]) if flight
+                                            else np.zeros((0, self.params.size), np.float32))}
         meta = {"clock": self.clock, "version": self.version, "dispatched": self.dispatched,
                 "seed": self.seed, "history": self.history.records}
         return arrays, meta
@@ -510,9 +524,10 @@ class BufferedRun:
         if meta["seed"] != self.seed or arrays["params"].shape != self.params.shape:
             raise FedkernValueError("checkpoint was written by a FedBuff run with another seed or model")
         self.params = np.array(arrays["params"], np.float32)
-        self.in_flight = [(float(t), int(j), int(c), int(v), np.array(delta))
-                          for t, (j, c, v), delta in zip(arrays["fedbuff.arrival"], arrays["fedbuff.flight"],
-                                                         arrays["fedbuff.flight_deltas"])]
+        self.in_flight = [(float(t), int(j), int(c), int(v), float(loss), np.array(delta))
+                          for t, (j, c, v), loss, delta in zip(arrays["fedbuff.arrival"], arrays["fedbuff.flight"],
+                                                               arrays["fedbuff.flight_losses"],
+                                                               arrays["fedbuff.flight_deltas"])]
         heapq.heapify(self.in_flight)
         self.clock, self.version, self.dispatched = meta["clock"], meta["version"], meta["dispatched"]
         self.history = History(meta["history"])

@@ -80,7 +80,8 @@ TABLES: dict[str, tuple[dict, str]] = {
     "model": ({"name": "logistic_regression"}, "models.make_model(name, **params)"),
     "algorithm": ({"name": "fedavg"}, "fedavg, fedprox with mu, fednova with mu, qffl with q and lipschitz, "
                                       "scaffold with global_lr, fbl with balanced_loss, balanced_weights, "
-                                      "balanced_sampling, tau (fedbuff: not run by Simulation yet)"),
+                                      "balanced_sampling, tau, fedbuff with buffer_size, concurrency, "
+                                      "staleness_exponent, server_lr, mean_delay"),
     "sampler": ({"name": "uniform"}, "uniform, by_size, power_of_choice with d"),
     "aggregator": ({"name": "mean"}, "mean or a robust rule, with its parameters"),
     "server_optimizer": ({"name": "fedavg", "lr": 1.0}, "fedavg, fedavgm, fedadagrad, fedadam, fedyogi"),

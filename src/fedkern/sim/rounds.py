@@ -80,7 +80,7 @@ from .._updates import Updates
 from ..buffers import UpdateMatrix
 from . import checkpoint
 from . import compression as compressing
-from .algorithms import FedAvg
+from .algorithms import BufferedRun, FedAvg
 from .compression import Compression
 from .data import FederatedDataset
 from .executors import SerialExecutor, chunks
@@ -475,6 +475,9 @@ class Simulation:
         self.secure = self._secure(secure_aggregation, n_with_data)
         self.compression = self._compression(compression, model.n_params)
         self._check_algorithm()
+        #: FedBuff's run (made at its first round) and the ids of the clients it draws from
+        self._buffered: BufferedRun | None = None
+        self._with_data = np.flatnonzero(self.train_data.sizes)
         #: error feedback's residual (float64) of every client that has sent, by client id
         self.residuals: dict[int, np.ndarray] = {}
         self.needs_rows = (not self.aggregator.streaming or self.reject_norm_ratio is not None
@@ -511,9 +514,8 @@ class Simulation:
         """Refuse an algorithm the round cannot run, or one that combines the updates
         itself (FedNova, q-FFL) with a stage that would hide them."""
         algorithm = self.algorithm
-        if not algorithm.runs_in_simulation:
-            raise FedkernValueError(f"algorithm: {algorithm.name} is not run by Simulation yet "
-                                    f"(its math is in fedkern.sim.algorithms.{type(algorithm).__name__})")
+        if algorithm.asynchronous:
+            self._check_asynchronous()
         if algorithm.corrects_clients:
             if not getattr(self.model, "takes_correction", False):
                 raise FedkernValueError(f"model: {algorithm.name} corrects every local step, so the model's train() "
@@ -543,6 +545,53 @@ class Simulation:
             if setting is not None:
                 raise FedkernValueError(f"{key}: not with {algorithm.name}, which needs every client's own update "
                                         f"and step count")
+
+    def _check_asynchronous(self) -> None:
+        """Refuse what a buffered asynchronous run (FedBuff) does not do: it trains one
+        client at a time as they arrive and steps the model itself."""
+        name = self.algorithm.name
+        others = {"privacy": self.privacy, "secure_aggregation": self.secure, "compression": self.compression,
+                  "attack": self.attack, "reject_norm_ratio": self.reject_norm_ratio,
+                  "dropout": self.dropout.rate or None, "stragglers": self.stragglers.fraction or None}
+        for key, setting in others.items():
+            if setting is not None:
+                raise FedkernValueError(f"{key}: not with {name}, whose clients arrive one by one into its buffer")
+        if not self.aggregator.streaming or self.aggregator.weights != "size":
+            raise FedkernValueError(f"aggregator: {name} averages its buffer itself; got {self.aggregator!r}")
+        if not (isinstance(self.optimizer, optim.FedAvg) and self.optimizer.lr == 1.0):
+            raise FedkernValueError(f"server_optimizer: {name} steps the model with its own server_lr; "
+                                    f"leave the server optimizer at fedavg with lr 1")
+        if not isinstance(self.sampler, Uniform) or np.any(self.availability != 1.0):
+            raise FedkernValueError(f"sampler: {name} draws its clients uniformly as slots free up; "
+                                    f"got {self.sampler!r} with availability {self.availability}")
+
+    def _train_buffered(self, index: int, params: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, float]:
+        """FedBuff's local work: the ``index``-th client with data trains from ``params``."""
+        client = int(self._with_data[index])
+        delta = np.empty_like(params)
+        result = self.client_update(self.model, params, *self.train_data.client(client), self.local, rng, delta)
+        return delta, result.loss
+
+    def _buffered_step(self) -> dict:
+        """One FedBuff round: arrivals until the buffer is full, then one server update."""
+        start = time.perf_counter()
+        if self._buffered is None:
+            self._buffered = BufferedRun(self.algorithm, self._train_buffered, self.params,
+                                         n_clients=self._with_data.size, seed=self.seed)
+        dispatched = self._buffered.dispatched
+        buffered = self._buffered.step()
+        self.params[...] = self._buffered.params
+        self.round = buffered["round"]
+        indices, loss = self._buffered.arrived
+        k = indices.size
+        no = np.zeros(k, bool)
+        # "selected": the clients sent the model this round (each freed slot's next client)
+        record = self._record(self.round, self._buffered.dispatched - dispatched, k, no, ~no, no, no, loss,
+                              self.train_data.sizes[self._with_data[indices]].astype(np.float64), False)
+        record.update(buffered, epsilon=math.inf, clip=math.inf, secagg_bytes=0, secagg_seconds=0.0,
+                      seconds=time.perf_counter() - start)
+        self.history.append(record)
+        return record
 
     def _secure(self, settings: SecureAggregation | None, population: int) -> SecureAggregation | None:
         """The secure aggregation settings, once the others are known to fit them; sets the
@@ -801,6 +850,8 @@ class Simulation:
         refused = self._budget_stop(1)
         if refused:
             raise FedkernValueError(refused)
+        if self.algorithm.asynchronous:
+            return self._buffered_step()
         rng = stream(self.seed, STREAM_ROUND, r)
         selected = self._select(rng)
         arrives, epochs, straggles = self._faults(rng, selected.size)
@@ -1020,6 +1071,10 @@ class Simulation:
             meta.update(private_meta)
         if self.algorithm.corrects_clients:
             arrays.update(self.algorithm.state())
+        if self._buffered is not None:
+            buffered_arrays, buffered_meta = self._buffered.state()
+            arrays.update({k: v for k, v in buffered_arrays.items() if k != "params"})
+            meta["fedbuff"] = {k: v for k, v in buffered_meta.items() if k != "history"}
         if self.compression is not None and self.compression.error_feedback:
             ids = sorted(self.residuals)
             arrays["compression.clients"] = np.array(ids, np.int64)
@@ -1047,6 +1102,13 @@ class Simulation:
                                     f"{'without' if self.algorithm.corrects_clients else 'with'} SCAFFOLD's variates")
         if self.algorithm.corrects_clients:
             self.algorithm.restore(arrays)
+        if ("fedbuff" in meta) != (self.algorithm.asynchronous and meta["round"] > 0):
+            raise FedkernValueError(f"checkpoint {str(path)!r} was written by a run "
+                                    f"{'with' if 'fedbuff' in meta else 'without'} FedBuff")
+        if "fedbuff" in meta:
+            self._buffered = BufferedRun(self.algorithm, self._train_buffered, arrays["params"],
+                                         n_clients=self._with_data.size, seed=self.seed)
+            self._buffered.restore(arrays, {**meta["fedbuff"], "history": []})
         self.params[...] = arrays["params"]
         self.previous = arrays["previous"]
         self.optimizer.state = {k.split(".", 1)[1]: v for k, v in arrays.items() if k.startswith("optimizer.")}
