@@ -7,6 +7,8 @@ same comparison in fedkern.sim on offline data: multinomial logistic regression,
 clients, 10 per round, 30 rounds of 5 local epochs, batch 10, lr 0.1 (the README's
 learning-quality protocol), for each partition and algorithm over seeds 0 .. n - 1 (each
 seed draws its own split and run, shared by the algorithms, so differences are paired).
+The last column adds unequal local work, which FedNova's normalisation is built for: half
+the selected clients are stragglers that run 1-4 of their 5 epochs.
 Prints one markdown table per dataset: final test accuracy in %, mean (range)::
 
     python benchmarks/sim_niid.py [--seeds 5] [--datasets digits mnist5k]
@@ -19,10 +21,15 @@ import numpy as np
 from fedkern.sim import config
 
 PROTOCOL = {"rounds": 30, "clients_per_round": 10, "local_epochs": 5, "batch_size": 10, "lr": 0.1}
-PARTITIONS = {
-    "IID": {"name": "iid", "n_clients": 20},
-    "2 labels per client": {"name": "label_quantity", "n_clients": 20, "labels_per_client": 2},
-    "1 label per client": {"name": "label_quantity", "n_clients": 20, "labels_per_client": 1},
+ONE_LABEL = {"name": "label_quantity", "n_clients": 20, "labels_per_client": 1}
+#: column: (partition, settings added to the protocol)
+SETTINGS = {
+    "IID": ({"name": "iid", "n_clients": 20}, {}),
+    "2 labels per client": ({"name": "label_quantity", "n_clients": 20, "labels_per_client": 2}, {}),
+    "1 label per client": (ONE_LABEL, {}),
+    # unequal local work: each selected client is a straggler with probability 1/2 and then
+    # runs 1-4 of its 5 epochs (FedNova's setting of heterogeneous local steps)
+    "1 label, half stragglers": (ONE_LABEL, {"stragglers": {"fraction": 0.5, "mode": "partial"}}),
 }
 ALGORITHMS = {
     "FedAvg": {"name": "fedavg"},
@@ -32,9 +39,10 @@ ALGORITHMS = {
 }
 
 
-def final_record(dataset: str, partition: dict, algorithm: dict, seed: int) -> dict:
-    """The last round's history record of one run of the protocol (shared by sim_fbl.py)."""
-    settings = {**PROTOCOL, "seed": seed, "eval_every": PROTOCOL["rounds"], "dataset": {"name": dataset},
+def final_record(dataset: str, partition: dict, algorithm: dict, seed: int, **extra) -> dict:
+    """The last round's history record of one run of the protocol and ``extra`` settings
+    (shared by sim_fbl.py)."""
+    settings = {**PROTOCOL, **extra, "seed": seed, "eval_every": PROTOCOL["rounds"], "dataset": {"name": dataset},
                 "partition": {**partition, "seed": seed}, "algorithm": algorithm}
     simulation, resolved = config.build(settings)
     history = simulation.run(resolved["rounds"])
@@ -42,8 +50,8 @@ def final_record(dataset: str, partition: dict, algorithm: dict, seed: int) -> d
     return history.records[-1]
 
 
-def accuracy(dataset: str, partition: dict, algorithm: dict, seed: int) -> float:
-    return 100 * final_record(dataset, partition, algorithm, seed)["test_accuracy"]
+def accuracy(dataset: str, partition: dict, algorithm: dict, seed: int, **extra) -> float:
+    return 100 * final_record(dataset, partition, algorithm, seed, **extra)["test_accuracy"]
 
 
 def main() -> None:
@@ -54,12 +62,13 @@ def main() -> None:
     start = time.perf_counter()
     for dataset in args.datasets:
         print(f"\n{dataset}, seeds 0-{args.seeds - 1}\n")
-        print("| algorithm | " + " | ".join(PARTITIONS) + " |")
-        print("|---|" + "---|" * len(PARTITIONS))
+        print("| algorithm | " + " | ".join(SETTINGS) + " |")
+        print("|---|" + "---|" * len(SETTINGS))
         for label, algorithm in ALGORITHMS.items():
             cells = []
-            for partition in PARTITIONS.values():
-                results = np.array([accuracy(dataset, partition, algorithm, seed) for seed in range(args.seeds)])
+            for partition, extra in SETTINGS.values():
+                results = np.array([accuracy(dataset, partition, algorithm, seed, **extra)
+                                    for seed in range(args.seeds)])
                 cells.append(f"{results.mean():.1f} ({results.min():.1f}-{results.max():.1f})")
             print(f"| {label} | " + " | ".join(cells) + " |", flush=True)
     print(f"\n({time.perf_counter() - start:.0f} s)")
