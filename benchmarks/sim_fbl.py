@@ -12,12 +12,9 @@ mean (range), then worst-class accuracy and top-1 accuracy, means, all in %::
 
     python benchmarks/sim_fbl.py [--seeds 5] [--datasets digits mnist5k]
 """
-import argparse
-import time
-
 import numpy as np
 
-from sim_niid import final_record
+from sim_niid import final_record, print_tables
 
 PARTITIONS = {
     "IID": {"name": "iid", "n_clients": 20},
@@ -38,26 +35,15 @@ METHODS = {
 METRICS = ("balanced_accuracy", "worst_class_accuracy", "test_accuracy")
 
 
-def cell(records: list[dict]) -> str:
+def cell(dataset: str, method: dict, partition: dict, seeds: range) -> str:
+    records = [final_record(dataset, partition, method, seed) for seed in seeds]
     balanced, worst, top1 = (100 * np.array([r[m] for r in records]) for m in METRICS)
     return f"{balanced.mean():.1f} ({balanced.min():.1f}-{balanced.max():.1f}) / {worst.mean():.1f} / {top1.mean():.1f}"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--datasets", nargs="+", default=["digits", "mnist5k"])
-    args = parser.parse_args()
-    start = time.perf_counter()
-    for dataset in args.datasets:
-        print(f"\n{dataset}, seeds 0-{args.seeds - 1}: balanced (range) / worst-class / top-1 accuracy, %\n")
-        print("| method | " + " | ".join(PARTITIONS) + " |")
-        print("|---|" + "---|" * len(PARTITIONS))
-        for label, method in METHODS.items():
-            cells = [cell([final_record(dataset, partition, method, seed) for seed in range(args.seeds)])
-                     for partition in PARTITIONS.values()]
-            print(f"| {label} | " + " | ".join(cells) + " |", flush=True)
-    print(f"\n({time.perf_counter() - start:.0f} s)")
+    print_tables(__doc__.splitlines()[0], "method", METHODS, PARTITIONS, cell,
+                 ": balanced (range) / worst-class / top-1 accuracy, %")
 
 
 if __name__ == "__main__":

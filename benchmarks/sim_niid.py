@@ -54,24 +54,33 @@ def accuracy(dataset: str, partition: dict, algorithm: dict, seed: int, **extra)
     return 100 * final_record(dataset, partition, algorithm, seed, **extra)["test_accuracy"]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def print_tables(description: str, heading: str, rows: dict, columns: dict, cell, what: str) -> None:
+    """Parse ``--seeds`` and ``--datasets``, then print one markdown table per dataset:
+    a row per entry of ``rows``, a column per entry of ``columns``, each cell
+    ``cell(dataset, row, column, seeds)`` (shared by sim_fbl.py)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--datasets", nargs="+", default=["digits", "mnist5k"])
     args = parser.parse_args()
     start = time.perf_counter()
     for dataset in args.datasets:
-        print(f"\n{dataset}, seeds 0-{args.seeds - 1}\n")
-        print("| algorithm | " + " | ".join(SETTINGS) + " |")
-        print("|---|" + "---|" * len(SETTINGS))
-        for label, algorithm in ALGORITHMS.items():
-            cells = []
-            for partition, extra in SETTINGS.values():
-                results = np.array([accuracy(dataset, partition, algorithm, seed, **extra)
-                                    for seed in range(args.seeds)])
-                cells.append(f"{results.mean():.1f} ({results.min():.1f}-{results.max():.1f})")
+        print(f"\n{dataset}, seeds 0-{args.seeds - 1}{what}\n")
+        print(f"| {heading} | " + " | ".join(columns) + " |")
+        print("|---|" + "---|" * len(columns))
+        for label, row in rows.items():
+            cells = [cell(dataset, row, column, range(args.seeds)) for column in columns.values()]
             print(f"| {label} | " + " | ".join(cells) + " |", flush=True)
     print(f"\n({time.perf_counter() - start:.0f} s)")
+
+
+def accuracy_cell(dataset: str, algorithm: dict, setting: tuple[dict, dict], seeds: range) -> str:
+    partition, extra = setting
+    results = np.array([accuracy(dataset, partition, algorithm, seed, **extra) for seed in seeds])
+    return f"{results.mean():.1f} ({results.min():.1f}-{results.max():.1f})"
+
+
+def main() -> None:
+    print_tables(__doc__.splitlines()[0], "algorithm", ALGORITHMS, SETTINGS, accuracy_cell, "")
 
 
 if __name__ == "__main__":

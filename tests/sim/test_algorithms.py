@@ -43,6 +43,20 @@ def local_quadratic_deltas(data, w0, lr, steps_of):
     return np.array(deltas)
 
 
+def straight_and_resumed(settings: dict, rounds: int, path):
+    """A config's run of ``rounds``, and a second one checkpointed halfway and resumed in
+    a fresh simulation to the same round."""
+    straight, _ = config.build(settings)
+    straight.run(rounds)
+    first, _ = config.build(settings)
+    first.run(rounds // 2)
+    first.save(path)
+    resumed, _ = config.build(settings)
+    resumed.restore(path)
+    resumed.run(rounds)
+    return straight, resumed
+
+
 # --------------------------------------------------------------------------- FedNova
 def test_fednova_norms_of_a_are_the_sums_of_the_papers_a_vectors():
     tau = np.array([1, 3, 7])
@@ -263,14 +277,7 @@ def test_scaffold_in_simulation_matches_a_numpy_reference_over_rounds():
 
 def test_scaffold_runs_from_the_config_resumes_bit_identically_and_threads_agree(tmp_path):
     settings = {**SMALL, "algorithm": {"name": "scaffold", "global_lr": 0.8}}
-    straight, _ = config.build({**settings, "stragglers": {"fraction": 0.5}})
-    straight.run(4)
-    first, _ = config.build({**settings, "stragglers": {"fraction": 0.5}})
-    first.run(2)
-    first.save(tmp_path / "s.npz")
-    resumed, _ = config.build({**settings, "stragglers": {"fraction": 0.5}})
-    resumed.restore(tmp_path / "s.npz")
-    resumed.run(4)
+    straight, resumed = straight_and_resumed({**settings, "stragglers": {"fraction": 0.5}}, 4, tmp_path / "s.npz")
     assert resumed.params.tobytes() == straight.params.tobytes()
     assert np.abs(straight.algorithm.server_variate).max() > 0
     threaded, _ = config.build({**settings, "stragglers": {"fraction": 0.5},
@@ -381,14 +388,7 @@ def test_fedbuff_in_simulation_is_a_buffered_run_of_the_clients_with_data():
 
 def test_fedbuff_runs_from_the_config_and_resumes_bit_identically(tmp_path):
     settings = {**SMALL, "algorithm": {"name": "fedbuff", "buffer_size": 2, "concurrency": 4}}
-    straight, _ = config.build(settings)
-    straight.run(5)
-    first, _ = config.build(settings)
-    first.run(3)
-    first.save(tmp_path / "b.npz")
-    resumed, _ = config.build(settings)
-    resumed.restore(tmp_path / "b.npz")
-    resumed.run(5)
+    straight, resumed = straight_and_resumed(settings, 5, tmp_path / "b.npz")
     assert resumed.params.tobytes() == straight.params.tobytes()
     assert resumed.history.column("staleness_mean").tolist() == straight.history.column("staleness_mean").tolist()
     plain, _ = config.build(SMALL)
@@ -566,14 +566,7 @@ def test_fbl_refuses_what_would_drop_a_part():
 
 def test_fbl_runs_from_the_config_resumes_bit_identically_and_threads_agree(tmp_path):
     settings = {**SMALL, "algorithm": {"name": "fbl", "tau": 0.5}}
-    straight, _ = config.build(settings)
-    straight.run(4)
-    first, _ = config.build(settings)
-    first.run(2)
-    first.save(tmp_path / "f.npz")
-    resumed, _ = config.build(settings)
-    resumed.restore(tmp_path / "f.npz")
-    resumed.run(4)
+    straight, resumed = straight_and_resumed(settings, 4, tmp_path / "f.npz")
     assert resumed.params.tobytes() == straight.params.tobytes()
     threaded, _ = config.build({**settings, "executor": {"name": "threads", "workers": 2}})
     with threaded:

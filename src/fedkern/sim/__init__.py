@@ -4,11 +4,13 @@ Pieces, each usable alone inside another simulator:
 
 - :mod:`~fedkern.sim.data`: :class:`FederatedData` (one buffer, clients are slices);
   generators and loaders live in :mod:`fedkern.datasets`
-- :mod:`~fedkern.sim.partition`: IID, Dirichlet label skew, shards, labels per client, quantity skew
+- :mod:`~fedkern.sim.partition`: IID, Dirichlet label skew, shards, labels per client, quantity skew,
+  long-tailed federations
 - :mod:`~fedkern.sim.models`: logistic regression and an MLP trained by compiled kernels (Cython or Numba)
 - :mod:`~fedkern.sim.sampling`: client samplers
-- :mod:`~fedkern.sim.algorithms`: FedAvg, FedProx, FedNova, q-FFL, SCAFFOLD (run by :class:`Simulation`) and
-  FedBuff (asynchronous: its own :class:`~fedkern.sim.algorithms.BufferedRun`)
+- :mod:`~fedkern.sim.algorithms`: FedAvg, FedProx, FedNova, q-FFL, SCAFFOLD, Federated Balanced Learning
+  (FBL) and FedBuff (asynchronous: a round is one server update of its
+  :class:`~fedkern.sim.algorithms.BufferedRun`), all run by :class:`Simulation`
 - :mod:`~fedkern.sim.rounds`: :class:`Simulation`, the round's stages and their settings
 - :mod:`~fedkern.sim.privacy`: :class:`DifferentialPrivacy` (DP-FedAvg) and a run's privacy ledger
 - :mod:`~fedkern.sim.secure`: :class:`SecureAggregation` (masked sums, Bonawitz et al. / SecAgg+)
