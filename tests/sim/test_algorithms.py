@@ -382,8 +382,10 @@ def test_fedbuff_in_simulation_is_a_buffered_run_of_the_clients_with_data():
     by_hand.run(5)
     assert run.params.tobytes() == by_hand.params.tobytes()
     assert [r["staleness_max"] for r in history] == [r["staleness_max"] for r in by_hand.history]
-    assert all(r["arrived"] == 3 and np.isfinite(r["train_loss"]) for r in history)
-    assert history[0]["selected"] == 4 + 3 and history[1]["selected"] == 3     # models sent out each round
+    assert all(r["selected"] == r["arrived"] == 3 and r["dropped"] == 0 and np.isfinite(r["train_loss"])
+               for r in history)
+    assert history[0]["dispatched"] == 4 + 3 and history[1]["dispatched"] == 3     # models sent out each round
+    assert history[1]["bytes_down"] == 3 * run.params.nbytes
 
 
 def test_fedbuff_runs_from_the_config_and_resumes_bit_identically(tmp_path):

@@ -401,7 +401,9 @@ class Simulation:
     algorithm : :class:`~fedkern.sim.algorithms.FedAvg` (default), ``FedProx``, or ``FedNova``
         / ``QFFL`` / ``Scaffold``, which replace the mean (they need the ``mean``
         aggregator, and no privacy, secure aggregation, compression or update attack;
-        ``Scaffold`` also a model whose ``train`` takes ``correction=``)
+        ``Scaffold`` also a model whose ``train`` takes ``correction=``); ``FBL`` (its
+        balanced loss needs a model whose ``train`` takes ``logit_adjustment=``); or
+        ``FedBuff``, whose rounds are buffered asynchronous server updates
     sampler : a :mod:`~fedkern.sim.sampling` sampler (default uniform)
     availability : each client's probability of being online in a round (scalar or per client)
     aggregator : an :class:`Aggregator` or a rule name (default ``"mean"``)
@@ -585,11 +587,12 @@ class Simulation:
         indices, loss = self._buffered.arrived
         k = indices.size
         no = np.zeros(k, bool)
-        # "selected": the clients sent the model this round (each freed slot's next client)
-        record = self._record(self.round, self._buffered.dispatched - dispatched, k, no, ~no, no, no, loss,
+        record = self._record(self.round, k, k, no, ~no, no, no, loss,
                               self.train_data.sizes[self._with_data[indices]].astype(np.float64), False)
-        record.update(buffered, epsilon=math.inf, clip=math.inf, secagg_bytes=0, secagg_seconds=0.0,
-                      seconds=time.perf_counter() - start)
+        # the models sent down this round: one to each freed slot's next client
+        sent = self._buffered.dispatched - dispatched
+        record.update(buffered, dispatched=sent, bytes_down=sent * self.params.nbytes, epsilon=math.inf,
+                      clip=math.inf, secagg_bytes=0, secagg_seconds=0.0, seconds=time.perf_counter() - start)
         self.history.append(record)
         return record
 
