@@ -19,6 +19,7 @@ from fedkern.sim import (Aggregator, Attack, Compression, DifferentialPrivacy, D
                          ThreadExecutor, config)
 from fedkern.sim.algorithms import FedNova, Scaffold
 from fedkern.sim.config import ConfigError
+from fedkern.sim import executors
 from fedkern.sim.executors import EXECUTORS, SHARE_BYTES, chunks
 
 from .test_rounds import federation, simulation
@@ -266,11 +267,18 @@ def test_a_chunks_exception_is_raised_with_the_workers_traceback_and_the_executo
         processes.run({}, chunks(8))
 
 
+def test_a_plan_that_does_not_pickle_is_refused_and_the_executor_goes_on(processes):
+    processes.start(Summer())
+    with pytest.raises(FedkernTypeError, match="cannot send the round's plan to the worker processes"):
+        processes.run({"scale": lambda: 1}, chunks(4))
+    assert list(processes.run({"scale": 1}, chunks(4))) == [0, 1, 2, 3]
+
+
 def test_a_trainer_that_does_not_pickle_is_refused_before_any_process_starts():
     executor = ProcessExecutor(workers=1)
     trainer = Summer()
     trainer.step = lambda: None
-    with pytest.raises(FedkernTypeError, match="cannot send Summer to the worker processes"):
+    with pytest.raises(FedkernTypeError, match=r"cannot send the trainer \(Summer\) to the worker processes"):
         executor.start(trainer)
     assert executor._pool is None
     with pytest.raises(FedkernValueError, match="before start"):
@@ -304,6 +312,13 @@ def test_close_and_garbage_collection_stop_the_workers():
     del forgotten
     gc.collect()
     assert not any(p.is_alive() for p in processes) and leftover_segments() == []
+
+
+@pytest.mark.skipif(not os.path.isdir(SHM), reason="no /dev/shm to measure")
+def test_data_larger_than_the_free_shared_memory_is_refused_before_it_is_written():
+    with pytest.raises(FedkernValueError, match="MiB of shared memory, but /dev/shm has"):
+        executors._segment(1 << 60)
+    assert leftover_segments() == []
 
 
 def test_bad_arguments():

@@ -245,15 +245,15 @@ class _Packer(pickle.Pickler):
         return pid
 
 
-def _pack(obj, share: Callable[[np.ndarray], bool], outputs: Sequence[np.ndarray] = (),
+def _pack(obj, what: str, share: Callable[[np.ndarray], bool], outputs: Sequence[np.ndarray] = (),
           special: dict[int, tuple] | None = None) -> _Packer:
-    """``obj`` pickled by a :class:`_Packer` (its bytes in ``.payload``)."""
+    """``obj`` (``what`` it is, for the error) pickled by a :class:`_Packer` (its bytes in ``.payload``)."""
     file = io.BytesIO()
     packer = _Packer(file, share, outputs, special)
     try:
         packer.dump(obj)
     except (pickle.PicklingError, TypeError, AttributeError) as err:
-        raise check.FedkernTypeError(f"ProcessExecutor: cannot send {type(obj).__name__} to the worker processes "
+        raise check.FedkernTypeError(f"ProcessExecutor: cannot send {what} to the worker processes "
                                      f"(everything it holds must pickle): {err}") from err
     packer.payload = file.getvalue()
     return packer
@@ -289,6 +289,17 @@ class _Unpacker(pickle.Unpickler):
 
 
 def _segment(size: int) -> shared_memory.SharedMemory:
+    """A new shared memory segment of ``size`` bytes."""
+    if os.path.isdir("/dev/shm"):
+        # Linux keeps POSIX shared memory in the tmpfs /dev/shm (64 MiB in a default Docker
+        # container): creating a segment larger than its free space succeeds, but writing
+        # into it then kills the process with SIGBUS, so refuse it here instead
+        stats = os.statvfs("/dev/shm")
+        free = stats.f_bavail * stats.f_frsize
+        if size > free:
+            raise check.FedkernValueError(
+                f"ProcessExecutor: the data needs {size / 2**20:.1f} MiB of shared memory, but /dev/shm has "
+                f"{free / 2**20:.1f} MiB free (in a container, give it more, e.g. docker run --shm-size=...)")
     # a name of our own, so that a leak is easy to spot (ls /dev/shm/fedkern_*); short,
     # as macOS allows 31 characters
     return shared_memory.SharedMemory(name=f"fedkern_{secrets.token_hex(6)}", create=True, size=max(size, 1))
@@ -602,7 +613,8 @@ class ProcessExecutor:
         if self._closed:
             raise check.FedkernValueError("this ProcessExecutor was closed")
         # packed before any process starts: a trainer that does not pickle costs nothing
-        packer = _pack(trainer, lambda array: not array.flags.writeable, special={id(self): _SELF})
+        packer = _pack(trainer, f"the trainer ({type(trainer).__name__})", lambda array: not array.flags.writeable,
+                       special={id(self): _SELF})
         self._started = False
         try:
             if self._pool is None:
@@ -627,7 +639,7 @@ class ProcessExecutor:
             return iter([])
         outputs = [plan[key] for key in OUTPUTS if isinstance(plan.get(key), np.ndarray)]
         limit = self.share_bytes
-        packer = _pack((backends.get_backend(), plan),
+        packer = _pack((backends.get_backend(), plan), "the round's plan",
                        lambda array: not array.flags.writeable or array.nbytes >= limit, outputs)
         pool = self._pool
         try:
