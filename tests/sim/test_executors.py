@@ -8,6 +8,8 @@ trainer to the same workers. Tests that break or close an executor start their o
 import gc
 import os
 import pickle
+import signal
+import time
 
 import numpy as np
 import pytest
@@ -206,6 +208,11 @@ class Dies:
         os._exit(3)
 
 
+class Sleeps:
+    def train_chunk(self, positions, plan):
+        time.sleep(60)
+
+
 def test_results_come_in_item_order_and_the_longest_chunks_go_out_first(processes):
     processes.start(Summer())
     assert list(processes.run({"scale": 2}, chunks(200))) == [2 * sum(p) for p in chunks(200)]
@@ -297,6 +304,30 @@ def test_a_worker_that_dies_closes_the_executor_and_leaves_nothing_behind():
         executor.run({}, chunks(3))
     with pytest.raises(FedkernValueError, match="closed"):
         executor.start(Summer())
+
+
+@pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="needs a POSIX interval timer")
+def test_an_interrupted_round_stops_the_busy_workers():
+    executor = ProcessExecutor(workers=1)
+    executor.start(Sleeps())
+    processes = list(executor._pool.processes)
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    signal.setitimer(signal.ITIMER_REAL, 0.3)
+    began = time.monotonic()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            executor.run({}, chunks(2))
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert time.monotonic() - began < 10         # the sleeping worker was terminated, not awaited
+    assert not any(p.is_alive() for p in processes) and leftover_segments() == []
+    with pytest.raises(FedkernValueError, match="closed"):
+        executor.run({}, chunks(2))
 
 
 def test_close_and_garbage_collection_stop_the_workers():
