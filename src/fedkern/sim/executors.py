@@ -237,7 +237,7 @@ class _Packer(pickle.Pickler):
         output = id(obj) in self.outputs
         if not (output or self.share(obj)):
             return None
-        offset = -(-self.size // _ALIGN) * _ALIGN
+        offset = _aligned(self.size)
         self.size = offset + obj.nbytes
         # keeping obj in self.arrays keeps its id from being reused by a temporary while we pickle
         self.arrays.append((offset, obj, output))
@@ -273,29 +273,42 @@ def _fill(packer: _Packer, buffer) -> None:
 
 class _Unpacker(pickle.Unpickler):
     """Reads what a :class:`_Packer` wrote, its arrays as views of ``buffer`` (read-only but
-    for the outputs)."""
+    for the outputs) or, with ``copy``, as copies of their own."""
 
-    def __init__(self, payload: bytes, buffer, special: dict[tuple, Any]):
+    def __init__(self, payload: bytes, buffer, special: dict[tuple, Any], copy: bool = False):
         super().__init__(io.BytesIO(payload))
-        self.buffer, self.special = buffer, special
+        self.buffer, self.special, self.copy = buffer, special, copy
 
     def persistent_load(self, pid):
         if pid[0] != "array":
             return self.special[pid]
         _, offset, dtype, shape, writable = pid
         array = _view(self.buffer, offset, dtype, shape)
+        if self.copy:
+            return array.copy()
         array.flags.writeable = writable
         return array
 
 
+def _aligned(size: int) -> int:
+    return -(-size // _ALIGN) * _ALIGN
+
+
+def _shm_free() -> int | None:
+    """Free bytes for shared memory, where the system says (Linux: the tmpfs /dev/shm)."""
+    if not os.path.isdir("/dev/shm"):
+        return None
+    stats = os.statvfs("/dev/shm")
+    return stats.f_bavail * stats.f_frsize
+
+
 def _segment(size: int) -> shared_memory.SharedMemory:
     """A new shared memory segment of ``size`` bytes."""
-    if os.path.isdir("/dev/shm"):
+    free = _shm_free()
+    if free is not None:
         # Linux keeps POSIX shared memory in the tmpfs /dev/shm (64 MiB in a default Docker
         # container): creating a segment larger than its free space succeeds, but writing
         # into it then kills the process with SIGBUS, so refuse it here instead
-        stats = os.statvfs("/dev/shm")
-        free = stats.f_bavail * stats.f_frsize
         if size > free:
             raise check.FedkernValueError(
                 f"ProcessExecutor: the data needs {size / 2**20:.1f} MiB of shared memory, but /dev/shm has "
@@ -328,18 +341,19 @@ class _Worker:
 
     def __init__(self):
         self.trainer = self.plan = None
-        self.backend = "auto"
+        self.backend, self.limit = "auto", SHARE_BYTES
         self.segment = self.arena = None       # the trainer's shared arrays; the plans' arena
 
     def handle(self, message: tuple) -> tuple:
         kind = message[0]
         if kind == "chunk":
-            _, index, item, payload = message
+            _, index, item, payload, slot, slot_bytes = message
             if payload is not None:      # the first chunk this worker gets in the round
-                self.backend, self.plan = _Unpacker(payload, self.arena and self.arena.buf, {}).load()
+                self.backend, self.limit, self.plan = _Unpacker(payload, self.arena and self.arena.buf, {}).load()
             # the parent's backend choice (set_backend / use_backend), so the bits are its bits
             with backends.use_backend(self.backend):
-                return "done", index, self.trainer.train_chunk(item, self.plan)
+                result = self.trainer.train_chunk(item, self.plan)
+            return self._result(index, result, slot, slot_bytes)
         if kind == "trainer":
             _, name, payload = message
             self.trainer = self.plan = None
@@ -351,6 +365,16 @@ class _Worker:
             self.arena = _swap(self.arena, message[1])
             return ("ok",)
         raise ValueError(f"unknown message {kind!r}")
+
+    def _result(self, index: int, result: Any, slot: int, slot_bytes: int) -> tuple:
+        """The reply for a chunk's result: its large arrays (a float64 partial sum) written
+        into the item's slot of the arena when they fit, else everything pickled; and how
+        many bytes the large arrays took, for the next round's slots."""
+        packer = _pack(result, "the chunk's result", lambda array: array.nbytes >= self.limit)
+        if 0 < packer.size <= slot_bytes:
+            _fill(packer, self.arena.buf[slot:slot + slot_bytes])
+            return "done", index, packer.payload, True, packer.size
+        return "done", index, pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL), False, packer.size
 
 
 def _swap(old: shared_memory.SharedMemory | None, name: str | None) -> shared_memory.SharedMemory | None:
@@ -478,18 +502,22 @@ class _Pool:
             old.close()
 
     # ---------------------------------------------------------------- a round
-    def train(self, payload: bytes, items: Sequence[range], order: list[int]) -> tuple[list, tuple | None]:
+    def train(self, payload: bytes, items: Sequence[range], order: list[int], slots: int,
+              slot_bytes: int) -> tuple[list, tuple | None, int]:
         """Every item trained, the longest first, each worker taking the next one as it
-        finishes one (the plan goes with its first); returns the results in item order and
-        the failure of the lowest failed item (None: none failed). After a failure no new
+        finishes one (the plan goes with its first). Item i's result comes back through
+        ``slot_bytes`` of the arena at ``slots + i * slot_bytes`` if it fits there. Returns
+        the results in item order, the failure of the lowest failed item (None: none
+        failed) and the most bytes a result's large arrays took. After a failure no new
         item starts, but the running ones finish, so the workers are ready for the next round."""
         results: list = [None] * len(items)
         failures: dict[int, tuple] = {}
         todo, busy, fresh = deque(order), {}, set(range(len(self.processes)))
+        needed = 0
 
         def give(w: int) -> None:
             i = todo.popleft()
-            self.send(w, ("chunk", i, items[i], payload if w in fresh else None))
+            self.send(w, ("chunk", i, items[i], payload if w in fresh else None, slots + i * slot_bytes, slot_bytes))
             fresh.discard(w)
             busy[w] = i
 
@@ -500,12 +528,20 @@ class _Pool:
                 answer = self.reply(w)
                 i = busy.pop(w)
                 if answer[0] == "done":
-                    results[i] = answer[2]
+                    _, _, data, in_slot, size = answer
+                    needed = max(needed, size)
+                    if in_slot:
+                        # copied out: the round may keep them (error feedback's residuals)
+                        # past this arena's next use
+                        slot = slots + i * slot_bytes
+                        results[i] = _Unpacker(data, self.arena.buf[slot:slot + slot_bytes], {}, copy=True).load()
+                    else:
+                        results[i] = pickle.loads(data)
                 else:
                     failures[i] = answer
                 if todo and not failures:
                     give(w)
-        return results, (failures[min(failures)] if failures else None)
+        return results, (failures[min(failures)] if failures else None), needed
 
     def shutdown(self) -> None:
         """Stop the workers (asking first, then terminating those that do not stop within
@@ -561,10 +597,11 @@ class ProcessExecutor:
     least :data:`SHARE_BYTES` bytes (and every read-only one, such as the broadcast
     parameters) are written once into a shared arena that all workers read in place; the
     rest is pickled once and sent to each worker with its first chunk. The chunks go out
-    longest first, each worker taking the next as it finishes one; the results (one
-    float64 partial sum per chunk, or the rows of the round's update matrix, written into
-    the arena) come back and are returned in chunk order, so the bits equal the serial
-    executor's.
+    longest first, each worker taking the next as it finishes one. The results come back
+    through the arena too (a chunk's float64 partial sum into a slot of its own, sized by
+    the previous round's results; the rows of the round's update matrix into the plan's
+    matrix, copied into the caller's) and are returned in chunk order, so the bits equal
+    the serial executor's.
 
     Workers are fresh interpreters (:data:`START_METHOD`), each running fedkern's compiled
     kernels on one thread; a script that uses this executor must guard its entry point
@@ -606,6 +643,7 @@ class ProcessExecutor:
         self._closed = False
         self._started = False
         self._stop: weakref.finalize | None = None
+        self._slot_bytes = 0          # the arena's room per result, learnt from the last round
 
     def start(self, trainer: Trainer) -> None:
         """Ship ``trainer`` to the workers (starting them the first time); it replaces the
@@ -615,7 +653,7 @@ class ProcessExecutor:
         # packed before any process starts: a trainer that does not pickle costs nothing
         packer = _pack(trainer, f"the trainer ({type(trainer).__name__})", lambda array: not array.flags.writeable,
                        special={id(self): _SELF})
-        self._started = False
+        self._started, self._slot_bytes = False, 0
         try:
             if self._pool is None:
                 self._pool = _Pool(self.workers)
@@ -639,15 +677,25 @@ class ProcessExecutor:
             return iter([])
         outputs = [plan[key] for key in OUTPUTS if isinstance(plan.get(key), np.ndarray)]
         limit = self.share_bytes
-        packer = _pack((backends.get_backend(), plan), "the round's plan",
+        packer = _pack((backends.get_backend(), limit, plan), "the round's plan",
                        lambda array: not array.flags.writeable or array.nbytes >= limit, outputs)
         pool = self._pool
+        # after the plan, one slot per item for its result's large arrays (a float64 partial
+        # sum each: one write in the worker and one copy here, instead of pickling it
+        # through a pipe), as large as the last round's results needed; none if they would
+        # take more than half the free shared memory (then they come through the pipes)
+        slots, slot_bytes = _aligned(packer.size), self._slot_bytes
+        free = _shm_free()
+        if free is not None and slots + len(items) * slot_bytes > free // 2:
+            slot_bytes = 0
         try:
-            pool.ensure_arena(packer.size)
+            pool.ensure_arena(slots + len(items) * slot_bytes)
             buffer = pool.arena.buf if pool.arena is not None else None
             if buffer is not None:
                 _fill(packer, buffer)
-            results, failure = pool.train(packer.payload, items, longest_first(plan, items))
+            results, failure, needed = pool.train(packer.payload, items, longest_first(plan, items), slots,
+                                                  slot_bytes)
+            self._slot_bytes = _aligned(needed)
             for offset, array, output in packer.arrays:
                 if output:
                     array[...] = _view(buffer, offset, array.dtype, array.shape)
