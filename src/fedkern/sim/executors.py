@@ -668,6 +668,8 @@ class ProcessExecutor:
         self._started = True
 
     def run(self, plan: dict, items: Sequence[range]) -> Iterator[Any]:
+        """Train every item on the workers; an iterator over the results in the items' order
+        (they are all done when it is returned)."""
         if self._closed:
             raise check.FedkernValueError("this ProcessExecutor was closed")
         if not self._started:
