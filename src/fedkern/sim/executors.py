@@ -33,6 +33,7 @@ Examples
 """
 from __future__ import annotations
 
+import ctypes
 import io
 import multiprocessing
 import os
@@ -387,6 +388,28 @@ def _swap(old: shared_memory.SharedMemory | None, name: str | None) -> shared_me
     return None if name is None else shared_memory.SharedMemory(name=name)
 
 
+#: glibc's malloc parameters for the workers (mallopt's M_MMAP_THRESHOLD and
+#: M_TRIM_THRESHOLD): the largest values its dynamic rule reaches.
+_MALLOC = ((-3, 32 << 20), (-1, 64 << 20))
+
+
+def _keep_freed_memory() -> None:
+    """Let a worker reuse the memory its temporaries free, as a long-running process does.
+
+    A fresh glibc process hands blocks above 128 KiB back to the system as they are freed,
+    until it frees some large block (which raises both thresholds); a worker that never
+    did faults every page of a model's per-step temporaries in again, each step: a numpy
+    model of 51k parameters trained 2.3x slower in a worker than in the parent (6,600
+    page faults per chunk against none). Other C libraries have no mallopt: nothing to do.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError, TypeError):
+        return
+    for option, value in _MALLOC:
+        mallopt(option, value)
+
+
 def _serve(conn) -> None:
     """A worker process's loop: answer the parent's messages until it says stop or goes away."""
     # Ctrl-C reaches the whole process group: the parent handles it and stops the workers
@@ -394,6 +417,7 @@ def _serve(conn) -> None:
     # N workers on one thread each, not N x the cores: the Cython (OpenMP) and Numba
     # kernels, including those the trainer loads as it unpickles, run on one thread here
     backends.set_num_threads(1)
+    _keep_freed_memory()
     worker = _Worker()
     while True:
         try:
