@@ -9,6 +9,7 @@ from ._errors import (
     FedkernTypeError,
     FedkernValueError,
     NonFiniteError,
+    WorkerError,
 )
 from .aggregate import Accumulator, accumulate, clip_by_norm, l2_norms, weighted_mean, weighted_sum
 from .backends import get_backend, get_num_threads, set_backend, set_num_threads, use_backend
@@ -42,4 +43,5 @@ __all__ = sorted({*_op_names(), "Accumulator", "ServerOptimizer", "Layout", "Upd
                   "secagg",
                   "compress",
                   "FedkernError", "FedkernTypeError", "FedkernValueError", "NonFiniteError", "BackendUnavailableError",
+                  "WorkerError",
                   "get_backend", "set_backend", "use_backend", "get_num_threads", "set_num_threads"})

@@ -32,5 +32,10 @@ class NonFiniteError(FedkernValueError):
         self.position = position
 
 
+class WorkerError(FedkernError, RuntimeError):
+    """A worker process of an executor died, or its exception could not be sent back (the
+    message then holds the worker's traceback)."""
+
+
 class BackendUnavailableError(FedkernError, ImportError):
     """The requested backend cannot be imported on this machine."""

@@ -208,6 +208,11 @@ class Kernels:
                     return function
         raise AttributeError(f"no backend of the {self.family} family has a kernel {kernel!r}")
 
+    def __reduce__(self):
+        # a module does not pickle: a copy sent to another process (a process or Ray
+        # executor's worker) loads the same concrete backend there, on that process's threads
+        return kernels, (self.family, self.backend)
+
     def __repr__(self) -> str:
         return f"<fedkern kernels {self.family} on {self.backend}>"
 

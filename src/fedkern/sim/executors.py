@@ -13,8 +13,10 @@ The interface is made for workers in other processes or on other machines too:
 ``run(plan, items)`` gets the round's plan (the broadcast parameters and the cohort's
 small per-client arrays, all of it picklable) and yields
 ``trainer.train_chunk(item, plan)`` for every item; ``plan["costs"]`` estimates each
-client's work (examples x epochs), for scheduling the longest chunks first. A process or
-Ray executor ships the trainer to its workers once and only the plan each round.
+client's work (examples x epochs), for scheduling the longest chunks first. The plan
+entries named in :data:`OUTPUTS` are written by ``train_chunk`` (the round's update
+matrix, when the rule needs every row). :class:`ProcessExecutor` ships the trainer to its
+workers once, its data in shared memory, and only the plan each round.
 
 Examples
 --------
@@ -31,18 +33,36 @@ Examples
 """
 from __future__ import annotations
 
+import ctypes
+import io
+import multiprocessing
 import os
+import pickle
+import secrets
+import signal
 import threading
+import traceback
+import weakref
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from multiprocessing import connection, shared_memory
 from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 
+import numpy as np
+
 from .. import _validate as check
+from .. import backends
+from .._errors import WorkerError
 
 #: At most this many chunks per round. More chunks balance the workers better; each
 #: chunk holds one float64 partial sum while the round combines them, so this also
 #: bounds the round's memory (MAX_CHUNKS x D floats, never K x D). Part of the bits:
 #: changing it changes the summation order of every run.
 MAX_CHUNKS = 16
+
+#: Plan entries that ``train_chunk`` writes into (the round's update matrix): an executor
+#: whose workers live elsewhere gives them a buffer of their own and copies it back.
+OUTPUTS = ("rows",)
 
 
 def chunks(k: int) -> list[range]:
@@ -170,5 +190,567 @@ class ThreadExecutor(_Local):
         return f"ThreadExecutor(workers={self.workers})"
 
 
+# --------------------------------------------------------------------------- processes
+#: How the workers start: "spawn", a fresh interpreter per worker. Not "fork": a forked
+#: child inherits the parent's OpenMP (GNU libgomp, the Cython kernels' runtime) and Numba
+#: thread pools without their threads, only their locks and state, and its first parallel
+#: kernel can hang or crash. "forkserver" would be safe too, but it does not exist on
+#: Windows and its server, one per interpreter, forks from whatever it imported; spawn's
+#: cost (importing fedkern, about 0.3 s per worker here) is paid once per executor.
+START_METHOD = "spawn"
+#: Arrays of the round's plan of at least this many bytes travel through the executor's
+#: shared memory (written once, read by every worker in place); smaller ones are pickled
+#: into the message each worker gets. Read-only arrays always go through shared memory.
+SHARE_BYTES = 1 << 16
+#: Offsets of the arrays in a shared segment are multiples of this (a cache line, and
+#: enough for any SIMD load the kernels make).
+_ALIGN = 64
+#: Persistent id standing for the executor itself inside the trainer it ships.
+_SELF = ("executor",)
+
+
+class _Packer(pickle.Pickler):
+    """Pickles an object, setting aside the arrays ``share(array)`` picks and the
+    ``outputs``: each becomes a reference (offset, dtype, shape, writable) into one buffer,
+    laid out in the order they are met, :attr:`size` bytes in all. The caller fills the
+    buffer from :attr:`arrays` (offset, array, is_output); ``special`` maps objects (by
+    identity) to persistent ids of their own."""
+
+    def __init__(self, file, share: Callable[[np.ndarray], bool], outputs: Sequence[np.ndarray] = (),
+                 special: dict[int, tuple] | None = None):
+        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+        self.share, self.special = share, special or {}
+        self.outputs = {id(a) for a in outputs}
+        self.arrays: list[tuple[int, np.ndarray, bool]] = []
+        self.size = 0
+        self._ids: dict[int, tuple] = {}
+
+    def persistent_id(self, obj):
+        special = self.special.get(id(obj))
+        if special is not None:
+            return special
+        # subclasses other than memmap (np.matrix, masked arrays) pickle as they are
+        if type(obj) not in (np.ndarray, np.memmap) or obj.dtype.hasobject or obj.nbytes == 0:
+            return None
+        known = self._ids.get(id(obj))
+        if known is not None:          # the same array twice: one copy (it is kept alive below)
+            return known
+        output = id(obj) in self.outputs
+        if not (output or self.share(obj)):
+            return None
+        offset = _aligned(self.size)
+        self.size = offset + obj.nbytes
+        # keeping obj in self.arrays keeps its id from being reused by a temporary while we pickle
+        self.arrays.append((offset, obj, output))
+        pid = self._ids[id(obj)] = ("array", offset, obj.dtype, obj.shape, output)
+        return pid
+
+
+def _pack(obj, what: str, share: Callable[[np.ndarray], bool], outputs: Sequence[np.ndarray] = (),
+          special: dict[int, tuple] | None = None) -> _Packer:
+    """``obj`` (``what`` it is, for the error) pickled by a :class:`_Packer` (its bytes in ``.payload``)."""
+    file = io.BytesIO()
+    packer = _Packer(file, share, outputs, special)
+    try:
+        packer.dump(obj)
+    except (pickle.PicklingError, TypeError, AttributeError) as err:
+        raise check.FedkernTypeError(f"ProcessExecutor: cannot send {what} to the worker processes "
+                                     f"(everything it holds must pickle): {err}") from err
+    packer.payload = file.getvalue()
+    return packer
+
+
+def _view(buffer, offset: int, dtype, shape: tuple) -> np.ndarray:
+    return np.ndarray(shape, dtype, buffer=buffer, offset=offset)
+
+
+def _fill(packer: _Packer, buffer) -> None:
+    """Copy a packer's input arrays into their places in ``buffer`` (outputs are written by
+    the workers, not read)."""
+    for offset, array, output in packer.arrays:
+        if not output:
+            _view(buffer, offset, array.dtype, array.shape)[...] = array
+
+
+class _Unpacker(pickle.Unpickler):
+    """Reads what a :class:`_Packer` wrote, its arrays as views of ``buffer`` (read-only but
+    for the outputs) or, with ``copy``, as copies of their own."""
+
+    def __init__(self, payload: bytes, buffer, special: dict[tuple, Any], copy: bool = False):
+        super().__init__(io.BytesIO(payload))
+        self.buffer, self.special, self.copy = buffer, special, copy
+
+    def persistent_load(self, pid):
+        if pid[0] != "array":
+            return self.special[pid]
+        _, offset, dtype, shape, writable = pid
+        array = _view(self.buffer, offset, dtype, shape)
+        if self.copy:
+            return array.copy()
+        array.flags.writeable = writable
+        return array
+
+
+def _aligned(size: int) -> int:
+    return -(-size // _ALIGN) * _ALIGN
+
+
+def _shm_free() -> int | None:
+    """Free bytes for shared memory, where the system says (Linux: the tmpfs /dev/shm)."""
+    if not os.path.isdir("/dev/shm"):
+        return None
+    stats = os.statvfs("/dev/shm")
+    return stats.f_bavail * stats.f_frsize
+
+
+def _segment(size: int) -> shared_memory.SharedMemory:
+    """A new shared memory segment of ``size`` bytes."""
+    free = _shm_free()
+    if free is not None:
+        # Linux keeps POSIX shared memory in the tmpfs /dev/shm (64 MiB in a default Docker
+        # container): creating a segment larger than its free space succeeds, but writing
+        # into it then kills the process with SIGBUS, so refuse it here instead
+        if size > free:
+            raise check.FedkernValueError(
+                f"ProcessExecutor: the data needs {size / 2**20:.1f} MiB of shared memory, but /dev/shm has "
+                f"{free / 2**20:.1f} MiB free (in a container, give it more, e.g. docker run --shm-size=...)")
+    # a name of our own, so that a leak is easy to spot (ls /dev/shm/fedkern_*); short,
+    # as macOS allows 31 characters
+    return shared_memory.SharedMemory(name=f"fedkern_{secrets.token_hex(6)}", create=True, size=max(size, 1))
+
+
+class _WorkerTraceback(Exception):
+    """The traceback of an exception raised in a worker process (its ``__cause__`` in the parent)."""
+
+    def __str__(self) -> str:
+        return "\n" + self.args[0]
+
+
+def _exception_bytes(err: BaseException) -> bytes | None:
+    """The exception pickled, if it survives the round trip (many with custom
+    ``__init__`` arguments do not); None otherwise, and the parent raises a WorkerError."""
+    try:
+        data = pickle.dumps(err, protocol=pickle.HIGHEST_PROTOCOL)
+        pickle.loads(data)
+        return data
+    except Exception:
+        return None
+
+
+class _Worker:
+    """The state of one worker process: its trainer, the round's plan, the shared segments."""
+
+    def __init__(self):
+        self.trainer = self.plan = None
+        self.backend, self.limit = "auto", SHARE_BYTES
+        self.segment = self.arena = None       # the trainer's shared arrays; the plans' arena
+
+    def handle(self, message: tuple) -> tuple:
+        kind = message[0]
+        if kind == "chunk":
+            _, index, item, payload, slot, slot_bytes = message
+            if payload is not None:      # the first chunk this worker gets in the round
+                self.backend, self.limit, self.plan = _Unpacker(payload, self.arena and self.arena.buf, {}).load()
+            # the parent's backend choice (set_backend / use_backend), so the bits are its bits
+            with backends.use_backend(self.backend):
+                result = self.trainer.train_chunk(item, self.plan)
+            return self._result(index, result, slot, slot_bytes)
+        if kind == "trainer":
+            _, name, payload = message
+            self.trainer = self.plan = None
+            self.segment = _swap(self.segment, name)
+            self.trainer = _Unpacker(payload, self.segment and self.segment.buf, {_SELF: None}).load()
+            return ("ok",)
+        if kind == "arena":
+            self.plan = None             # its arrays are views of the old arena
+            self.arena = _swap(self.arena, message[1])
+            return ("ok",)
+        raise ValueError(f"unknown message {kind!r}")
+
+    def _result(self, index: int, result: Any, slot: int, slot_bytes: int) -> tuple:
+        """The reply for a chunk's result: its large arrays (a float64 partial sum) written
+        into the item's slot of the arena when they fit, else everything pickled; and how
+        many bytes the large arrays took, for the next round's slots."""
+        packer = _pack(result, "the chunk's result", lambda array: array.nbytes >= self.limit)
+        if 0 < packer.size <= slot_bytes:
+            _fill(packer, self.arena.buf[slot:slot + slot_bytes])
+            return "done", index, packer.payload, True, packer.size
+        return "done", index, pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL), False, packer.size
+
+
+def _swap(old: shared_memory.SharedMemory | None, name: str | None) -> shared_memory.SharedMemory | None:
+    """Attach the segment ``name`` (None: none) and let go of ``old``."""
+    if old is not None:
+        try:
+            old.close()
+        except BufferError:
+            pass       # a view of it is still alive somewhere: the mapping goes with the process
+    return None if name is None else shared_memory.SharedMemory(name=name)
+
+
+#: glibc's malloc parameters for the workers (mallopt's M_MMAP_THRESHOLD and
+#: M_TRIM_THRESHOLD): the largest values its dynamic rule reaches.
+_MALLOC = ((-3, 32 << 20), (-1, 64 << 20))
+
+
+def _keep_freed_memory() -> None:
+    """Let a worker reuse the memory its temporaries free, as a long-running process does.
+
+    A fresh glibc process hands blocks above 128 KiB back to the system as they are freed,
+    until it frees some large block (which raises both thresholds); a worker that never
+    did faults every page of a model's per-step temporaries in again, each step: a numpy
+    model of 51k parameters trained 2.3x slower in a worker than in the parent (6,600
+    page faults per chunk against none). Other C libraries have no mallopt: nothing to do.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError, TypeError):
+        return
+    for option, value in _MALLOC:
+        mallopt(option, value)
+
+
+def _serve(conn) -> None:
+    """A worker process's loop: answer the parent's messages until it says stop or goes away."""
+    # Ctrl-C reaches the whole process group: the parent handles it and stops the workers
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # N workers on one thread each, not N x the cores: the Cython (OpenMP) and Numba
+    # kernels, including those the trainer loads as it unpickles, run on one thread here
+    backends.set_num_threads(1)
+    _keep_freed_memory()
+    worker = _Worker()
+    while True:
+        try:
+            message = pickle.loads(conn.recv_bytes())
+        except EOFError:
+            return                       # the parent is gone
+        if message[0] == "stop":
+            return
+        try:
+            reply = pickle.dumps(worker.handle(message), protocol=pickle.HIGHEST_PROTOCOL)
+        except BaseException as err:     # everything goes back to the parent, which decides
+            reply = pickle.dumps(("error", _exception_bytes(err), traceback.format_exc()))
+        conn.send_bytes(reply)
+
+
+class _Pool:
+    """The worker processes, their pipes and the parent's shared segments. Holds no
+    reference to the executor, so that a finaliser can shut it down."""
+
+    def __init__(self, n: int):
+        context = multiprocessing.get_context(START_METHOD)
+        self.processes: list = []
+        self.connections: list = []
+        self.arena: shared_memory.SharedMemory | None = None
+        self.named: list[shared_memory.SharedMemory] = []      # created, not yet unlinked
+        try:
+            for i in range(n):
+                ours, theirs = context.Pipe()
+                # daemon: multiprocessing terminates a worker whose parent exits without close()
+                process = context.Process(target=_serve, args=(theirs,), name=f"fedkern-sim-{i}", daemon=True)
+                process.start()
+                theirs.close()           # so that our end sees EOF if the worker dies
+                self.processes.append(process)
+                self.connections.append(ours)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    # ---------------------------------------------------------------- messages
+    def send(self, w: int, message: tuple) -> None:
+        try:
+            self.connections[w].send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+        except OSError:
+            raise self._died(w) from None
+
+    def ready(self, workers: Iterable[int]) -> list[int]:
+        """Block until some of ``workers`` replied or died; return those."""
+        workers = list(workers)
+        waits = {}
+        for w in workers:
+            waits[self.connections[w]] = waits[self.processes[w].sentinel] = w
+        return sorted({waits[r] for r in connection.wait(list(waits))})
+
+    def reply(self, w: int) -> tuple:
+        """Worker ``w``'s reply (it is ready), or a WorkerError if it died."""
+        try:
+            return pickle.loads(self.connections[w].recv_bytes())
+        except (EOFError, OSError):
+            raise self._died(w) from None
+
+    def _died(self, w: int) -> WorkerError:
+        process = self.processes[w]
+        process.join(timeout=1.0)
+        return WorkerError(f"ProcessExecutor: worker {w} (pid {process.pid}) died (exit code {process.exitcode}); "
+                           f"the executor is closed")
+
+    def everyone(self, message: tuple) -> None:
+        """Send every worker ``message`` and wait for all of them to acknowledge it."""
+        for w in range(len(self.processes)):
+            self.send(w, message)
+        failures = {}
+        for w in range(len(self.processes)):
+            self.ready([w])
+            answer = self.reply(w)
+            if answer[0] == "error":
+                failures[w] = answer
+        if failures:
+            w = min(failures)
+            raise _remote(failures[w], f"worker {w} could not take the {message[0]}")
+
+    # ---------------------------------------------------------------- shared memory
+    def share(self, size: int, message: Callable[[str | None], tuple],
+              fill: Callable[[memoryview], None] | None = None) -> shared_memory.SharedMemory | None:
+        """A new segment of ``size`` bytes (None if 0), filled by ``fill``, attached by every
+        worker (told by ``message(name)``) and then unlinked: from then on it has no name
+        that could leak, and it lives while a process maps it."""
+        segment = None
+        if size:
+            segment = _segment(size)
+            self.named.append(segment)
+            if fill is not None:
+                fill(segment.buf)
+        self.everyone(message(segment and segment.name))
+        if segment is not None:
+            self.named.remove(segment)
+            segment.unlink()
+        return segment
+
+    def ensure_arena(self, size: int) -> None:
+        """An arena of at least ``size`` bytes for the rounds' plans (grown by doubling, so rarely)."""
+        if size == 0 or (self.arena is not None and self.arena.size >= size):
+            return
+        old, self.arena = self.arena, None
+        self.arena = self.share(max(size, 2 * (old.size if old else 0)), lambda name: ("arena", name))
+        if old is not None:
+            old.close()
+
+    # ---------------------------------------------------------------- a round
+    def train(self, payload: bytes, items: Sequence[range], order: list[int], slots: int,
+              slot_bytes: int) -> tuple[list, tuple | None, int]:
+        """Every item trained, the longest first, each worker taking the next one as it
+        finishes one (the plan goes with its first). Item i's result comes back through
+        ``slot_bytes`` of the arena at ``slots + i * slot_bytes`` if it fits there. Returns
+        the results in item order, the failure of the lowest failed item (None: none
+        failed) and the most bytes a result's large arrays took. After a failure no new
+        item starts, but the running ones finish, so the workers are ready for the next round."""
+        results: list = [None] * len(items)
+        failures: dict[int, tuple] = {}
+        todo, busy, fresh = deque(order), {}, set(range(len(self.processes)))
+        needed = 0
+
+        def give(w: int) -> None:
+            i = todo.popleft()
+            self.send(w, ("chunk", i, items[i], payload if w in fresh else None, slots + i * slot_bytes, slot_bytes))
+            fresh.discard(w)
+            busy[w] = i
+
+        for w in range(min(len(self.processes), len(items))):
+            give(w)
+        while busy:
+            for w in self.ready(busy):
+                answer = self.reply(w)
+                i = busy.pop(w)
+                if answer[0] == "done":
+                    _, _, data, in_slot, size = answer
+                    needed = max(needed, size)
+                    if in_slot:
+                        # copied out: the round may keep them (error feedback's residuals)
+                        # past this arena's next use
+                        slot = slots + i * slot_bytes
+                        results[i] = _Unpacker(data, self.arena.buf[slot:slot + slot_bytes], {}, copy=True).load()
+                    else:
+                        results[i] = pickle.loads(data)
+                else:
+                    failures[i] = answer
+                if todo and not failures:
+                    give(w)
+        return results, (failures[min(failures)] if failures else None), needed
+
+    def shutdown(self) -> None:
+        """Stop the workers (asking first, then terminating those that do not stop within
+        a second, then killing), close the pipes, release the segments."""
+        for conn in self.connections:
+            try:
+                conn.send_bytes(pickle.dumps(("stop",)))
+            except OSError:
+                pass
+        for process in self.processes:
+            process.join(timeout=1.0)
+        for process in self.processes:
+            if process.is_alive():
+                process.terminate()
+                process.join(timeout=1.0)
+            if process.is_alive():
+                process.kill()
+                process.join()
+        for conn in self.connections:
+            conn.close()
+        self.processes, self.connections = [], []
+        for segment in self.named:       # made but not yet unlinked: an error came between
+            segment.close()
+            segment.unlink()
+        self.named = []
+        if self.arena is not None:
+            self.arena.close()
+            self.arena = None
+
+
+def _remote(answer: tuple, what: str) -> BaseException:
+    """The exception of a worker's error reply, with the worker's traceback as its cause."""
+    _, data, text = answer
+    error = None
+    if data is not None:
+        try:
+            error = pickle.loads(data)
+        except Exception:
+            error = None
+    if error is None:
+        return WorkerError(f"ProcessExecutor: {what}:\n{text}")
+    error.__cause__ = _WorkerTraceback(text)
+    return error
+
+
+class ProcessExecutor:
+    """Train chunks in worker processes: for many cores and Python trainers that hold the GIL.
+
+    ``start(trainer)`` starts the workers (the first time) and ships the trainer to each
+    of them once; its read-only arrays (a :class:`~fedkern.sim.data.FederatedData`'s
+    ``x``, ``y`` and ``offsets`` are) are put in one shared memory segment, which every
+    worker maps instead of holding a copy. Each round, only the plan moves: its arrays of at
+    least :data:`SHARE_BYTES` bytes (and every read-only one, such as the broadcast
+    parameters) are written once into a shared arena that all workers read in place; the
+    rest is pickled once and sent to each worker with its first chunk. The chunks go out
+    longest first, each worker taking the next as it finishes one. The results come back
+    through the arena too (a chunk's float64 partial sum into a slot of its own, sized by
+    the previous round's results; the rows of the round's update matrix into the plan's
+    matrix, copied into the caller's) and are returned in chunk order, so the bits equal
+    the serial executor's.
+
+    Workers are fresh interpreters (:data:`START_METHOD`), each running fedkern's compiled
+    kernels on one thread; a script that uses this executor must guard its entry point
+    with ``if __name__ == "__main__":``, and the trainer (with any model or
+    ``client_update`` of your own) must pickle by reference from an importable module.
+    What a worker changes in its copy of the trainer stays there.
+
+    A chunk's exception is raised in the parent as it was raised in the worker, with the
+    worker's traceback as its ``__cause__``, and the executor stays usable; a worker that
+    dies raises :class:`~fedkern.WorkerError` and closes the executor. ``close()`` (or
+    leaving a ``with`` block, or the interpreter's exit) stops the workers; no shared
+    segment outlives a call, even if the parent is killed.
+
+    Parameters
+    ----------
+    workers : number of worker processes, default ``os.cpu_count()``
+
+    Examples
+    --------
+    >>> from fedkern import datasets, sim
+    >>> data = datasets.fedprox_synthetic(1.0, 1.0, n_clients=8, seed=0)
+    >>> model = sim.LogisticRegression(data.train.n_features, data.train.n_classes)
+    >>> serial = sim.Simulation(data, model, clients_per_round=4, seed=0)
+    >>> with sim.ProcessExecutor(workers=2) as executor:
+    ...     run = sim.Simulation(data, model, clients_per_round=4, seed=0, executor=executor)
+    ...     _ = run.run(rounds=2)
+    >>> _ = serial.run(rounds=2)
+    >>> bool((run.params == serial.params).all()), run.history[-1]["train_loss"] == serial.history[-1]["train_loss"]
+    (True, True)
+    """
+
+    name = "processes"
+    #: plan arrays of at least this many bytes go through shared memory (see :data:`SHARE_BYTES`)
+    share_bytes = SHARE_BYTES
+
+    def __init__(self, workers: int | None = None):
+        self.workers = check.count(os.cpu_count() or 1 if workers is None else workers, "workers", low=1)
+        self._pool: _Pool | None = None
+        self._closed = False
+        self._started = False
+        self._stop: weakref.finalize | None = None
+        self._slot_bytes = 0          # the arena's room per result, learnt from the last round
+
+    def start(self, trainer: Trainer) -> None:
+        """Ship ``trainer`` to the workers (starting them the first time); it replaces the
+        trainer they had."""
+        if self._closed:
+            raise check.FedkernValueError("this ProcessExecutor was closed")
+        # packed before any process starts: a trainer that does not pickle costs nothing
+        packer = _pack(trainer, f"the trainer ({type(trainer).__name__})", lambda array: not array.flags.writeable,
+                       special={id(self): _SELF})
+        self._started, self._slot_bytes = False, 0
+        try:
+            if self._pool is None:
+                self._pool = _Pool(self.workers)
+                self._stop = weakref.finalize(self, self._pool.shutdown)
+            segment = self._pool.share(packer.size, lambda name: ("trainer", name, packer.payload),
+                                       lambda buffer: _fill(packer, buffer))
+            if segment is not None:
+                segment.close()          # the workers map it; the parent keeps its own arrays
+        except BaseException:
+            self.close()
+            raise
+        self._started = True
+
+    def run(self, plan: dict, items: Sequence[range]) -> Iterator[Any]:
+        """Train every item on the workers; an iterator over the results in the items' order
+        (they are all done when it is returned)."""
+        if self._closed:
+            raise check.FedkernValueError("this ProcessExecutor was closed")
+        if not self._started:
+            raise check.FedkernValueError("ProcessExecutor.run before start(trainer)")
+        items = list(items)
+        if not items:
+            return iter([])
+        outputs = [plan[key] for key in OUTPUTS if isinstance(plan.get(key), np.ndarray)]
+        limit = self.share_bytes
+        packer = _pack((backends.get_backend(), limit, plan), "the round's plan",
+                       lambda array: not array.flags.writeable or array.nbytes >= limit, outputs)
+        pool = self._pool
+        # after the plan, one slot per item for its result's large arrays (a float64 partial
+        # sum each: one write in the worker and one copy here, instead of pickling it
+        # through a pipe), as large as the last round's results needed; none if they would
+        # take more than half the free shared memory (then they come through the pipes)
+        slots, slot_bytes = _aligned(packer.size), self._slot_bytes
+        free = _shm_free()
+        if free is not None and slots + len(items) * slot_bytes > free // 2:
+            slot_bytes = 0
+        try:
+            pool.ensure_arena(slots + len(items) * slot_bytes)
+            buffer = pool.arena.buf if pool.arena is not None else None
+            if buffer is not None:
+                _fill(packer, buffer)
+            results, failure, needed = pool.train(packer.payload, items, longest_first(plan, items), slots,
+                                                  slot_bytes)
+            self._slot_bytes = _aligned(needed)
+            for offset, array, output in packer.arrays:
+                if output:
+                    array[...] = _view(buffer, offset, array.dtype, array.shape)
+            del buffer
+        except BaseException:
+            # a worker died, or the parent was interrupted with chunks in flight: the
+            # workers are in an unknown state, so none is kept
+            self.close()
+            raise
+        if failure is not None:
+            raise _remote(failure, "a chunk failed")
+        return iter(results)
+
+    def close(self) -> None:
+        """Stop the workers (the executor may not be used afterwards)."""
+        self._closed, self._started = True, False
+        if self._stop is not None:
+            self._stop()
+        self._pool = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"ProcessExecutor(workers={self.workers})"
+
+
 #: Executors by config name.
-EXECUTORS: dict[str, type] = {"serial": SerialExecutor, "threads": ThreadExecutor}
+EXECUTORS: dict[str, type] = {"serial": SerialExecutor, "threads": ThreadExecutor, "processes": ProcessExecutor}
