@@ -9,6 +9,7 @@ import gc
 import os
 import pickle
 import signal
+import sys
 import time
 
 import numpy as np
@@ -363,3 +364,9 @@ def test_bad_arguments():
     with pytest.raises(ConfigError, match="'executor'.*workers must be >= 1"):
         config.build({"clients_per_round": 4, "dataset": {"name": "fedprox_synthetic", "n_clients": 8},
                       "executor": {"name": "processes", "workers": 0}})
+
+
+def test_the_ray_executor_without_ray_says_which_extra_installs_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)          # as if Ray were not installed
+    with pytest.raises(ImportError, match=r'pip install "fedkern\[ray\]"'):
+        executors.RayExecutor(workers=1)

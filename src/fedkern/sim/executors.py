@@ -752,5 +752,189 @@ class ProcessExecutor:
         return f"ProcessExecutor(workers={self.workers})"
 
 
+# --------------------------------------------------------------------------- Ray
+def _import_ray():
+    """Ray, imported on first use (``pip install "fedkern[ray]"``)."""
+    try:
+        import ray
+    except ImportError as err:
+        raise ImportError('RayExecutor needs Ray: pip install "fedkern[ray]"') from err
+    return ray
+
+
+def _no_executor() -> None:
+    """What an executor becomes when the trainer holding it is sent to a worker: nothing
+    (a worker calls ``train_chunk`` itself)."""
+    return None
+
+
+class _RayWorker:
+    """The body of one Ray actor: it holds the trainer for the whole run."""
+
+    def __init__(self, trainer: Trainer):
+        # one kernel thread per actor, as in a process worker: the actors share the cores
+        backends.set_num_threads(1)
+        self.trainer = trainer
+
+    def load(self, trainer: Trainer) -> None:
+        """Hold another trainer (a new run on the same actors)."""
+        self.trainer = trainer
+
+    def train(self, plan: dict, items: Sequence[range], row_shape: tuple[int, int] | None,
+              backend: str) -> tuple[list, list]:
+        """Train ``items`` in turn; return their results and, when the round keeps every
+        update (``row_shape``), each item's rows."""
+        if row_shape is not None:
+            # the parent's update matrix does not travel: the rows are written here and sent back
+            plan = {**plan, "rows": np.empty(row_shape, np.float32)}
+        with backends.use_backend(backend):
+            results = [self.trainer.train_chunk(item, plan) for item in items]
+        rows = [] if row_shape is None else [plan["rows"][item.start:item.stop] for item in items]
+        return results, rows
+
+    def where(self) -> tuple[int, str]:
+        """(process id, Ray node id) of this actor."""
+        return os.getpid(), self._ray_node()
+
+    @staticmethod
+    def _ray_node() -> str:
+        return _import_ray().get_runtime_context().get_node_id()
+
+
+def _lpt(plan: dict, items: Sequence[range], workers: int) -> list[list[int]]:
+    """Items shared out to ``workers``: the longest first, each to the least loaded worker
+    (LPT), each worker's items in that order."""
+    costs = plan.get("costs")
+    loads, shares = [0.0] * workers, [[] for _ in range(workers)]
+    for i in longest_first(plan, items):
+        w = min(range(workers), key=lambda v: (loads[v], len(shares[v])))
+        shares[w].append(i)
+        loads[w] += len(items[i]) if costs is None else float(sum(costs[p] for p in items[i]))
+    return shares
+
+
+class RayExecutor:
+    """Train chunks on long-lived Ray actors, on this machine or an existing cluster.
+
+    :meth:`start` puts the trainer (model, data, settings) into Ray's object store once;
+    each of ``workers`` actors gets it there (numpy arrays zero-copy and read-only on the
+    same node) and keeps it for the run (a later :meth:`start`, for another run, reuses
+    the actors). Each round the plan is put once, the chunks are
+    shared out longest-first (LPT by examples x epochs), and every actor trains its
+    share in one call, returning its chunks' results (float64 partial sums, or their
+    rows when a robust rule needs every update). The round combines them in chunk order,
+    so the bits are those of the serial executor. An actor that dies during a round is
+    replaced and its chunks are retried once; a second death raises
+    :class:`~fedkern.WorkerError`.
+
+    Parameters
+    ----------
+    workers : number of actors, default the cluster's CPUs (``ray.cluster_resources()``)
+    address : a running cluster's address (``"auto"``, ``"ray://host:10001"``); None starts
+        a local Ray when none is initialised. A Ray this executor started is shut down by
+        :meth:`close`; one it attached to is left running.
+    num_cpus : CPUs each actor reserves (the actors are spread over the nodes)
+    """
+
+    name = "ray"
+
+    def __init__(self, workers: int | None = None, *, address: str | None = None, num_cpus: float = 1.0):
+        self._ray = _import_ray()
+        self.address = address
+        self.num_cpus = check.real(num_cpus, "num_cpus", low=0.0, low_inclusive=False)
+        self.workers = None if workers is None else check.count(workers, "workers", low=1)
+        self._owns_ray = False
+        self._actors: list = []
+        self._trainer = None
+        self._remote = None
+        #: actors replaced after dying, over the run
+        self.replaced = 0
+
+    def start(self, trainer: Trainer) -> None:
+        ray = self._ray
+        if not ray.is_initialized():
+            ray.init(address=self.address, include_dashboard=False, log_to_driver=False)
+            self._owns_ray = self.address is None
+        if self.workers is None:
+            self.workers = max(1, int(ray.cluster_resources().get("CPU", 1) // self.num_cpus))
+        self._trainer = ray.put(trainer)
+        if self._actors:             # a new run on the same executor: the actors stay, the trainer changes
+            for w, call in enumerate([actor.load.remote(self._trainer) for actor in self._actors]):
+                try:
+                    ray.get(call)
+                except ray.exceptions.RayActorError:
+                    self._replace(w)       # one that died with an earlier round's failure
+            return
+        free = ray.available_resources().get("CPU", 0.0)
+        if self.workers * self.num_cpus > free:
+            # Ray would wait for the CPUs forever
+            raise check.FedkernValueError(f"RayExecutor: {self.workers} actors of {self.num_cpus:g} CPU need "
+                                          f"{self.workers * self.num_cpus:g} CPUs; the cluster has {free:g} free")
+        # SPREAD: one actor per node while nodes last, each with a node's memory bandwidth
+        self._remote = ray.remote(num_cpus=self.num_cpus, max_restarts=0, scheduling_strategy="SPREAD")(_RayWorker)
+        self._actors = [self._remote.remote(self._trainer) for _ in range(self.workers)]
+
+    def __reduce__(self):
+        return _no_executor, ()
+
+    def run(self, plan: dict, items: Sequence[range]) -> Iterator[Any]:
+        if self._trainer is None:
+            raise check.FedkernValueError("RayExecutor.run before start(trainer), or after close()")
+        ray = self._ray
+        rows = plan.get("rows")
+        shape = None if rows is None else rows.shape
+        shipped = ray.put({**plan, "rows": None} if rows is not None else plan)
+        backend = backends.get_backend()
+        shares = _lpt(plan, items, self.workers)
+        calls = {w: self._actors[w].train.remote(shipped, [items[i] for i in share], shape, backend)
+                 for w, share in enumerate(shares) if share}
+        results: list = [None] * len(items)
+        for w, call in calls.items():
+            chunk_results, chunk_rows = self._get(w, call, shipped, [items[i] for i in shares[w]], shape, backend)
+            for i, result, part in zip(shares[w], chunk_results, chunk_rows or [None] * len(shares[w])):
+                results[i] = result
+                if part is not None:
+                    rows[items[i].start:items[i].stop] = part
+        return iter(results)
+
+    def _get(self, w: int, call, shipped, share: list[range], shape, backend) -> tuple[list, list]:
+        """Actor ``w``'s answer; if it died, a new actor's, for the same chunks, once."""
+        ray = self._ray
+        try:
+            return ray.get(call)
+        except ray.exceptions.RayActorError:
+            self._replace(w)
+            try:
+                return ray.get(self._actors[w].train.remote(shipped, share, shape, backend))
+            except ray.exceptions.RayActorError as err:
+                self._replace(w)          # the executor stays usable for the next round
+                raise WorkerError(f"RayExecutor: actor {w} died twice in one round (its replacement too); "
+                                  f"{err}") from None
+
+    def _replace(self, w: int) -> None:
+        self._actors[w] = self._remote.remote(self._trainer)
+        self.replaced += 1
+
+    def close(self) -> None:
+        if self._trainer is None:
+            return
+        for actor in self._actors:
+            self._ray.kill(actor)
+        self._actors, self._trainer = [], None
+        if self._owns_ray:
+            self._ray.shutdown()
+            self._owns_ray = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"RayExecutor(workers={self.workers}, address={self.address!r})"
+
+
 #: Executors by config name.
-EXECUTORS: dict[str, type] = {"serial": SerialExecutor, "threads": ThreadExecutor, "processes": ProcessExecutor}
+EXECUTORS: dict[str, type] = {"serial": SerialExecutor, "threads": ThreadExecutor, "processes": ProcessExecutor,
+                              "ray": RayExecutor}
