@@ -15,12 +15,12 @@ Pieces, each usable alone inside another simulator:
 - :mod:`~fedkern.sim.privacy`: :class:`DifferentialPrivacy` (DP-FedAvg) and a run's privacy ledger
 - :mod:`~fedkern.sim.secure`: :class:`SecureAggregation` (masked sums, Bonawitz et al. / SecAgg+)
 - :mod:`~fedkern.sim.compression`: :class:`Compression` (compressed uploads, summed fused, error feedback)
-- :mod:`~fedkern.sim.executors`: serial, thread and process executors (the same bits)
+- :mod:`~fedkern.sim.executors`: serial, thread, process and Ray executors (the same bits)
 - :mod:`~fedkern.sim.checkpoint`, :mod:`~fedkern.sim.history`, :mod:`~fedkern.sim.config`
 """
 from .compression import Compression
 from .data import FederatedData, FederatedDataset
-from .executors import ProcessExecutor, SerialExecutor, ThreadExecutor
+from .executors import ProcessExecutor, RayExecutor, SerialExecutor, ThreadExecutor
 from .history import History
 from .models import MLP, Evaluation, LocalTraining, LogisticRegression, Model, TrainResult
 from .privacy import DifferentialPrivacy
@@ -28,5 +28,5 @@ from .secure import SecureAggregation
 from .rounds import Aggregator, Attack, Dropout, Simulation, Stragglers
 
 __all__ = ["Aggregator", "Attack", "Compression", "DifferentialPrivacy", "SecureAggregation", "Dropout", "Evaluation", "FederatedData",
-           "FederatedDataset", "History", "LocalTraining", "LogisticRegression", "MLP", "Model", "ProcessExecutor", "SerialExecutor",
+           "FederatedDataset", "History", "LocalTraining", "LogisticRegression", "MLP", "Model", "ProcessExecutor", "RayExecutor", "SerialExecutor",
            "Simulation", "Stragglers", "ThreadExecutor", "TrainResult"]

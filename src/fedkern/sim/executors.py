@@ -41,6 +41,7 @@ import pickle
 import secrets
 import signal
 import threading
+import time
 import traceback
 import weakref
 from collections import deque
@@ -801,6 +802,21 @@ class _RayWorker:
         return _import_ray().get_runtime_context().get_node_id()
 
 
+#: Seconds RayExecutor.start waits for CPUs to free up (actors killed just before free
+#: theirs a moment later) before it refuses to start.
+RAY_CPU_WAIT = 10.0
+
+
+def _free_cpus(ray, need: float) -> float:
+    """The cluster's free CPUs, once at least ``need`` or after :data:`RAY_CPU_WAIT` seconds."""
+    deadline = time.monotonic() + RAY_CPU_WAIT
+    while True:
+        free = ray.available_resources().get("CPU", 0.0)
+        if free >= need or time.monotonic() > deadline:
+            return free
+        time.sleep(0.1)
+
+
 def _lpt(plan: dict, items: Sequence[range], workers: int) -> list[list[int]]:
     """Items shared out to ``workers``: the longest first, each to the least loaded worker
     (LPT), each worker's items in that order."""
@@ -865,8 +881,9 @@ class RayExecutor:
                 except ray.exceptions.RayActorError:
                     self._replace(w)       # one that died with an earlier round's failure
             return
-        free = ray.available_resources().get("CPU", 0.0)
-        if self.workers * self.num_cpus > free:
+        need = self.workers * self.num_cpus
+        free = _free_cpus(ray, need)
+        if need > free:
             # Ray would wait for the CPUs forever
             raise check.FedkernValueError(f"RayExecutor: {self.workers} actors of {self.num_cpus:g} CPU need "
                                           f"{self.workers * self.num_cpus:g} CPUs; the cluster has {free:g} free")
