@@ -6,8 +6,10 @@ server optimizer) is chosen separately, so they combine with any rule and optimi
 FedNova and q-FFL replace the mean by their own combination of the round's updates
 (:meth:`FedNova.combine`, :meth:`QFFL.combine`), which the round passes to the server
 optimizer. SCAFFOLD keeps control variates per client (:class:`Scaffold`) and corrects every
-local step with them. FedBuff is asynchronous (:class:`FedBuff`, :class:`BufferedRun`):
-in :class:`~fedkern.sim.rounds.Simulation` a round is one buffered server update.
+local step with them. FBL (:class:`FBL`) adjusts each client's logits by its label prior
+and weighs and samples the clients by their class-balanced mass. FedBuff is asynchronous
+(:class:`FedBuff`, :class:`BufferedRun`): in :class:`~fedkern.sim.rounds.Simulation` a
+round is one buffered server update.
 
 Every server side works on flat parameter vectors; a delta is ``w_client - w_global``
 and the returned step is added to the global model (``w += lr * step`` by the server
