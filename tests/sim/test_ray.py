@@ -29,6 +29,8 @@ cluster_utils = pytest.importorskip("ray.cluster_utils")
 def cluster():
     # the test modules travel by value: the actors' interpreters need not find them on their path
     ray.cloudpickle.register_pickle_by_value(toy)
+    if ray.is_initialized():        # an earlier test's Ray (Flower's simulation starts one)
+        ray.shutdown()
     cluster = cluster_utils.Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     cluster.add_node(num_cpus=1)
     ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False)

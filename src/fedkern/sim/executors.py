@@ -107,7 +107,17 @@ def longest_first(plan: dict, items: Sequence[range]) -> list[int]:
     return sorted(range(len(items)), key=lambda i: -work[i])
 
 
-class _Local:
+class _Closing:
+    """``with executor:`` closes it at the end."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class _Local(_Closing):
     """Executors in this process: they call the trainer they were started with."""
 
     _trainer: Trainer | None = None
@@ -120,12 +130,6 @@ class _Local:
             raise check.FedkernValueError(f"{type(self).__name__}.run before start(trainer)")
         trainer = self._trainer
         return lambda positions: trainer.train_chunk(positions, plan)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 class SerialExecutor(_Local):
@@ -612,7 +616,7 @@ def _remote(answer: tuple, what: str) -> BaseException:
     return error
 
 
-class ProcessExecutor:
+class ProcessExecutor(_Closing):
     """Train chunks in worker processes: for many cores and Python trainers that hold the GIL.
 
     ``start(trainer)`` starts the workers (the first time) and ships the trainer to each
@@ -743,12 +747,6 @@ class ProcessExecutor:
             self._stop()
         self._pool = None
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
     def __repr__(self) -> str:
         return f"ProcessExecutor(workers={self.workers})"
 
@@ -829,7 +827,7 @@ def _lpt(plan: dict, items: Sequence[range], workers: int) -> list[list[int]]:
     return shares
 
 
-class RayExecutor:
+class RayExecutor(_Closing):
     """Train chunks on long-lived Ray actors, on this machine or an existing cluster.
 
     :meth:`start` puts the trainer (model, data, settings) into Ray's object store once;
@@ -855,10 +853,10 @@ class RayExecutor:
     name = "ray"
 
     def __init__(self, workers: int | None = None, *, address: str | None = None, num_cpus: float = 1.0):
-        self._ray = _import_ray()
         self.address = address
         self.num_cpus = check.real(num_cpus, "num_cpus", low=0.0, low_inclusive=False)
         self.workers = None if workers is None else check.count(workers, "workers", low=1)
+        self._ray = _import_ray()
         self._owns_ray = False
         self._actors: list = []
         self._trainer = None
@@ -941,12 +939,6 @@ class RayExecutor:
         if self._owns_ray:
             self._ray.shutdown()
             self._owns_ray = False
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"RayExecutor(workers={self.workers}, address={self.address!r})"
