@@ -1,6 +1,8 @@
 """``fedkern bench`` and ``fedkern info`` on a plain install: no optional package is
 imported where a plain ``pip install .`` reaches, and a missing peer is skipped with a
 line saying what adds it."""
+import contextlib
+import io
 import json
 import subprocess
 import sys
@@ -133,9 +135,17 @@ def test_info_names_every_backend_and_the_threads(capsys):
     assert "threads: " in out
 
 
-def test_bench_json_holds_every_backend_of_every_case(capsys):
-    assert cli.main(["bench", "--quick", "--no-cold-start", "--json", "--backends", "reference"]) == 0
-    result = json.loads(capsys.readouterr().out)
+@pytest.fixture(scope="module")
+def quick_json():
+    """One ``fedkern bench --quick --json`` run of the reference backend (about 30 s), parsed."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert cli.main(["bench", "--quick", "--no-cold-start", "--json", "--backends", "reference"]) == 0
+    return json.loads(out.getvalue())
+
+
+def test_bench_json_holds_every_backend_of_every_case(quick_json):
+    result = quick_json
     ops = {case.op for case in bench.cases("quick")}
     assert {row["op"] for row in result["results"]} == ops
     assert result["processor"] == bench.cpu_name() and result["cpu"] == bench.cpu_description()
@@ -165,10 +175,10 @@ def test_cli_flags_are_the_profiles(capsys):
         assert name == "default" or f"--{name}" in out
 
 
-def test_report_turns_a_run_into_a_table():
+def test_report_turns_a_run_into_a_table(quick_json):
     from fedkern.bench import report
 
-    result = bench.run("quick", ("reference",), with_cold_start=False, echo=None)
+    result = quick_json
     text = report.table(result)
     lines = text.splitlines()
     assert lines[2].startswith("| op | size | reference |")
