@@ -10,7 +10,7 @@ import fedkern
 from fedkern import backends
 
 settings.register_profile(
-    "ci", max_examples=int(os.environ.get("FEDKERN_HYPOTHESIS_EXAMPLES", "40")), deadline=None,
+    "ci", max_examples=int(os.environ.get("FEDKERN_HYPOTHESIS_EXAMPLES", "25")), deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
     # CI draws the same examples every run, so its verdict never rests on luck; elsewhere
     # hypothesis explores anew each run
