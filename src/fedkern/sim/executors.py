@@ -97,13 +97,20 @@ class Executor(Protocol):
         """Release the workers (the executor may not be used afterwards)."""
 
 
+def _work(plan: dict, items: Sequence[range]) -> list[float]:
+    """Each item's work: ``plan["costs"]`` summed over its positions (its size without costs)."""
+    costs = plan.get("costs")
+    if costs is None:
+        return [float(len(item)) for item in items]
+    return [float(sum(costs[p] for p in item)) for item in items]
+
+
 def longest_first(plan: dict, items: Sequence[range]) -> list[int]:
     """Indices of ``items`` by decreasing work, ``plan["costs"]`` summed per item (LPT
     scheduling: the longest chunk starts first, so it does not start last and finish late)."""
-    costs = plan.get("costs")
-    if costs is None:
+    if plan.get("costs") is None:
         return list(range(len(items)))
-    work = [float(sum(costs[p] for p in item)) for item in items]
+    work = _work(plan, items)
     return sorted(range(len(items)), key=lambda i: -work[i])
 
 
@@ -793,11 +800,7 @@ class _RayWorker:
 
     def where(self) -> tuple[int, str]:
         """(process id, Ray node id) of this actor."""
-        return os.getpid(), self._ray_node()
-
-    @staticmethod
-    def _ray_node() -> str:
-        return _import_ray().get_runtime_context().get_node_id()
+        return os.getpid(), _import_ray().get_runtime_context().get_node_id()
 
 
 #: Seconds RayExecutor.start waits for CPUs to free up (actors killed just before free
@@ -818,12 +821,12 @@ def _free_cpus(ray, need: float) -> float:
 def _lpt(plan: dict, items: Sequence[range], workers: int) -> list[list[int]]:
     """Items shared out to ``workers``: the longest first, each to the least loaded worker
     (LPT), each worker's items in that order."""
-    costs = plan.get("costs")
+    work = _work(plan, items)
     loads, shares = [0.0] * workers, [[] for _ in range(workers)]
     for i in longest_first(plan, items):
         w = min(range(workers), key=lambda v: (loads[v], len(shares[v])))
         shares[w].append(i)
-        loads[w] += len(items[i]) if costs is None else float(sum(costs[p] for p in items[i]))
+        loads[w] += work[i]
     return shares
 
 
