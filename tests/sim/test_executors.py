@@ -206,11 +206,6 @@ class TwoArgumentError(Exception):
         super().__init__(f"{a} and {b}")
 
 
-class Dies:
-    def train_chunk(self, positions, plan):
-        os._exit(3)
-
-
 class Sleeps:
     def train_chunk(self, positions, plan):
         time.sleep(60)
@@ -296,19 +291,6 @@ def test_a_trainer_that_does_not_pickle_is_refused_before_any_process_starts():
     executor.close()
 
 
-def test_a_worker_that_dies_closes_the_executor_and_leaves_nothing_behind():
-    executor = ProcessExecutor(workers=1)
-    executor.start(Dies())
-    processes = list(executor._pool.processes)
-    with pytest.raises(WorkerError, match=r"worker 0 \(pid \d+\) died \(exit code 3\)"):
-        executor.run({}, chunks(3))
-    assert not any(p.is_alive() for p in processes) and leftover_segments() == []
-    with pytest.raises(FedkernValueError, match="closed"):
-        executor.run({}, chunks(3))
-    with pytest.raises(FedkernValueError, match="closed"):
-        executor.start(Summer())
-
-
 @pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="needs a POSIX interval timer")
 def test_an_interrupted_round_stops_the_busy_workers():
     executor = ProcessExecutor(workers=1)
@@ -360,7 +342,7 @@ def test_bad_arguments():
         ProcessExecutor(0)
     with pytest.raises(FedkernTypeError, match="workers must be an integer"):
         ProcessExecutor(2.0)
-    assert repr(ProcessExecutor(3)) == "ProcessExecutor(workers=3)" and ProcessExecutor().workers == os.cpu_count()
+    assert repr(ProcessExecutor(3)) == "ProcessExecutor(workers=3, deadline=None)" and ProcessExecutor().workers == os.cpu_count()
     with pytest.raises(ConfigError, match="'executor'.*workers must be >= 1"):
         config.build({"clients_per_round": 4, "dataset": {"name": "fedprox_synthetic", "n_clients": 8},
                       "executor": {"name": "processes", "workers": 0}})

@@ -7,19 +7,20 @@ Simulation's start() loads its trainer into the same actors.
 """
 import os
 import sys
+import time
 
 import numpy as np
 import pytest
 
-from fedkern import FedkernValueError, WorkerError
+from fedkern import FedkernValueError
 from fedkern.sim import config
 from fedkern.sim.algorithms import Scaffold
-from fedkern.sim.executors import EXECUTORS, RayExecutor
+from fedkern.sim.executors import EXECUTORS, RayExecutor, _lpt, chunks
 from fedkern.sim.rounds import Stragglers
 
 from . import toy
 from .test_executors import TOY_CASES, assert_same_runs, logistic, synthetic
-from .test_rounds import federation, simulation
+from .test_rounds import _clients_of_round, federation, simulation
 
 ray = pytest.importorskip("ray")
 cluster_utils = pytest.importorskip("ray.cluster_utils")
@@ -103,17 +104,69 @@ def test_an_actor_killed_mid_round_is_replaced_and_its_clients_retried(actors, t
     assert_same_runs(serial, run)
 
 
-def test_an_actor_that_dies_again_on_retry_raises_and_is_replaced(actors, tmp_path):
+class Stalls(toy.ToyModel):
+    """The toy model, which sleeps a minute (``"sleep"``) or exits its process (``"die"``)
+    before training on the rows ``x``, once the file ``marker`` exists."""
+
+    def __init__(self, n_features, x, marker, how):
+        super().__init__(n_features)
+        self.x, self.marker, self.how = x, str(marker), how
+
+    def train(self, params, x, y, config, rng, delta_out):
+        if os.path.exists(self.marker) and np.array_equal(x, self.x):
+            time.sleep(60) if self.how == "sleep" else os._exit(1)
+        return super().train(params, x, y, config, rng, delta_out)
+
+
+def stalling_run(data, marker, how, executor):
+    """A run whose second round's second client stalls, and the actor's share of round 2
+    (one client a chunk, costs examples x 2 epochs) that holds it."""
+    plain = simulation(data)
+    plain.run(2)
+    chosen = sorted(_clients_of_round(plain, 2))
+    share = next(share for share in _lpt({"costs": 2.0 * data.train.sizes[chosen]}, chunks(5), 2) if 1 in share)
+    model = Stalls(data.train.n_features, data.train.client(chosen[1])[0], marker, how)
+    return simulation(data, model=model, executor=executor), share
+
+
+def test_clients_whose_actor_dies_again_on_retry_are_dropouts_and_the_checkpoint_resumes(actors, tmp_path):
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     data = federation(n_clients=20)
-    marker = tmp_path / "died"
-    open(str(marker) + ".armed", "w").close()
-    run = simulation(data, model=DiesOnce(data.train.n_features, marker, die_always=True), executor=actors)
-    with pytest.raises(WorkerError, match="died twice"):
-        run.step()
-    fine = simulation(data, executor=actors)          # the next run has live actors again
-    fine.run(1)
-    assert np.isfinite(fine.params).all()
+    marker = tmp_path / "armed"
+    run, share = stalling_run(data, marker, "die", actors)
+    replaced = actors.replaced
+    run.run(1)
+    marker.touch()               # round 2: the actor of the stalling client dies, and its replacement
+    run.run(2, checkpoint_path=tmp_path / "run.ckpt", checkpoint_every=1)
+    record = run.history[-1]
+    # no deadline: one call per actor, so its whole share is lost
+    assert record["lost"] == record["dropped"] == len(share) and record["arrived"] == 5 - len(share)
+    assert record["rejected"] == 0 and actors.replaced == replaced + 2 and np.isfinite(run.params).all()
+    marker.unlink()
+    resumed = simulation(data, model=run.model)
+    resumed.restore(tmp_path / "run.ckpt")
+    run.run(4)                                     # on live actors again
+    resumed.run(4)
+    assert_same_runs(resumed, run)
+
+
+def test_an_actor_busy_at_the_deadline_is_replaced_and_its_chunks_from_the_late_one_on_are_lost(cluster,
+                                                                                                 tmp_path):
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    data = federation(n_clients=20)
+    marker = tmp_path / "armed"
+    with RayExecutor(workers=2, num_cpus=0.5, deadline=5.0) as executor:
+        run, share = stalling_run(data, marker, "sleep", executor)
+        lost = share[share.index(1):]      # a call per chunk: those queued behind the late one too
+        assert run.step()["lost"] == 0
+        marker.touch()
+        began = time.monotonic()
+        record = run.step()
+        assert time.monotonic() - began < 30 and executor.replaced == 1
+        assert record["lost"] == len(lost) and record["arrived"] == 5 - len(lost) and record["rejected"] == 0
+        assert np.isfinite(run.params).all()
+        marker.unlink()
+        assert run.step()["lost"] == 0             # the replacement trains
 
 
 def test_more_actors_than_free_cpus_are_refused(cluster):

@@ -88,7 +88,8 @@ TABLES: dict[str, tuple[dict, str]] = {
     "attack": ({"name": "none"}, "Byzantine clients: name, fraction or clients, parameters"),
     "dropout": ({"rate": 0.0, "quorum": 1}, "rate, quorum"),
     "stragglers": ({"fraction": 0.0, "mode": "partial"}, "fraction, mode (partial or drop)"),
-    "executor": ({"name": "serial"}, "serial, or threads or processes with workers"),
+    "executor": ({"name": "serial"}, "serial, threads, processes or ray (with workers; ray also address, "
+                                     "num_cpus), each with deadline"),
     "privacy": ({"name": "none"}, "differential privacy: none, central or local, with clip, noise_multiplier "
                                   "or target_epsilon, delta, sampling, adaptive, max_epsilon, on_budget"),
     "secure_aggregation": ({"name": "none"}, "secure aggregation: none, full (Bonawitz et al.) or neighbours (SecAgg+) "

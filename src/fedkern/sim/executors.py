@@ -18,6 +18,13 @@ entries named in :data:`OUTPUTS` are written by ``train_chunk`` (the round's upd
 matrix, when the rule needs every row). :class:`ProcessExecutor` ships the trainer to its
 workers once, its data in shared memory, and only the plan each round.
 
+Every executor takes a ``deadline``: seconds from the start of ``run`` by which a chunk's
+result must be back. A chunk that is not (it finished late, never started, or its worker
+was stopped at the deadline) is yielded as :class:`Lost`, and so is a chunk whose worker
+died and whose retry died too (the executors that retry: processes and Ray); the round
+counts its clients as dropouts. Without losses the deadline changes no bits; with them
+the run depends on timing, as a real deployment's does.
+
 Examples
 --------
 >>> from fedkern.sim.executors import ThreadExecutor, chunks
@@ -34,6 +41,7 @@ Examples
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import io
 import multiprocessing
 import os
@@ -66,6 +74,33 @@ MAX_CHUNKS = 16
 OUTPUTS = ("rows",)
 
 
+@dataclasses.dataclass(frozen=True)
+class Lost:
+    """What an executor yields for a chunk whose result did not come back: ``reason`` is
+    ``"deadline"`` (not back by the round's deadline) or ``"worker"`` (its worker died,
+    and so did the retry)."""
+
+    reason: str
+
+
+class _Clock:
+    """A round's deadline: ``seconds`` from now (None: none)."""
+
+    def __init__(self, seconds: float | None):
+        self.end = None if seconds is None else time.monotonic() + seconds
+
+    def passed(self) -> bool:
+        return self.end is not None and time.monotonic() >= self.end
+
+    def left(self) -> float | None:
+        """Seconds to the deadline (0 once passed; None: no deadline)."""
+        return None if self.end is None else max(0.0, self.end - time.monotonic())
+
+
+def _deadline(seconds: float | None) -> float | None:
+    return None if seconds is None else check.real(seconds, "deadline", low=0.0, low_inclusive=False)
+
+
 def chunks(k: int) -> list[range]:
     """Split positions ``0..k-1`` of a round's cohort into at most :data:`MAX_CHUNKS` runs."""
     size = -(-k // MAX_CHUNKS)
@@ -86,12 +121,15 @@ class Executor(Protocol):
     name: str
     #: number of clients trained at once
     workers: int
+    #: seconds from the start of ``run`` by which a chunk must be back (None: no deadline)
+    deadline: float | None
 
     def start(self, trainer: Trainer) -> None:
         """Called once, before the first round, with the trainer."""
 
     def run(self, plan: dict, items: Sequence[range]) -> Iterator[Any]:
-        """Yield ``trainer.train_chunk(item, plan)`` for every item, in the items' order."""
+        """Yield ``trainer.train_chunk(item, plan)`` for every item, in the items' order
+        (a :class:`Lost` for an item whose result did not come back)."""
 
     def close(self) -> None:
         """Release the workers (the executor may not be used afterwards)."""
@@ -125,35 +163,53 @@ class _Closing:
 
 
 class _Local(_Closing):
-    """Executors in this process: they call the trainer they were started with."""
+    """Executors in this process: they call the trainer they were started with. A chunk
+    cannot be stopped here: one that runs past the deadline is waited for, then lost."""
 
     _trainer: Trainer | None = None
+    deadline: float | None = None
 
     def start(self, trainer: Trainer) -> None:
         self._trainer = trainer
 
-    def _work(self, plan: dict) -> Callable[[range], Any]:
+    def _train(self, plan: dict) -> Callable[[range], Any]:
+        """Train one item, or lose it if the round's deadline passes before it starts or ends."""
         if self._trainer is None:
             raise check.FedkernValueError(f"{type(self).__name__}.run before start(trainer)")
-        trainer = self._trainer
-        return lambda positions: trainer.train_chunk(positions, plan)
+        trainer, clock = self._trainer, _Clock(self.deadline)
+
+        def work(positions: range) -> Any:
+            if clock.passed():
+                return Lost("deadline")
+            result = trainer.train_chunk(positions, plan)
+            return Lost("deadline") if clock.passed() else result
+        return work
 
 
 class SerialExecutor(_Local):
-    """Train clients one after another in the calling thread (the default)."""
+    """Train clients one after another in the calling thread (the default).
+
+    Parameters
+    ----------
+    deadline : seconds from the round's start by which a chunk must be back (see
+        :class:`Lost`); a chunk that runs past it is waited for, then lost
+    """
 
     name = "serial"
     workers = 1
 
+    def __init__(self, deadline: float | None = None):
+        self.deadline = _deadline(deadline)
+
     def run(self, plan: dict, items: Iterable[range]) -> Iterator[Any]:
-        # a generator: the round takes each chunk before the next one trains
-        return map(self._work(plan), items)
+        # lazy: the round takes each chunk before the next one trains (the clock starts now)
+        return map(self._train(plan), items)
 
     def close(self) -> None:
         pass
 
     def __repr__(self) -> str:
-        return "SerialExecutor()"
+        return f"SerialExecutor(deadline={self.deadline})"
 
 
 class ThreadExecutor(_Local):
@@ -162,18 +218,21 @@ class ThreadExecutor(_Local):
     Parameters
     ----------
     workers : number of threads, default ``os.cpu_count()``
+    deadline : seconds from the round's start by which a chunk must be back (see
+        :class:`Lost`); a chunk that runs past it is waited for, then lost
     """
 
     name = "threads"
 
-    def __init__(self, workers: int | None = None):
+    def __init__(self, workers: int | None = None, *, deadline: float | None = None):
         self.workers = check.count(os.cpu_count() or 1 if workers is None else workers, "workers", low=1)
+        self.deadline = _deadline(deadline)
         self._pool: ThreadPoolExecutor | None = ThreadPoolExecutor(self.workers, thread_name_prefix="fedkern-sim")
 
     def run(self, plan: dict, items: Sequence[range]) -> Iterator[Any]:
         if self._pool is None:
             raise check.FedkernValueError("this ThreadExecutor was closed")
-        work = self._work(plan)
+        work = self._train(plan)
         results: list = [None] * len(items)
         pending = iter(longest_first(plan, items))
         lock = threading.Lock()
@@ -199,7 +258,7 @@ class ThreadExecutor(_Local):
             self._pool = None
 
     def __repr__(self) -> str:
-        return f"ThreadExecutor(workers={self.workers})"
+        return f"ThreadExecutor(workers={self.workers}, deadline={self.deadline})"
 
 
 # --------------------------------------------------------------------------- processes
@@ -219,6 +278,8 @@ SHARE_BYTES = 1 << 16
 _ALIGN = 64
 #: Persistent id standing for the executor itself inside the trainer it ships.
 _SELF = ("executor",)
+#: An item's result before it comes back.
+_UNDONE = object()
 
 
 class _Packer(pickle.Pickler):
@@ -475,13 +536,14 @@ class _Pool:
         except OSError:
             raise self._died(w) from None
 
-    def ready(self, workers: Iterable[int]) -> list[int]:
-        """Block until some of ``workers`` replied or died; return those."""
+    def ready(self, workers: Iterable[int], timeout: float | None = None) -> list[int]:
+        """Block until some of ``workers`` replied or died, or ``timeout`` seconds passed;
+        return those that did."""
         workers = list(workers)
         waits = {}
         for w in workers:
             waits[self.connections[w]] = waits[self.processes[w].sentinel] = w
-        return sorted({waits[r] for r in connection.wait(list(waits))})
+        return sorted({waits[r] for r in connection.wait(list(waits), timeout)})
 
     def reply(self, w: int) -> tuple:
         """Worker ``w``'s reply (it is ready), or a WorkerError if it died."""
@@ -493,8 +555,7 @@ class _Pool:
     def _died(self, w: int) -> WorkerError:
         process = self.processes[w]
         process.join(timeout=1.0)
-        return WorkerError(f"ProcessExecutor: worker {w} (pid {process.pid}) died (exit code {process.exitcode}); "
-                           f"the executor is closed")
+        return WorkerError(f"ProcessExecutor: worker {w} (pid {process.pid}) died (exit code {process.exitcode})")
 
     def everyone(self, message: tuple) -> None:
         """Send every worker ``message`` and wait for all of them to acknowledge it."""
@@ -538,31 +599,48 @@ class _Pool:
             old.close()
 
     # ---------------------------------------------------------------- a round
-    def train(self, payload: bytes, items: Sequence[range], order: list[int], slots: int,
-              slot_bytes: int) -> tuple[list, tuple | None, int]:
-        """Every item trained, the longest first, each worker taking the next one as it
-        finishes one (the plan goes with its first). Item i's result comes back through
-        ``slot_bytes`` of the arena at ``slots + i * slot_bytes`` if it fits there. Returns
-        the results in item order, the failure of the lowest failed item (None: none
-        failed) and the most bytes a result's large arrays took. After a failure no new
-        item starts, but the running ones finish, so the workers are ready for the next round."""
-        results: list = [None] * len(items)
+    def train(self, payload: bytes, items: Sequence[range], order: list[int], slots: int, slot_bytes: int,
+              clock: _Clock) -> tuple[list, tuple | None, int, list[int]]:
+        """The items ``order`` names trained, in that order, each worker taking the next
+        one as it finishes one (the plan goes with its first). Item i's result comes back
+        through ``slot_bytes`` of the arena at ``slots + i * slot_bytes`` if it fits there.
+        Returns the results in item order (:data:`_UNDONE` for an item not done), the
+        failure of the lowest failed item (None: none failed), the most bytes a result's
+        large arrays took, and the workers that are no use any more: dead, or busy when the
+        deadline passed. After a failure, or the deadline, no new item starts; after a
+        failure the running ones finish, so the workers are ready for the next round."""
+        results: list = [_UNDONE] * len(items)
         failures: dict[int, tuple] = {}
         todo, busy, fresh = deque(order), {}, set(range(len(self.processes)))
-        needed = 0
+        needed, gone = 0, []
 
         def give(w: int) -> None:
             i = todo.popleft()
-            self.send(w, ("chunk", i, items[i], payload if w in fresh else None, slots + i * slot_bytes, slot_bytes))
+            try:
+                self.send(w, ("chunk", i, items[i], payload if w in fresh else None, slots + i * slot_bytes,
+                              slot_bytes))
+            except WorkerError:
+                todo.appendleft(i)
+                gone.append(w)
+                return
             fresh.discard(w)
             busy[w] = i
 
-        for w in range(min(len(self.processes), len(items))):
-            give(w)
+        for w in range(len(self.processes)):
+            if todo:
+                give(w)
         while busy:
-            for w in self.ready(busy):
-                answer = self.reply(w)
+            ready = self.ready(busy, clock.left())
+            if not ready:                # the deadline passed: the busy workers are stopped
+                gone.extend(busy)
+                break
+            for w in ready:
                 i = busy.pop(w)
+                try:
+                    answer = self.reply(w)
+                except WorkerError:
+                    gone.append(w)
+                    continue
                 if answer[0] == "done":
                     _, _, data, in_slot, size = answer
                     needed = max(needed, size)
@@ -575,20 +653,20 @@ class _Pool:
                         results[i] = pickle.loads(data)
                 else:
                     failures[i] = answer
-                if todo and not failures:
+                if todo and not failures and not clock.passed():
                     give(w)
-        return results, (failures[min(failures)] if failures else None), needed
+        return results, (failures[min(failures)] if failures else None), needed, sorted(gone)
 
-    def shutdown(self) -> None:
+    def shutdown(self, patience: float = 1.0) -> None:
         """Stop the workers (asking first, then terminating those that do not stop within
-        a second, then killing), close the pipes, release the segments."""
+        ``patience`` seconds, then killing), close the pipes, release the segments."""
         for conn in self.connections:
             try:
                 conn.send_bytes(pickle.dumps(("stop",)))
             except OSError:
                 pass
         for process in self.processes:
-            process.join(timeout=1.0)
+            process.join(timeout=patience)
         for process in self.processes:
             if process.is_alive():
                 process.terminate()
@@ -646,14 +724,19 @@ class ProcessExecutor(_Closing):
     What a worker changes in its copy of the trainer stays there.
 
     A chunk's exception is raised in the parent as it was raised in the worker, with the
-    worker's traceback as its ``__cause__``, and the executor stays usable; a worker that
-    dies raises :class:`~fedkern.WorkerError` and closes the executor. ``close()`` (or
+    worker's traceback as its ``__cause__``, and the executor stays usable. A worker that
+    dies, or is still busy when the round's deadline passes, is the end of this set of
+    workers: a fresh one is started (and the trainer shipped again, :attr:`restarts`
+    counts them); the chunks a dead worker left undone are retried once on it, and
+    yielded as :class:`Lost` if they fail again or the deadline passes. ``close()`` (or
     leaving a ``with`` block, or the interpreter's exit) stops the workers; no shared
     segment outlives a call, even if the parent is killed.
 
     Parameters
     ----------
     workers : number of worker processes, default ``os.cpu_count()``
+    deadline : seconds from the round's start by which a chunk must be back; the workers
+        still busy then are stopped and their chunks lost (see :class:`Lost`)
 
     Examples
     --------
@@ -673,13 +756,17 @@ class ProcessExecutor(_Closing):
     #: plan arrays of at least this many bytes go through shared memory (see :data:`SHARE_BYTES`)
     share_bytes = SHARE_BYTES
 
-    def __init__(self, workers: int | None = None):
+    def __init__(self, workers: int | None = None, *, deadline: float | None = None):
         self.workers = check.count(os.cpu_count() or 1 if workers is None else workers, "workers", low=1)
+        self.deadline = _deadline(deadline)
         self._pool: _Pool | None = None
         self._closed = False
         self._started = False
+        self._trainer: Trainer | None = None      # shipped again to fresh workers
         self._stop: weakref.finalize | None = None
         self._slot_bytes = 0          # the arena's room per result, learnt from the last round
+        #: times a fresh set of workers replaced one that lost a worker, over the executor's life
+        self.restarts = 0
 
     def start(self, trainer: Trainer) -> None:
         """Ship ``trainer`` to the workers (starting them the first time); it replaces the
@@ -701,11 +788,19 @@ class ProcessExecutor(_Closing):
         except BaseException:
             self.close()
             raise
-        self._started = True
+        self._started, self._trainer = True, trainer
+
+    def _restart(self) -> None:
+        """Stop the workers at once (a busy one is terminated) and start fresh ones with the trainer."""
+        self._stop.detach()
+        self._pool.shutdown(patience=0.0)
+        self._pool = None
+        self.restarts += 1
+        self.start(self._trainer)
 
     def run(self, plan: dict, items: Sequence[range]) -> Iterator[Any]:
         """Train every item on the workers; an iterator over the results in the items' order
-        (they are all done when it is returned)."""
+        (they are all done, or lost, when it is returned)."""
         if self._closed:
             raise check.FedkernValueError("this ProcessExecutor was closed")
         if not self._started:
@@ -713,10 +808,33 @@ class ProcessExecutor(_Closing):
         items = list(items)
         if not items:
             return iter([])
+        clock = _Clock(self.deadline)
+        if not all(process.is_alive() for process in self._pool.processes):
+            self._restart()              # one died between rounds
         outputs = [plan[key] for key in OUTPUTS if isinstance(plan.get(key), np.ndarray)]
         limit = self.share_bytes
         packer = _pack((backends.get_backend(), limit, plan), "the round's plan",
                        lambda array: not array.flags.writeable or array.nbytes >= limit, outputs)
+        results, failure, gone = self._pass(packer, items, longest_first(plan, items), clock, retry=False)
+        undone = [i for i, result in enumerate(results) if result is _UNDONE]
+        if gone:
+            self._restart()
+            if undone and failure is None and not clock.passed():     # a worker died: once more
+                again, failure, gone = self._pass(packer, items, undone, clock, retry=True)
+                for i in undone:
+                    results[i] = again[i]
+                if gone:
+                    self._restart()
+        if failure is not None:
+            raise _remote(failure, "a chunk failed")
+        reason = "deadline" if clock.passed() else "worker"
+        return iter(Lost(reason) if result is _UNDONE else result for result in results)
+
+    def _pass(self, packer: _Packer, items: list[range], order: list[int], clock: _Clock,
+              retry: bool) -> tuple[list, tuple | None, list[int]]:
+        """One pass of the workers over the items ``order`` names (see :meth:`_Pool.train`);
+        the outputs are copied back into the caller's arrays (on a retry they go out too,
+        holding what the first pass wrote)."""
         pool = self._pool
         # after the plan, one slot per item for its result's large arrays (a float64 partial
         # sum each: one write in the worker and one copy here, instead of pickling it
@@ -731,31 +849,31 @@ class ProcessExecutor(_Closing):
             buffer = pool.arena.buf if pool.arena is not None else None
             if buffer is not None:
                 _fill(packer, buffer)
-            results, failure, needed = pool.train(packer.payload, items, longest_first(plan, items), slots,
-                                                  slot_bytes)
+            for offset, array, output in packer.arrays:
+                if output and retry:
+                    _view(buffer, offset, array.dtype, array.shape)[...] = array
+            results, failure, needed, gone = pool.train(packer.payload, items, order, slots, slot_bytes, clock)
             self._slot_bytes = _aligned(needed)
             for offset, array, output in packer.arrays:
                 if output:
                     array[...] = _view(buffer, offset, array.dtype, array.shape)
             del buffer
         except BaseException:
-            # a worker died, or the parent was interrupted with chunks in flight: the
-            # workers are in an unknown state, so none is kept
+            # the parent was interrupted with chunks in flight: the workers are in an
+            # unknown state, so none is kept
             self.close()
             raise
-        if failure is not None:
-            raise _remote(failure, "a chunk failed")
-        return iter(results)
+        return results, failure, gone
 
     def close(self) -> None:
         """Stop the workers (the executor may not be used afterwards)."""
-        self._closed, self._started = True, False
+        self._closed, self._started, self._trainer = True, False, None
         if self._stop is not None:
             self._stop()
         self._pool = None
 
     def __repr__(self) -> str:
-        return f"ProcessExecutor(workers={self.workers})"
+        return f"ProcessExecutor(workers={self.workers}, deadline={self.deadline})"
 
 
 # --------------------------------------------------------------------------- Ray
@@ -841,8 +959,11 @@ class RayExecutor(_Closing):
     share in one call, returning its chunks' results (float64 partial sums, or their
     rows when a robust rule needs every update). The round combines them in chunk order,
     so the bits are those of the serial executor. An actor that dies during a round is
-    replaced and its chunks are retried once; a second death raises
-    :class:`~fedkern.WorkerError`.
+    replaced and its chunks are retried once on the new actor; if that one dies too, the
+    chunks are yielded as :class:`Lost` (their clients count as dropouts) and the actor is
+    replaced again for the next round. With a ``deadline`` each chunk is a call of its own
+    (the chunks back in time count, not the actor's whole share); the actors still busy
+    when it passes are killed and replaced, and their chunks lost.
 
     Parameters
     ----------
@@ -851,20 +972,24 @@ class RayExecutor(_Closing):
         a local Ray when none is initialised. A Ray this executor started is shut down by
         :meth:`close`; one it attached to is left running.
     num_cpus : CPUs each actor reserves (the actors are spread over the nodes)
+    deadline : seconds from the round's start by which a chunk must be back (see :class:`Lost`)
     """
 
     name = "ray"
 
-    def __init__(self, workers: int | None = None, *, address: str | None = None, num_cpus: float = 1.0):
+    def __init__(self, workers: int | None = None, *, address: str | None = None, num_cpus: float = 1.0,
+                 deadline: float | None = None):
         self.address = address
+        self.deadline = _deadline(deadline)
         self.num_cpus = check.real(num_cpus, "num_cpus", low=0.0, low_inclusive=False)
         self.workers = None if workers is None else check.count(workers, "workers", low=1)
         self._ray = _import_ray()
         self._owns_ray = False
         self._actors: list = []
+        self._starting: list = []     # calls that return once new actors are up
         self._trainer = None
         self._remote = None
-        #: actors replaced after dying, over the run
+        #: actors replaced after dying or missing a deadline, over the executor's life
         self.replaced = 0
 
     def start(self, trainer: Trainer) -> None:
@@ -891,6 +1016,7 @@ class RayExecutor(_Closing):
         # SPREAD: one actor per node while nodes last, each with a node's memory bandwidth
         self._remote = ray.remote(num_cpus=self.num_cpus, max_restarts=0, scheduling_strategy="SPREAD")(_RayWorker)
         self._actors = [self._remote.remote(self._trainer) for _ in range(self.workers)]
+        self._starting = [actor.where.remote() for actor in self._actors]
 
     def __reduce__(self):
         return _no_executor, ()
@@ -899,38 +1025,53 @@ class RayExecutor(_Closing):
         if self._trainer is None:
             raise check.FedkernValueError("RayExecutor.run before start(trainer), or after close()")
         ray = self._ray
+        if self._starting:       # new actors: a deadline counts from when they can train
+            ray.wait(self._starting, num_returns=len(self._starting))
+            self._starting = []
+        clock = _Clock(self.deadline)
         rows = plan.get("rows")
         shape = None if rows is None else rows.shape
         shipped = ray.put({**plan, "rows": None} if rows is not None else plan)
         backend = backends.get_backend()
-        shares = _lpt(plan, items, self.workers)
-        calls = {w: self._actors[w].train.remote(shipped, [items[i] for i in share], shape, backend)
-                 for w, share in enumerate(shares) if share}
-        results: list = [None] * len(items)
-        for w, call in calls.items():
-            chunk_results, chunk_rows = self._get(w, call, shipped, [items[i] for i in shares[w]], shape, backend)
-            for i, result, part in zip(shares[w], chunk_results, chunk_rows or [None] * len(shares[w])):
-                results[i] = result
-                if part is not None:
-                    rows[items[i].start:items[i].stop] = part
-        return iter(results)
+        calls: dict = {}          # call -> (actor's place, the actor, item indices, first try)
 
-    def _get(self, w: int, call, shipped, share: list[range], shape, backend) -> tuple[list, list]:
-        """Actor ``w``'s answer; if it died, a new actor's, for the same chunks, once."""
-        ray = self._ray
-        try:
-            return ray.get(call)
-        except ray.exceptions.RayActorError:
-            self._replace(w)
-            try:
-                return ray.get(self._actors[w].train.remote(shipped, share, shape, backend))
-            except ray.exceptions.RayActorError as err:
-                self._replace(w)          # the executor stays usable for the next round
-                raise WorkerError(f"RayExecutor: actor {w} died twice in one round (its replacement too); "
-                                  f"{err}") from None
+        def call(w: int, share: list[int], first: bool) -> None:
+            actor = self._actors[w]
+            calls[actor.train.remote(shipped, [items[i] for i in share], shape, backend)] = w, actor, share, first
+
+        for w, share in enumerate(_lpt(plan, items, self.workers)):
+            for part in ([[i] for i in share] if self.deadline is not None else [share] if share else []):
+                call(w, part, True)
+        results: list = [Lost("deadline")] * len(items)
+        while calls:
+            done, _ = ray.wait(list(calls), num_returns=len(calls), timeout=clock.left())
+            if not done:                 # the deadline passed: the busy actors are stopped
+                for w in sorted({w for w, _, _, _ in calls.values()}):
+                    ray.kill(self._actors[w])
+                    self._replace(w)
+                break
+            for ref in done:
+                w, actor, share, first = calls.pop(ref)
+                try:
+                    answers, parts = ray.get(ref)
+                except ray.exceptions.RayActorError:
+                    if self._actors[w] is actor:       # the first of its failed calls: a new actor
+                        self._replace(w)
+                    if first and not clock.passed():
+                        call(w, share, False)
+                    else:
+                        for i in share:
+                            results[i] = Lost("worker")
+                    continue
+                for i, answer, part in zip(share, answers, parts or [None] * len(share)):
+                    results[i] = answer
+                    if part is not None:
+                        rows[items[i].start:items[i].stop] = part
+        return iter(results)
 
     def _replace(self, w: int) -> None:
         self._actors[w] = self._remote.remote(self._trainer)
+        self._starting.append(self._actors[w].where.remote())
         self.replaced += 1
 
     def close(self) -> None:
@@ -938,13 +1079,13 @@ class RayExecutor(_Closing):
             return
         for actor in self._actors:
             self._ray.kill(actor)
-        self._actors, self._trainer = [], None
+        self._actors, self._starting, self._trainer = [], [], None
         if self._owns_ray:
             self._ray.shutdown()
             self._owns_ray = False
 
     def __repr__(self) -> str:
-        return f"RayExecutor(workers={self.workers}, address={self.address!r})"
+        return f"RayExecutor(workers={self.workers}, address={self.address!r}, deadline={self.deadline})"
 
 
 #: Executors by config name.

@@ -9,7 +9,9 @@ delta) and ``clip`` the clipping norm the round used; without privacy both are i
 guarantee, no clipping). ``bytes_up`` is what the arrived clients sent (float32 updates;
 with compression, the messages' bytes; with secure aggregation, masked vectors and the
 protocol's messages) and ``bytes_up_uncompressed`` what they would have sent as float32
-updates (the ``bytes_up`` of plain FedAvg). In ``history.json`` NaN is written as null and an infinity as the
+updates (the ``bytes_up`` of plain FedAvg). ``dropped`` counts the selected clients whose
+update never arrived, ``lost`` those of them the executor lost (past its deadline, or on a
+worker that died twice: see :class:`~fedkern.sim.executors.Lost`). In ``history.json`` NaN is written as null and an infinity as the
 string ``"inf"`` (neither is JSON).
 
 Examples
@@ -32,7 +34,7 @@ import numpy as np
 
 #: The fields of one round's record, in CSV column order.
 FIELDS = ("round", "seconds", "train_loss", "test_loss", "test_accuracy", "balanced_accuracy",
-          "worst_class_accuracy", "selected", "arrived", "dropped", "stragglers", "rejected", "byzantine", "skipped",
+          "worst_class_accuracy", "selected", "arrived", "dropped", "lost", "stragglers", "rejected", "byzantine", "skipped",
           "bytes_up", "bytes_down", "epsilon", "clip", "secagg_bytes", "secagg_seconds",
           "bytes_up_uncompressed")
 

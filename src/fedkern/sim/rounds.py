@@ -83,7 +83,7 @@ from . import compression as compressing
 from .algorithms import BufferedRun, FedAvg
 from .compression import Compression
 from .data import FederatedDataset
-from .executors import SerialExecutor, chunks
+from .executors import Lost, SerialExecutor, chunks
 from .history import History
 from .models import LocalTraining, Model, TrainResult
 from .privacy import DifferentialPrivacy, RunPrivacy
@@ -588,7 +588,7 @@ class Simulation:
         k = indices.size
         no = np.zeros(k, bool)
         record = self._record(self.round, k, k, no, ~no, no, no, loss,
-                              self.train_data.sizes[self._with_data[indices]].astype(np.float64), False)
+                              self.train_data.sizes[self._with_data[indices]].astype(np.float64), False, no)
         # the models sent down this round: one to each freed slot's next client
         sent = self._buffered.dispatched - dispatched
         record.update(buffered, dispatched=sent, bytes_down=sent * self.params.nbytes, epsilon=math.inf,
@@ -886,7 +886,8 @@ class Simulation:
         plan["params"] = broadcast = self.params.copy()
         broadcast.flags.writeable = False     # no client can change what the others receive
 
-        results = list(self.executor.run(plan, chunks(n))) if n else []
+        results, lost = self._results(plan, n)
+        forged &= ~lost
         cat = (lambda name: np.concatenate([getattr(c, name) for c in results])) if results else (
             lambda name: np.zeros(0))
         loss, accepted = cat("loss"), cat("accepted").astype(bool)
@@ -894,7 +895,7 @@ class Simulation:
         secure = sent = None
         rows = plan["rows"]
         if rows is not None:
-            honest = [rows[i] for i in np.flatnonzero(~forged)]
+            honest = [rows[i] for i in np.flatnonzero(~forged & ~lost)]
             if forged.any() and honest:
                 rows[forged] = self.attack.forge(honest, int(forged.sum()), rng)
         if self.compression is not None:
@@ -933,7 +934,8 @@ class Simulation:
             self.optimizer.step(self.params, delta)
             self.previous = np.asarray(delta, np.float32)
         self.round = r
-        record = self._record(r, selected.size, n, straggles, accepted, forged, byzantine, loss, sizes, delta is None)
+        record = self._record(r, selected.size, n, straggles, accepted, forged, byzantine, loss, sizes, delta is None,
+                              lost)
         record["epsilon"], record["clip"] = (epsilon, clip) if private else (math.inf, math.inf)
         record["secagg_bytes"], record["secagg_seconds"] = 0, 0.0
         if secure is not None:
@@ -943,6 +945,24 @@ class Simulation:
         record["seconds"] = time.perf_counter() - start
         self.history.append(record)
         return record
+
+    def _results(self, plan: dict, n: int) -> tuple[list[_Chunk], np.ndarray]:
+        """The round's chunks trained on the executor, and the mask of the clients it lost
+        (past its deadline, or on a worker that died twice). A lost chunk's clients count as
+        dropouts: they send nothing, and their rows of the update matrix are NaN, so that
+        every rule and screen rejects them (:meth:`_record` does not count them rejected)."""
+        items = chunks(n) if n else []
+        results = list(self.executor.run(plan, items))
+        lost = np.zeros(n, bool)
+        for j, (item, result) in enumerate(zip(items, results)):
+            if isinstance(result, Lost):
+                size = len(item)
+                results[j] = _Chunk(None, 0.0, np.full(size, math.nan), np.zeros(size, np.int64), np.zeros(size, bool),
+                                    messages=[], message_weights=np.zeros(0), residuals={})
+                lost[item.start:item.stop] = True
+                if plan["rows"] is not None:
+                    plan["rows"][item.start:item.stop] = np.nan
+        return results, lost
 
     def _compressed_sum(self, plan: dict, results: list[_Chunk],
                         accepted: np.ndarray) -> tuple[np.ndarray | None, float, np.ndarray, int]:
@@ -1008,7 +1028,8 @@ class Simulation:
         return (f"privacy budget: round {self.round + ahead} would take epsilon to {epsilon:.4g} (delta "
                 f"{private.settings.delta:g}), past privacy.max_epsilon = {private.settings.max_epsilon:g}")
 
-    def _record(self, r, n_selected, n_arrived, straggles, accepted, forged, byzantine, loss, sizes, skipped) -> dict:
+    def _record(self, r, n_selected, n_arrived, straggles, accepted, forged, byzantine, loss, sizes, skipped,
+                lost) -> dict:
         trained = accepted & ~forged & np.isfinite(loss)
         evaluation = self.evaluate() if (r % self.eval_every == 0 or r == self._last_round) else None
         param_bytes = self.params.nbytes
@@ -1019,11 +1040,12 @@ class Simulation:
             "test_accuracy": evaluation.accuracy if evaluation else math.nan,
             "balanced_accuracy": evaluation.balanced_accuracy if evaluation else math.nan,
             "worst_class_accuracy": evaluation.worst_class_accuracy if evaluation else math.nan,
-            "selected": int(n_selected), "arrived": int(n_arrived), "dropped": int(n_selected - n_arrived),
-            "stragglers": int(straggles.sum()), "rejected": int((~accepted).sum()),
+            "selected": int(n_selected), "arrived": int(n_arrived - lost.sum()),
+            "dropped": int(n_selected - n_arrived + lost.sum()), "lost": int(lost.sum()),
+            "stragglers": int(straggles.sum()), "rejected": int((~accepted & ~lost).sum()),
             "byzantine": int(byzantine.sum()), "skipped": bool(skipped),
-            "bytes_up": int(n_arrived * param_bytes), "bytes_down": int(n_selected * param_bytes),
-            "bytes_up_uncompressed": int(n_arrived * param_bytes),
+            "bytes_up": int((n_arrived - lost.sum()) * param_bytes), "bytes_down": int(n_selected * param_bytes),
+            "bytes_up_uncompressed": int((n_arrived - lost.sum()) * param_bytes),
         }
 
     def evaluate(self):
