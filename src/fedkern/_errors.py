@@ -33,8 +33,10 @@ class NonFiniteError(FedkernValueError):
 
 
 class WorkerError(FedkernError, RuntimeError):
-    """A worker process of an executor died, or its exception could not be sent back (the
-    message then holds the worker's traceback)."""
+    """A worker process of an executor died outside a chunk's training (while it took the
+    trainer or a new arena; one that dies training is replaced and its chunks retried), or
+    a chunk's exception could not be sent back (the message then holds the worker's
+    traceback)."""
 
 
 class BackendUnavailableError(FedkernError, ImportError):
