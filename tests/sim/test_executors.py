@@ -352,3 +352,11 @@ def test_the_ray_executor_without_ray_says_which_extra_installs_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)          # as if Ray were not installed
     with pytest.raises(ImportError, match=r'pip install "fedkern\[ray\]"'):
         executors.RayExecutor(workers=1)
+
+
+def test_ray_replies_are_cut_into_runs_that_fit_inside_a_message():
+    assert executors._groups([], 10) == []
+    assert executors._groups([4, 4, 4, 4, 4], 10) == [2, 2, 1]
+    assert executors._groups([12, 3, 3, 3, 12], 10) == [1, 3, 1]     # one too large goes alone
+    assert executors._groups([10, 0, 1], 10) == [2, 1]
+    assert executors._array_bytes({"a": np.zeros(3), "b": {1: np.zeros(2, np.float32)}, "c": 7}) == 24

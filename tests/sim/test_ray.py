@@ -63,6 +63,17 @@ def test_ray_gives_the_serial_bits(case, actors):
     assert_same_runs(serial, run)
 
 
+@pytest.mark.parametrize("features", [3000, 30000], ids=["plan inline, 3 results a reply", "plan put, 1 a reply"])
+@pytest.mark.parametrize("aggregator", ["mean", "median"])
+def test_large_models_travel_in_several_replies_with_the_serial_bits(features, aggregator, actors):
+    data = federation(n_clients=40, f=features)
+    serial = simulation(data, clients_per_round=20, aggregator=aggregator)
+    serial.run(2)
+    run = simulation(data, clients_per_round=20, aggregator=aggregator, executor=actors)
+    run.run(2)
+    assert_same_runs(serial, run)
+
+
 def test_scaffold_on_the_compiled_model_gives_the_serial_bits(actors):
     data = synthetic()
     options = dict(stragglers=Stragglers(0.5), seed=4)

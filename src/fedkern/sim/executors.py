@@ -904,17 +904,20 @@ class _RayWorker:
         """Hold another trainer (a new run on the same actors)."""
         self.trainer = trainer
 
-    def train(self, plan: dict, items: Sequence[range], row_shape: tuple[int, int] | None,
-              backend: str) -> tuple[list, list]:
+    def train(self, plan: dict, items: Sequence[range], row_shape: tuple[int, int] | None, backend: str,
+              groups: Sequence[int]) -> tuple:
         """Train ``items`` in turn; return their results and, when the round keeps every
-        update (``row_shape``), each item's rows."""
+        update (``row_shape``), each item's rows: as one (results, rows) pair per group of
+        ``groups[g]`` consecutive items, each group a return value of its own."""
         if row_shape is not None:
             # the parent's update matrix does not travel: the rows are written here and sent back
             plan = {**plan, "rows": np.empty(row_shape, np.float32)}
         with backends.use_backend(backend):
             results = [self.trainer.train_chunk(item, plan) for item in items]
-        rows = [] if row_shape is None else [plan["rows"][item.start:item.stop] for item in items]
-        return results, rows
+        rows = [None] * len(items) if row_shape is None else [plan["rows"][item.start:item.stop] for item in items]
+        bounds = np.cumsum([0, *groups]).tolist()
+        pairs = tuple((results[a:b], rows[a:b]) for a, b in zip(bounds, bounds[1:]))
+        return pairs if len(pairs) > 1 else pairs[0]
 
     def where(self) -> tuple[int, str]:
         """(process id, Ray node id) of this actor."""
@@ -936,6 +939,36 @@ def _free_cpus(ray, need: float) -> float:
         time.sleep(0.1)
 
 
+#: Ray's ``max_direct_call_object_size`` default: arguments and return values up to this
+#: many bytes travel inside the call's messages, larger ones through the object store, a
+#: round trip more (3-4 ms on a 2-core VM). A cluster configured otherwise loses no
+#: correctness, only this saving.
+RAY_INLINE_BYTES = 100 * 1024
+
+
+def _array_bytes(value) -> int:
+    """Bytes of the numpy arrays in ``value``, a dict's values (one level down) included."""
+    if isinstance(value, np.ndarray):
+        return value.nbytes
+    if isinstance(value, dict):
+        return sum(_array_bytes(v) if isinstance(v, np.ndarray) else 0 for v in value.values())
+    return 0
+
+
+def _groups(sizes: Sequence[int], limit: int) -> list[int]:
+    """Runs of consecutive items whose ``sizes`` add up to at most ``limit`` (an item
+    larger than that alone): the lengths of the runs."""
+    groups, room = [], 0
+    for size in sizes:
+        if groups and size <= room:
+            groups[-1] += 1
+            room -= size
+        else:
+            groups.append(1)
+            room = limit - size
+    return groups
+
+
 def _lpt(plan: dict, items: Sequence[range], workers: int) -> list[list[int]]:
     """Items shared out to ``workers``: the longest first, each to the least loaded worker
     (LPT), each worker's items in that order."""
@@ -954,10 +987,12 @@ class RayExecutor(_Closing):
     :meth:`start` puts the trainer (model, data, settings) into Ray's object store once;
     each of ``workers`` actors gets it there (numpy arrays zero-copy and read-only on the
     same node) and keeps it for the run (a later :meth:`start`, for another run, reuses
-    the actors). Each round the plan is put once, the chunks are
-    shared out longest-first (LPT by examples x epochs), and every actor trains its
-    share in one call, returning its chunks' results (float64 partial sums, or their
-    rows when a robust rule needs every update). The round combines them in chunk order,
+    the actors). Each round the plan is put once (or, when its arrays take less than 80%
+    of :data:`RAY_INLINE_BYTES`, sent inside each call, which saves the object store's
+    round trip), the chunks are shared out longest-first (LPT by examples x epochs), and
+    every actor trains its share in one call, returning its chunks' results (float64
+    partial sums, or their rows when a robust rule needs every update) in as many return
+    values as keep each under that size, so that they too travel inside the reply. The round combines them in chunk order,
     so the bits are those of the serial executor. An actor that dies during a round is
     replaced and its chunks are retried once on the new actor; if that one dies too, the
     chunks are yielded as :class:`Lost` (their clients count as dropouts) and the actor is
@@ -1031,29 +1066,42 @@ class RayExecutor(_Closing):
         clock = _Clock(self.deadline)
         rows = plan.get("rows")
         shape = None if rows is None else rows.shape
-        shipped = ray.put({**plan, "rows": None} if rows is not None else plan)
+        shipped = {**plan, "rows": None} if rows is not None else plan
+        small = 0.8 * RAY_INLINE_BYTES
+        if sum(_array_bytes(value) for value in shipped.values()) > small:
+            shipped = ray.put(shipped)         # once, read by every actor; a small plan goes with each call
         backend = backends.get_backend()
+        # a chunk sends back about one float64 partial sum of the parameters, or its rows
+        params = plan.get("params")
+        result_bytes = 0 if params is None else 2 * params.nbytes
+        row_bytes = 0 if shape is None else shape[1] * 4
         calls: dict = {}          # call -> (actor's place, the actor, item indices, first try)
 
         def call(w: int, share: list[int], first: bool) -> None:
+            # the results come back in return values small enough to travel inside the reply
+            groups = _groups([result_bytes + len(items[i]) * row_bytes for i in share], int(small))
             actor = self._actors[w]
-            calls[actor.train.remote(shipped, [items[i] for i in share], shape, backend)] = w, actor, share, first
+            refs = actor.train.options(num_returns=len(groups)).remote(
+                shipped, [items[i] for i in share], shape, backend, groups)
+            calls[tuple(refs) if len(groups) > 1 else (refs,)] = w, actor, share, first
 
         for w, share in enumerate(_lpt(plan, items, self.workers)):
             for part in ([[i] for i in share] if self.deadline is not None else [share] if share else []):
                 call(w, part, True)
         results: list = [Lost("deadline")] * len(items)
         while calls:
-            done, _ = ray.wait(list(calls), num_returns=len(calls), timeout=clock.left())
-            if not done:                 # the deadline passed: the busy actors are stopped
+            pending = [ref for refs in calls for ref in refs]
+            done = set(ray.wait(pending, num_returns=len(pending), timeout=clock.left())[0])
+            finished = [refs for refs in calls if all(ref in done for ref in refs)]
+            if not finished:             # the deadline passed: the busy actors are stopped
                 for w in sorted({w for w, _, _, _ in calls.values()}):
                     ray.kill(self._actors[w])
                     self._replace(w)
                 break
-            for ref in done:
-                w, actor, share, first = calls.pop(ref)
+            for refs in finished:
+                w, actor, share, first = calls.pop(refs)
                 try:
-                    answers, parts = ray.get(ref)
+                    pairs = ray.get(list(refs))
                 except ray.exceptions.RayActorError:
                     if self._actors[w] is actor:       # the first of its failed calls: a new actor
                         self._replace(w)
@@ -1063,7 +1111,9 @@ class RayExecutor(_Closing):
                         for i in share:
                             results[i] = Lost("worker")
                     continue
-                for i, answer, part in zip(share, answers, parts or [None] * len(share)):
+                answers = [answer for group, _ in pairs for answer in group]
+                parts = [part for _, group in pairs for part in group]
+                for i, answer, part in zip(share, answers, parts):
                     results[i] = answer
                     if part is not None:
                         rows[items[i].start:items[i].stop] = part
