@@ -6,7 +6,9 @@ every round trains 16 chunks. Each repetition runs one serial round, then one ro
 each executor, in turn (interleaved, so that load from elsewhere falls on all alike); the
 table gives the median over the repetitions of (executor round - serial round), and the
 run checks that every executor ends with the serial bits. ``ray.init`` is timed on its
-own. Ray's actors reserve 2 / workers CPUs each, so that any number fits two cores::
+own. Every executor exists for the whole run (their rounds interleave), so Ray is started
+with as many logical CPUs as there are actors, one each; only one executor works at a
+time::
 
     python benchmarks/sim_executor_overhead.py [--workers 1 2 4 8] [--features 1000] [--rounds 40]
 """
@@ -60,8 +62,8 @@ def main() -> None:
     import ray
 
     start = time.perf_counter()
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-    print(f"ray.init: {time.perf_counter() - start:.1f} s")
+    ray.init(num_cpus=sum(args.workers), include_dashboard=False, log_to_driver=False)
+    print(f"ray.init: {time.perf_counter() - start:.1f} s", flush=True)
     data = federation()
     cpus = os.cpu_count()
 
@@ -69,7 +71,7 @@ def main() -> None:
         return sim.Simulation(data, Idle(args.features), clients_per_round=100, executor=executor, eval_every=10**6)
 
     serial = make(None)
-    executors = {f"ray, {w} actors": sim.RayExecutor(workers=w, num_cpus=cpus / w) for w in args.workers}
+    executors = {f"ray, {w} actors": sim.RayExecutor(workers=w) for w in args.workers}
     executors[f"processes({cpus})"] = sim.ProcessExecutor(workers=cpus)
     runs = {name: make(executor) for name, executor in executors.items()}
     extra = {name: [] for name in runs}
@@ -88,7 +90,7 @@ def main() -> None:
     for name, run in runs.items():
         assert run.params.tobytes() == serial.params.tobytes(), name
         low, mid, high = 1e3 * np.percentile(extra[name], [25, 50, 75])
-        print(f"| {name} | {mid:.1f} ms | {low:.1f}-{high:.1f} ms |")
+        print(f"| {name} | {mid:.1f} ms | {low:.1f}-{high:.1f} ms |", flush=True)
     for executor in executors.values():
         executor.close()
 

@@ -113,6 +113,14 @@ def test_chunks_whose_retry_dies_too_are_lost_and_the_executor_goes_on():
     assert leftover_segments() == []
 
 
+def test_the_config_key_sets_the_deadline():
+    built, resolved = config.build({"clients_per_round": 4, "dataset": {"name": "fedprox_synthetic", "n_clients": 8},
+                                    "executor": {"name": "threads", "workers": 2, "deadline": 30}})
+    with built:
+        assert built.executor.deadline == 30.0 and resolved["executor"]["deadline"] == 30
+        assert built.run(2)[-1]["lost"] == 0
+
+
 def test_bad_deadlines_are_refused():
     for make in (SerialExecutor, ThreadExecutor, ProcessExecutor):
         with pytest.raises(ValueError, match="deadline must be > 0"):

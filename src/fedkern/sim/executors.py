@@ -1081,8 +1081,8 @@ class RayExecutor(_Closing):
             # the results come back in return values small enough to travel inside the reply
             groups = _groups([result_bytes + len(items[i]) * row_bytes for i in share], int(small))
             actor = self._actors[w]
-            refs = actor.train.options(num_returns=len(groups)).remote(
-                shipped, [items[i] for i in share], shape, backend, groups)
+            method = actor.train if len(groups) == 1 else actor.train.options(num_returns=len(groups))
+            refs = method.remote(shipped, [items[i] for i in share], shape, backend, groups)
             calls[tuple(refs) if len(groups) > 1 else (refs,)] = w, actor, share, first
 
         for w, share in enumerate(_lpt(plan, items, self.workers)):
