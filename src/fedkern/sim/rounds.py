@@ -10,7 +10,8 @@ fixed pipeline of stages, each using fedkern's public ops:
    with probability ``dropout.rate``; a fraction ``stragglers.fraction`` straggles and
    either trains fewer epochs (``"partial"``, FedProx's semantics: a random
    1..E-1 epochs, as ``randint(1, E)`` in FedProx's code) or is dropped (``"drop"``, as
-   FedAvg in the FedProx paper).
+   FedAvg in the FedProx paper). Clients the executor loses (past its deadline, or on a
+   worker that died twice: :class:`~fedkern.sim.executors.Lost`) count as dropouts too.
 3. **broadcast and local training** on the executor: every arriving client trains
    from the same read-only copy of the global model on its own slice of the data and
    produces :math:`\Delta_i = w_i - w`. Byzantine clients train on flipped labels
@@ -1028,9 +1029,11 @@ class Simulation:
         return (f"privacy budget: round {self.round + ahead} would take epsilon to {epsilon:.4g} (delta "
                 f"{private.settings.delta:g}), past privacy.max_epsilon = {private.settings.max_epsilon:g}")
 
-    def _record(self, r, n_selected, n_arrived, straggles, accepted, forged, byzantine, loss, sizes, skipped,
+    def _record(self, r, n_selected, n_sent, straggles, accepted, forged, byzantine, loss, sizes, skipped,
                 lost) -> dict:
+        """The round's record; ``n_sent`` clients did not drop out, of whom the executor ``lost`` some."""
         trained = accepted & ~forged & np.isfinite(loss)
+        arrived = int(n_sent - lost.sum())
         evaluation = self.evaluate() if (r % self.eval_every == 0 or r == self._last_round) else None
         param_bytes = self.params.nbytes
         return {
@@ -1040,12 +1043,12 @@ class Simulation:
             "test_accuracy": evaluation.accuracy if evaluation else math.nan,
             "balanced_accuracy": evaluation.balanced_accuracy if evaluation else math.nan,
             "worst_class_accuracy": evaluation.worst_class_accuracy if evaluation else math.nan,
-            "selected": int(n_selected), "arrived": int(n_arrived - lost.sum()),
-            "dropped": int(n_selected - n_arrived + lost.sum()), "lost": int(lost.sum()),
+            "selected": int(n_selected), "arrived": arrived, "dropped": int(n_selected - arrived),
+            "lost": int(lost.sum()),
             "stragglers": int(straggles.sum()), "rejected": int((~accepted & ~lost).sum()),
             "byzantine": int(byzantine.sum()), "skipped": bool(skipped),
-            "bytes_up": int((n_arrived - lost.sum()) * param_bytes), "bytes_down": int(n_selected * param_bytes),
-            "bytes_up_uncompressed": int((n_arrived - lost.sum()) * param_bytes),
+            "bytes_up": arrived * param_bytes, "bytes_down": int(n_selected * param_bytes),
+            "bytes_up_uncompressed": arrived * param_bytes,
         }
 
     def evaluate(self):
