@@ -7,6 +7,7 @@ differ. Flower 1.42 runs ``run_simulation`` with 1000 supernodes, one CPU per Cl
 and ``workers`` CPUs in all (so ``workers`` actors), its FedAvg sampling 10% of the
 nodes a round (its ClientApp is in ``_flower_client.py``). fedkern runs
 :class:`~fedkern.sim.RayExecutor` with ``workers`` actors on a Ray of ``workers`` CPUs.
+Each engine starts a Ray of its own (``address="local"``), whatever else runs here.
 
 Start-up is reported apart: Flower starts its ServerApp first, so Ray, its actor pool
 and the actors' first load of the data all fall in its first round; fedkern's
@@ -67,7 +68,8 @@ def run_flower(workers: int, rounds: int, initial: np.ndarray) -> dict:
                                        evaluate_fn=evaluate)
 
     run_simulation(server_app=server_app, client_app=flower.app, num_supernodes=flower.DEVICES,
-                   backend_config={"client_resources": {"num_cpus": 1}, "init_args": {"num_cpus": workers}})
+                   backend_config={"client_resources": {"num_cpus": 1},
+                                   "init_args": {"address": "local", "num_cpus": workers}})
     result = out["result"]
     metrics = {r: result.train_metrics_clientapp[r] for r in range(1, rounds + 1)}
     pids = sorted({int(key[4:]) for m in metrics.values() for key in m if key.startswith("rss-")})
@@ -94,7 +96,7 @@ def run_fedkern(data: sim.FederatedDataset, workers: int, rounds: int, long: int
     if ray.is_initialized():
         ray.shutdown()
     begin = time.perf_counter()
-    ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=workers, include_dashboard=False, log_to_driver=False)
     out = {"ray_init": time.perf_counter() - begin}
     try:
         with sim.RayExecutor(workers=workers) as executor:

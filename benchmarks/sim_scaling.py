@@ -56,7 +56,8 @@ def round_times(max_workers: int, rounds: int) -> tuple[dict, bool]:
     matched the serial one after every round."""
     import ray
     backends.set_num_threads(1)
-    ray.init(num_cpus=max_workers * (max_workers + 1) // 2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=max_workers * (max_workers + 1) // 2, include_dashboard=False,
+             log_to_driver=False)
     made = executors(max_workers)
     try:
         data = partition.partition(datasets.mnist5k(), "iid", 100, seed=0)
