@@ -16,7 +16,6 @@ import pytest
 from fedkern.sim import (Aggregator, Attack, Compression, LocalTraining, ProcessExecutor, SecureAggregation,
                          SerialExecutor, ThreadExecutor, config)
 from fedkern.sim.executors import Lost, chunks
-from fedkern.sim.rounds import Simulation
 
 from .test_executors import leftover_segments
 from .test_rounds import _clients_of_round, federation, simulation
