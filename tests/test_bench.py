@@ -114,15 +114,15 @@ def test_interleaved_times_time_a_slow_candidate_once_and_a_peer_without_warm_up
     assert len(times["slow"]) == 1 and len(times["fast"]) == 5 and len(times["peer"]) == 5
 
 
-def test_interleaved_times_let_a_peer_settle_after_each_call_outside_its_time(monkeypatch):
+def test_interleaved_times_settle_after_each_call_of_the_named_candidates_outside_their_time(monkeypatch):
     from fedkern.bench import runner
 
     events = []
     monkeypatch.setattr(runner.time, "sleep", lambda seconds: events.append(("sleep", seconds)))
     calls = {"peer": lambda: events.append("peer"), "a": lambda: events.append("a")}
     times = bench.interleaved_times(calls, budget=10.0, min_repeats=3, max_repeats=3,
-                                    no_warm_up=frozenset({"peer"}), settle=0.25)
-    # the peer's first call is a timing, so it is done a round before "a"; every peer call settles
+                                    no_warm_up=frozenset({"peer"}), settle=0.25, settle_after=frozenset({"peer"}))
+    # the peer's first call is a timing, so it is done a round before "a"; every peer call settles, no call of "a"
     assert events == ["peer", ("sleep", 0.25), "a"] * 3 + ["a"]
     assert len(times["peer"]) == 3 and max(times["peer"]) < 0.25    # the wait is not in its time
 

@@ -29,9 +29,10 @@ from .. import backends
 from .._tuning import cache_sizes
 from .cases import PROFILES, cases
 
-#: Seconds the candidates wait after a peer's call, for its threads to stop spinning
-#: (:func:`interleaved_times`): OpenBLAS's default of 2^28 cycles, at 2 GHz and more.
-PEER_SETTLE_S = 0.15
+#: Seconds the candidates wait after a call of the reference or a peer, for BLAS threads
+#: to stop spinning (:func:`interleaved_times`): OpenBLAS's default of 2^28 cycles, at
+#: 2 GHz and more.
+SETTLE_S = 0.15
 
 #: How a user adds each optional package a case or a peer needs.
 INSTALL_HINTS = {"scipy": "pip install scipy", "flwr": 'pip install "fedkern[flwr]"',
@@ -87,7 +88,7 @@ def cpu_line(cpu: dict) -> str:
 
 def interleaved_times(calls: dict[str, Callable[[], object]], budget: float = 1.0, min_repeats: int = 3,
                       max_repeats: int = 15, no_warm_up: frozenset[str] = frozenset(),
-                      settle: float = 0.0) -> dict[str, list[float]]:
+                      settle: float = 0.0, settle_after: frozenset[str] = frozenset()) -> dict[str, list[float]]:
     """Wall times of every call, timed in turn, one call each per round.
 
     Each candidate is first called once as a warm-up (which also compiles Numba; for the
@@ -97,12 +98,14 @@ def interleaved_times(calls: dict[str, Callable[[], object]], budget: float = 1.
     ``budget`` is timed only once (keeping slow reference implementations from
     dominating the run).
 
-    After each call of a name in ``no_warm_up`` the next candidate waits ``settle``
-    seconds: a peer's threads may keep spinning after it returns (OpenBLAS's do for up to
-    2^28 cycles, about 0.1 s, unless ``OPENBLAS_THREAD_TIMEOUT`` says less), and on a
-    small machine they would take cores from whichever candidate runs next (measured on
-    2 cores: fedkern's weighted sum timed right after BLAS ran at 0.56-0.76x of BLAS, and
-    at 0.95-1.11x with the spinning cut short).
+    After each call of a name in ``settle_after`` the next candidate waits ``settle``
+    seconds: numpy code (the reference, a peer) may leave BLAS threads spinning after it
+    returns (OpenBLAS's do for up to 2^28 cycles, about 0.1 s, unless
+    ``OPENBLAS_THREAD_TIMEOUT`` says less), and on a small machine they take cores from
+    whichever candidate runs next (measured on 2 cores: fedkern's weighted sum timed right
+    after BLAS ran at 0.56-0.76x of BLAS, and at 0.95-1.11x with the spinning cut short;
+    ``l2_norms`` at K = 100 x D = 1e6 took 41-44 ms right after the reference, 17-18 ms
+    0.1 s later).
     """
     times: dict[str, list[float]] = {name: [] for name in calls}
     slow: set[str] = set()
@@ -111,7 +114,7 @@ def interleaved_times(calls: dict[str, Callable[[], object]], budget: float = 1.
         start = time.perf_counter()
         calls[name]()
         seconds = time.perf_counter() - start
-        if name in no_warm_up and settle > 0:
+        if name in settle_after and settle > 0:
             time.sleep(settle)
         return seconds
 
@@ -254,7 +257,8 @@ def run(profile: str = "default", backend_names: tuple[str, ...] | None = None,
             skip(case.peer_package, f"peer {case.peer}")
         elif case.peer:
             calls[case.peer] = call.peer
-        times = interleaved_times(calls, budget=budget, no_warm_up=frozenset({case.peer}), settle=PEER_SETTLE_S)
+        times = interleaved_times(calls, budget=budget, no_warm_up=frozenset({case.peer}), settle=SETTLE_S,
+                                  settle_after=frozenset({"reference", case.peer}))
         timings = {name: statistics.median(seconds) for name, seconds in times.items()}
         for name, seconds in timings.items():
             gbps = case.nbytes / seconds / 1e9
