@@ -97,9 +97,9 @@ CACHE_LINE = 64
 DIST_BLOCK = 2048
 #: Interleaved float64 partial sums of one squared difference (_sq_diff): two AVX2 / one
 #: AVX-512 register of independent adds. The final sum in ext/robust.pyx is written out
-#: for exactly 8 lanes. (Numba's pairwise distance loops write out four sums, s0 .. s3,
-#: and its sq_distances_to sums in NORM_LANES lanes, as its norms: other orders of the same
-#: float64 sums.)
+#: for exactly 8 lanes. (Numba's pairwise distances sum in NORM_LANES lanes up to
+#: PAIR_LANES_MAX_K rows and four terms at a time beyond, and its sq_distances_to in
+#: NORM_LANES lanes, as its norms: other orders of the same float64 sums.)
 DIST_LANES = 8
 
 # -- robust, Numba: order statistics by sample, count and band over a gathered block ----------
@@ -129,6 +129,13 @@ PAIR_BLOCK_MAX = 4096
 #: sums take four coordinates per step, and a tile of 64 still amortises the parallel
 #: region opened per tile.
 PAIR_BLOCK_STEP = 64
+#: Up to this K, Numba's exact_sq_distances (and exact_sq_rows) sum each pair along the
+#: block's coordinates in NORM_LANES lanes, a task per row, instead of across the pairs of a
+#: transposed tile: with few rows the tile's lanes over l < i stay mostly empty. Measured on
+#: an Intel Xeon with AVX-512 (float32, 2 threads), lanes against tile: 75 against 280 ms at
+#: K = 10 x D = 1e7, 154 against 476 ms at K = 32 x D = 3e6, 202 against 468 ms at K = 64 x
+#: D = 1e6; 469 against 551 ms at K = 100, but 1.0 against 0.79 s at K = 200 x D = 5e5.
+PAIR_LANES_MAX_K = 64
 
 # -- compress (both backends) ----------------------------------------------------------------
 #: Coordinates per task of quantize and accumulate_quantized: a multiple of 32, so a task

@@ -33,8 +33,9 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from .._blocks import (GATHER_BYTES, GATHER_MAX, GATHER_STEP, NET_LANES, NET_MAX_BYTES,  # sizes, and why:
-                       NET_RUN_BYTES, NET_TILE_BYTES, NORM_BLOCK, PAIR_BLOCK_MAX,  # fedkern/_blocks.py
-                       PAIR_BLOCK_STEP, PAIR_BYTES, SELECT_SMALL, SORT_ALL_MAX)
+                       NET_RUN_BYTES, NET_TILE_BYTES, NORM_BLOCK, NORM_LANES,  # fedkern/_blocks.py
+                       PAIR_BLOCK_MAX, PAIR_BLOCK_STEP, PAIR_BYTES, PAIR_LANES_MAX_K, SELECT_SMALL,
+                       SORT_ALL_MAX)
 from ._runtime import KERNEL, row
 from .aggregate import _sq_sum_partials  # the squared norms' loop, with the point subtracted
 
@@ -687,7 +688,8 @@ def _gather_tile(pointers, first, j0, center, tile):
 
 def exact_sq_distances(updates, out) -> None:
     """out[i, l] = sum_j (x_ij - x_lj)^2 in float64, without the Gram form's cancellation."""
-    _exact_sq_distances(updates.pointers, updates.first, _pair_block(updates), out)
+    kernel = _exact_sq_distances_in_lanes if updates.k <= PAIR_LANES_MAX_K else _exact_sq_distances
+    kernel(updates.pointers, updates.first, _pair_block(updates), out)
 
 
 def _pair_block(updates) -> int:
@@ -727,10 +729,66 @@ def _exact_sq_distances(pointers, first, block, out):
                 _row_pairs(tiles[b % 2], n, k - 1 - t, partial, out)
                 if n_next > 0:
                     _tile_row(pointers, first, k - 1 - t, j0 + block, n_next, tiles[(b + 1) % 2])
-    for i in range(k):
+    _symmetric(out)
+
+
+@njit(**KERNEL)
+def _exact_sq_distances_in_lanes(pointers, first, block, out):
+    """K <= PAIR_LANES_MAX_K: per block of coordinates, task t sums the pairs of rows t and
+    K-1-t (K-1 pairs, so threads stay balanced) with every lower row, each pair along the
+    block in vector lanes (:func:`_pair_sum`); the block's rows stay in cache meanwhile.
+    Blocks are added in order, so the result does not depend on the thread count."""
+    k = pointers.shape[0]
+    d = first.shape[0]
+    out[:, :] = 0.0
+    for b in range((d + block - 1) // block):
+        j0 = np.uint64(b * block)
+        n = min(block, d - b * block)
+        for t in prange((k + 1) // 2):
+            lanes = np.empty(NORM_LANES)
+            _lower_pairs(pointers, first, t, j0, n, lanes, out)
+            if k - 1 - t != t:
+                _lower_pairs(pointers, first, k - 1 - t, j0, n, lanes, out)
+    _symmetric(out)
+
+
+@njit(cache=True, nogil=True)
+def _symmetric(out):
+    """The upper triangle from the lower one; a zero diagonal."""
+    for i in range(out.shape[0]):
         out[i, i] = 0.0  # as the reference's, even for a row holding inf or NaN
         for l in range(i):
             out[l, i] = out[i, l]
+
+
+@njit(cache=True, nogil=True)
+def _lower_pairs(pointers, first, i, j0, n, lanes, out):
+    """out[i, l] += the block's sum of (x_i - x_l)^2, for every l < i."""
+    x = row(pointers, i, first)
+    for l in range(i):
+        out[i, l] += _pair_sum(x, row(pointers, l, first), j0, n, lanes)
+
+
+@njit(inline="always")
+def _pair_sum(x, y, j0, n, lanes):
+    """sum of (x_j - y_j)^2 over j0 <= j < j0 + n (j0 unsigned) in float64, in NORM_LANES
+    interleaved lanes added in lane order (as the norms); ``lanes`` is scratch. Symmetric in
+    x and y bit for bit: a difference's sign does not change its square."""
+    lanes[:] = 0.0
+    m, width = np.uint64(n), np.uint64(NORM_LANES)
+    j = np.uint64(0)
+    while j + width <= m:
+        for u in range(width):
+            e = np.float64(x[j0 + j + u]) - np.float64(y[j0 + j + u])
+            lanes[u] += e * e
+        j += width
+    for t in range(j0 + j, j0 + m):
+        e = np.float64(x[t]) - np.float64(y[t])
+        lanes[0] += e * e
+    total = 0.0
+    for u in range(NORM_LANES):
+        total += lanes[u]
+    return total
 
 
 @njit(cache=True, nogil=True)
@@ -779,14 +837,16 @@ def _row_pairs(tile, n, i, partial, out):
 def exact_sq_rows(updates, rows, out) -> None:
     """out[r, l] = sum_j (x_ij - x_lj)^2 for i = rows[r] and every l, and out[r, i] = 0:
     rows of exact_sq_distances, bit for bit (the same blocks, the same sum per block)."""
-    _exact_sq_rows(updates.pointers, updates.first, _pair_block(updates), rows, out)
+    _exact_sq_rows(updates.pointers, updates.first, _pair_block(updates), updates.k <= PAIR_LANES_MAX_K, rows,
+                   out)
 
 
 @njit(**KERNEL)
-def _exact_sq_rows(pointers, first, block, rows, out):
+def _exact_sq_rows(pointers, first, block, in_lanes, rows, out):
     """Per block, the K rows are spread over threads; each is read once against every
-    requested row, whose block stays in cache. A pair's block sum is _row_pairs' (four
-    terms at a time from the block's start, the tail one by one), blocks added in order."""
+    requested row, whose block stays in cache. A pair's block sum is the one
+    exact_sq_distances takes at this K: :func:`_pair_sum` (``in_lanes``) or _row_pairs'
+    (four terms at a time from the block's start, the tail one by one); blocks added in order."""
     k = pointers.shape[0]
     d = first.shape[0]
     c = rows.shape[0]
@@ -795,25 +855,33 @@ def _exact_sq_rows(pointers, first, block, rows, out):
         j0 = b * block
         n = min(block, d - j0)
         for l in prange(k):
-            y = row(pointers, l, first)[j0:j0 + n]
+            lanes = np.empty(NORM_LANES)
+            y = row(pointers, l, first)
             for r in range(c):
-                x = row(pointers, rows[r], first)[j0:j0 + n]
-                p = 0.0
-                j = 0
-                while j + 4 <= n:
-                    e0 = np.float64(x[j]) - np.float64(y[j])
-                    e1 = np.float64(x[j + 1]) - np.float64(y[j + 1])
-                    e2 = np.float64(x[j + 2]) - np.float64(y[j + 2])
-                    e3 = np.float64(x[j + 3]) - np.float64(y[j + 3])
-                    p += (e0 * e0 + e1 * e1) + (e2 * e2 + e3 * e3)
-                    j += 4
-                while j < n:
-                    e0 = np.float64(x[j]) - np.float64(y[j])
-                    p += e0 * e0
-                    j += 1
-                out[r, l] += p
+                x = row(pointers, rows[r], first)
+                out[r, l] += _pair_sum(x, y, np.uint64(j0), n, lanes) if in_lanes else _pair_sum4(x, y, j0, n)
     for r in range(c):
         out[r, rows[r]] = 0.0
+
+
+@njit(inline="always")
+def _pair_sum4(x, y, j0, n):
+    """sum of (x_j - y_j)^2 over j0 <= j < j0 + n in float64, four terms at a time in order:
+    _row_pairs' sum of one pair."""
+    p = 0.0
+    j = j0
+    while j + 4 <= j0 + n:
+        e0 = np.float64(x[j]) - np.float64(y[j])
+        e1 = np.float64(x[j + 1]) - np.float64(y[j + 1])
+        e2 = np.float64(x[j + 2]) - np.float64(y[j + 2])
+        e3 = np.float64(x[j + 3]) - np.float64(y[j + 3])
+        p += (e0 * e0 + e1 * e1) + (e2 * e2 + e3 * e3)
+        j += 4
+    while j < j0 + n:
+        e0 = np.float64(x[j]) - np.float64(y[j])
+        p += e0 * e0
+        j += 1
+    return p
 
 
 def sq_distances_to(updates, point, out) -> None:
