@@ -3,7 +3,8 @@ fused decode-and-accumulate, scatter-add, random-k indices and the Walsh-Hadamar
 
 Same kernels, arguments and bits as ``fedkern._reference.compress``, where the codecs'
 bits are defined. Work is split over coordinate chunks of COMPRESS_CHUNK (a multiple of
-32: whole Philox blocks and whole bytes of codes and signs per chunk), each chunk adding
+32: whole Philox blocks and whole bytes of codes and signs per chunk; the fused
+accumulate's chunks are fedkern._tuning.sum_chunk's, sized to the L2), each chunk adding
 the clients in index order, so no result depends on the thread count. Client buffers are
 read through ``Updates.pointers``; callers have validated every size and index.
 """
@@ -18,6 +19,8 @@ from _fused cimport in_t
 from _openmp cimport fk_threads_for
 from _philox cimport Words4, philox_block, philox_words
 from _scratch cimport scratch
+
+from fedkern._tuning import sum_chunk
 
 
 def block_stats(x, Py_ssize_t block_size, double[:, ::1] stats) -> None:
@@ -146,25 +149,79 @@ def _quantize(const in_t[::1] x, const double[::1] offsets, const double[::1] st
 
 def accumulate_quantized(double[::1] out, codes, signs, offsets, steps, const double[::1] weights,
                          Py_ssize_t block_size, int bits, bint signed) -> None:
-    """out[j] += sum_i weights[i] decode_i(j), clients in index order, in float64."""
+    """out[j] += sum_i weights[i] decode_i(j), clients in index order, in float64.
+
+    Chunks of fedkern._tuning.sum_chunk coordinates: the accumulator's slice stays in L2
+    while each client's codes stream through in runs of that length (runs of 4096 bytes,
+    COMPRESS_CHUNK, took 1.7x as long on an AVX-512 Xeon: each run restarts the prefetchers).
+    """
     cdef const uintptr_t[::1] cp = codes.pointers, sp = signs.pointers, op = offsets.pointers, tp = steps.pointers
     cdef const uint8_t** code_rows = <const uint8_t**> &cp[0]
     cdef const uint8_t** sign_rows = <const uint8_t**> &sp[0]
     cdef const double** off_rows = <const double**> &op[0]
     cdef const double** step_rows = <const double**> &tp[0]
     cdef Py_ssize_t d = out.shape[0], k = weights.shape[0], nbytes = codes.first.shape[0]
-    cdef Py_ssize_t c
+    cdef Py_ssize_t chunk = sum_chunk(d), c
     with nogil:
-        for c in prange((d + COMPRESS_CHUNK - 1) // COMPRESS_CHUNK, schedule="static",
+        for c in prange((d + chunk - 1) // chunk, schedule="static",
                         num_threads=fk_threads_for(k * nbytes + d * <Py_ssize_t> 16)):
-            _accumulate_chunk(&out[0], code_rows, sign_rows, off_rows, step_rows, &weights[0], k, d,
-                              c * COMPRESS_CHUNK, min(d, (c + 1) * COMPRESS_CHUNK), block_size, bits, signed)
+            if bits == 8 and not signed:
+                _accumulate_codes8(&out[0], code_rows, off_rows, step_rows, &weights[0], k, c * chunk,
+                                   min(d, (c + 1) * chunk), block_size)
+            else:
+                _accumulate_chunk(&out[0], code_rows, sign_rows, off_rows, step_rows, &weights[0], k,
+                                  c * chunk, min(d, (c + 1) * chunk), block_size, bits, signed)
+
+
+cdef inline void _accumulate_codes8(double* out, const uint8_t** code_rows, const double** off_rows,
+                                    const double** step_rows, const double* weights, Py_ssize_t k,
+                                    Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t block_size) noexcept nogil:
+    """8-bit unsigned codes (the common case) into out[c0:c1], four clients per pass: four read
+    streams per thread and a quarter of the accumulator's loads and stores (2.3x the speed
+    of a client per pass, with the L2-sized chunks). Every coordinate still adds the clients
+    one at a time in index order, so the bits are those of a client per pass."""
+    cdef Py_ssize_t i = 0, a, e, b, j
+    cdef const uint8_t* x0
+    cdef const uint8_t* x1
+    cdef const uint8_t* x2
+    cdef const uint8_t* x3
+    cdef double o0, o1, o2, o3, s0, s1, s2, s3
+    while i + 4 <= k:
+        x0, x1, x2, x3 = code_rows[i], code_rows[i + 1], code_rows[i + 2], code_rows[i + 3]
+        a = c0
+        while a < c1:                   # one block segment at a time: its offsets and steps are fixed
+            b = a // block_size
+            e = min(c1, (b + 1) * block_size)
+            # w (off + step q) as (w off) + (w step) q: one product per coordinate instead
+            # of two, equal to rounding
+            o0, s0 = weights[i] * off_rows[i][b], weights[i] * step_rows[i][b]
+            o1, s1 = weights[i + 1] * off_rows[i + 1][b], weights[i + 1] * step_rows[i + 1][b]
+            o2, s2 = weights[i + 2] * off_rows[i + 2][b], weights[i + 2] * step_rows[i + 2][b]
+            o3, s3 = weights[i + 3] * off_rows[i + 3][b], weights[i + 3] * step_rows[i + 3][b]
+            for j in range(a, e):
+                out[j] = (((out[j] + (o0 + s0 * <double> x0[j])) + (o1 + s1 * <double> x1[j]))
+                          + (o2 + s2 * <double> x2[j])) + (o3 + s3 * <double> x3[j])
+            a = e
+        i = i + 4
+    while i < k:
+        x0 = code_rows[i]
+        a = c0
+        while a < c1:
+            b = a // block_size
+            e = min(c1, (b + 1) * block_size)
+            o0, s0 = weights[i] * off_rows[i][b], weights[i] * step_rows[i][b]
+            for j in range(a, e):
+                out[j] = out[j] + (o0 + s0 * <double> x0[j])
+            a = e
+        i = i + 1
 
 
 cdef inline void _accumulate_chunk(double* out, const uint8_t** code_rows, const uint8_t** sign_rows,
                                    const double** off_rows, const double** step_rows, const double* weights,
-                                   Py_ssize_t k, Py_ssize_t d, Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t block_size,
+                                   Py_ssize_t k, Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t block_size,
                                    int bits, bint signed) noexcept nogil:
+    """Codes of fewer bits, or signed, into out[c0:c1], a client per pass (the bit unpacking,
+    not memory, bounds this loop)."""
     cdef Py_ssize_t i, a, e, b, j, per = 8 // bits
     cdef int mask = (1 << bits) - 1
     cdef const uint8_t* codes
@@ -178,19 +235,13 @@ cdef inline void _accumulate_chunk(double* out, const uint8_t** code_rows, const
         while a < c1:                   # one block segment at a time: its offset and step are fixed
             b = a // block_size
             e = min(c1, (b + 1) * block_size)
-            # w (off + step q) as (w off) + (w step) q: one product per coordinate instead
-            # of two (the loop is bound by its arithmetic, not by memory), equal to rounding
-            off = w * off_rows[i][b]
+            off = w * off_rows[i][b]    # as _accumulate_codes8
             step = w * step_rows[i][b]
-            if bits == 8 and not signed:
-                for j in range(a, e):
-                    out[j] = out[j] + (off + step * <double> codes[j])
-            else:
-                for j in range(a, e):
-                    v = off + step * <double> ((codes[j // per] >> ((j % per) * bits)) & mask)
-                    if signed and (sgn[j >> 3] >> (j & 7)) & 1:
-                        v = -v
-                    out[j] = out[j] + v
+            for j in range(a, e):
+                v = off + step * <double> ((codes[j // per] >> ((j % per) * bits)) & mask)
+                if signed and (sgn[j >> 3] >> (j & 7)) & 1:
+                    v = -v
+                out[j] = out[j] + v
             a = e
 
 

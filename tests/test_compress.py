@@ -229,6 +229,24 @@ def test_fused_accumulate_is_decode_then_weighted_sum(name, dtype, d, any_backen
     np.testing.assert_array_equal(out, got.astype(np.float32))
 
 
+@pytest.mark.parametrize("k", [1, 3, 4, 5, 9])
+def test_8bit_accumulate_adds_clients_one_at_a_time_in_index_order_bit_for_bit(k, fast_backend):
+    """The 8-bit kernels take four clients per pass; every coordinate must still add them one
+    at a time, w off + (w step) q each, in index order: the bits of this numpy loop."""
+    d = 2 * 65536 + 300            # several chunks of any L2's sum_chunk, a cut block at the end
+    codec = compress.StochasticQuantizer(bits=8, block_size=256)
+    msgs = [codec.encode(vector(d, seed=40 + i), seed=i) for i in range(k)]
+    weights = np.linspace(0.5, 2.0, k)
+    want = np.zeros(d)
+    block = np.arange(d) // 256
+    for w, m in zip(weights, msgs):
+        offsets, steps = codec._affine(m.scales, d)
+        want = want + ((w * offsets)[block] + (w * steps)[block] * m.codes.astype(np.float64))
+    for threads in (1, 2):
+        fedkern.set_num_threads(threads)
+        assert np.array_equal(compress.accumulate(msgs, weights, backend=fast_backend), want)
+
+
 def test_accumulate_mixes_codecs_and_does_not_depend_on_threads(fast_backend):
     d = 3 * 4096 + 11
     rows = [vector(d, seed=20 + i) for i in range(8)]

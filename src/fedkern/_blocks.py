@@ -138,9 +138,9 @@ PAIR_BLOCK_STEP = 64
 PAIR_LANES_MAX_K = 64
 
 # -- compress (both backends) ----------------------------------------------------------------
-#: Coordinates per task of quantize and accumulate_quantized: a multiple of 32, so a task
-#: holds whole Philox blocks (4 words) and whole bytes of codes and signs; its float64
-#: slice of the accumulator (32 KiB) stays in L1 while every client's codes stream through.
+#: Coordinates per task of quantize (and of the other compress kernels but the fused
+#: accumulate, whose tasks are fedkern._tuning.sum_chunk's): a multiple of 32, so a task
+#: holds whole Philox blocks (4 words) and whole bytes of codes and signs.
 COMPRESS_CHUNK = 4096
 #: Coordinates per task of scatter_add: each client's sorted indices are bisected once per
 #: task, so a task must be long next to K log k; its 512 KiB of accumulator stays in L2.

@@ -3,8 +3,9 @@ decode-and-accumulate, scatter-add, random-k indices and the Walsh-Hadamard tran
 
 Same kernels, arguments and bits as ``ext/compress.pyx``; the codecs' bits are defined in
 ``fedkern._reference.compress``. Work is split over coordinate chunks of COMPRESS_CHUNK (a
-multiple of 32: whole Philox blocks and whole bytes of codes and signs per chunk), and
-each chunk adds the clients in index order, so no result depends on the thread count.
+multiple of 32: whole Philox blocks and whole bytes of codes and signs per chunk; the fused
+accumulate's are fedkern._tuning.sum_chunk's, sized to the L2), and each chunk adds the
+clients in index order, so no result depends on the thread count.
 
 The hot loops index with unsigned integers: Numba gives every signed index a
 negative-index fix-up, which keeps LLVM from vectorising the loop (the 8-bit decode loop
@@ -14,6 +15,7 @@ import numpy as np
 from numba import njit, prange
 
 from .._blocks import COMPRESS_CHUNK, FWHT_BLOCK, SCATTER_CHUNK  # sizes, and why: fedkern/_blocks.py
+from .._tuning import sum_chunk
 from ._philox import philox_block
 from ._runtime import KERNEL, row
 
@@ -152,42 +154,87 @@ def _quantize(x, offsets, steps, block_size, levels, bits, signed, seed, stream,
 
 def accumulate_quantized(out, codes, signs, offsets, steps, weights, block_size: int, bits: int,
                          signed: bool) -> None:
-    """out[j] += sum_i weights[i] decode_i(j), clients in index order, in float64."""
-    _accumulate_quantized(out, codes.pointers, codes.first, signs.pointers, signs.first, offsets.pointers,
-                          offsets.first, steps.pointers, weights, np.int64(block_size), np.int64(bits), bool(signed))
+    """out[j] += sum_i weights[i] decode_i(j), clients in index order, in float64; chunks of
+    fedkern._tuning.sum_chunk coordinates, as the Cython kernel (and why: ext/compress.pyx)."""
+    args = (out, codes.pointers, codes.first, offsets.pointers, offsets.first, steps.pointers, weights,
+            np.int64(block_size), np.int64(sum_chunk(out.shape[0])))
+    if bits == 8 and not signed:
+        _accumulate_codes8(*args)
+    else:
+        _accumulate_quantized(*args, signs.pointers, signs.first, np.int64(bits), bool(signed))
 
 
 @njit(**KERNEL)
-def _accumulate_quantized(out, code_ptrs, code0, sign_ptrs, sign0, off_ptrs, off0, step_ptrs, weights, block_size,
-                          bits, signed):
+def _accumulate_codes8(out, code_ptrs, code0, off_ptrs, off0, step_ptrs, weights, block_size, chunk):
+    """8-bit unsigned codes, four clients per pass over a chunk, each coordinate adding them
+    one at a time in index order (as ext/compress.pyx's _accumulate_codes8, and why)."""
+    d = out.shape[0]
+    k = weights.shape[0]
+    for c in prange((d + chunk - 1) // chunk):
+        c0 = c * chunk
+        c1 = min(d, c0 + chunk)
+        i = 0
+        while i + 4 <= k:
+            x0, x1 = row(code_ptrs, i, code0), row(code_ptrs, i + 1, code0)
+            x2, x3 = row(code_ptrs, i + 2, code0), row(code_ptrs, i + 3, code0)
+            a = c0
+            while a < c1:            # one block segment at a time: its offsets and steps are fixed
+                b = a // block_size
+                e = min(c1, (b + 1) * block_size)
+                o0, s0 = _scaled(weights, off_ptrs, step_ptrs, off0, i, b)
+                o1, s1 = _scaled(weights, off_ptrs, step_ptrs, off0, i + 1, b)
+                o2, s2 = _scaled(weights, off_ptrs, step_ptrs, off0, i + 2, b)
+                o3, s3 = _scaled(weights, off_ptrs, step_ptrs, off0, i + 3, b)
+                for j in range(np.uint64(a), np.uint64(e)):
+                    out[j] = (((out[j] + (o0 + s0 * np.float64(x0[j]))) + (o1 + s1 * np.float64(x1[j])))
+                              + (o2 + s2 * np.float64(x2[j]))) + (o3 + s3 * np.float64(x3[j]))
+                a = e
+            i += 4
+        while i < k:
+            x0 = row(code_ptrs, i, code0)
+            a = c0
+            while a < c1:
+                b = a // block_size
+                e = min(c1, (b + 1) * block_size)
+                o0, s0 = _scaled(weights, off_ptrs, step_ptrs, off0, i, b)
+                for j in range(np.uint64(a), np.uint64(e)):
+                    out[j] += o0 + s0 * np.float64(x0[j])
+                a = e
+            i += 1
+
+
+@njit(inline="always")
+def _scaled(weights, off_ptrs, step_ptrs, off0, i, b):
+    """Client i's block b offset and step times its weight: w (off + step q) as (w off) +
+    (w step) q, one product per coordinate instead of two, as the Cython kernel."""
+    w = weights[i]
+    return w * row(off_ptrs, i, off0)[b], w * row(step_ptrs, i, off0)[b]
+
+
+@njit(**KERNEL)
+def _accumulate_quantized(out, code_ptrs, code0, off_ptrs, off0, step_ptrs, weights, block_size, chunk,
+                          sign_ptrs, sign0, bits, signed):
+    """Codes of fewer bits, or signed: a client per pass (the bit unpacking bounds this loop)."""
     d = out.shape[0]
     mask = (1 << bits) - 1
     per = 8 // bits
-    for c in prange((d + COMPRESS_CHUNK - 1) // COMPRESS_CHUNK):
-        c0 = c * COMPRESS_CHUNK
-        c1 = min(d, c0 + COMPRESS_CHUNK)
+    for c in prange((d + chunk - 1) // chunk):
+        c0 = c * chunk
+        c1 = min(d, c0 + chunk)
         for i in range(weights.shape[0]):
             codes = row(code_ptrs, i, code0)
             signs = row(sign_ptrs, i, sign0)
-            offs = row(off_ptrs, i, off0)
-            steps = row(step_ptrs, i, off0)
-            w = weights[i]
             a = c0
             while a < c1:            # one block segment at a time: its offset and step are fixed
                 b = a // block_size
                 e = min(c1, (b + 1) * block_size)
-                # w (off + step q) as (w off) + (w step) q, as the Cython kernel does
-                off, step = w * offs[b], w * steps[b]
-                if bits == 8 and not signed:     # a loop of its own, without the branch: it vectorises
-                    for j in range(np.uint64(a), np.uint64(e)):
-                        out[j] += off + step * np.float64(codes[j])
-                else:
-                    for j in range(a, e):
-                        code = (codes[j // per] >> ((j % per) * bits)) & mask
-                        v = off + step * np.float64(code)
-                        if signed and (signs[j >> 3] >> (j & 7)) & 1:
-                            v = -v
-                        out[j] += v
+                off, step = _scaled(weights, off_ptrs, step_ptrs, off0, i, b)
+                for j in range(a, e):
+                    code = (codes[j // per] >> ((j % per) * bits)) & mask
+                    v = off + step * np.float64(code)
+                    if signed and (signs[j >> 3] >> (j & 7)) & 1:
+                        v = -v
+                    out[j] += v
                 a = e
 
 
