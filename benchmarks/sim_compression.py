@@ -12,9 +12,11 @@ own data (the Synthetic devices, the digits split) and run, shared by all codecs
 difference to uncompressed FedAvg is paired. Prints one markdown table per task: final
 test accuracy in % (mean and range over the seeds), its paired difference to uncompressed
 FedAvg (mean and sample standard deviation), the bytes the clients sent over the run
-(``bytes_up``, mean over the seeds) and how many times fewer than float32 updates::
+(``bytes_up``, mean over the seeds) and how many times fewer than float32 updates.
+``--rounds digits=100`` runs a task longer, ``--codecs`` only some rows (the
+uncompressed baseline always runs)::
 
-    python benchmarks/sim_compression.py [--seeds 5]
+    python benchmarks/sim_compression.py [--seeds 5] [--rounds TASK=N ...] [--codecs LABEL ...]
 """
 import argparse
 import time
@@ -62,14 +64,24 @@ def run(task: dict, codec: dict | None, seed: int) -> tuple[float, float, float]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--rounds", nargs="*", default=[], metavar="TASK=N",
+                        help=f"a task's rounds, e.g. digits=100 (tasks: {', '.join(TASKS)})")
+    parser.add_argument("--codecs", nargs="*", choices=list(CODECS), metavar="LABEL",
+                        help="the rows to run, by label (default all)")
     args = parser.parse_args()
+    rounds = dict(item.split("=", 1) for item in args.rounds)
+    if not set(rounds) <= set(TASKS):
+        parser.error(f"--rounds: tasks are {', '.join(TASKS)}; got {', '.join(sorted(set(rounds) - set(TASKS)))}")
+    codecs = {label: codec for label, codec in CODECS.items()
+              if codec is None or args.codecs is None or label in args.codecs}
     start = time.perf_counter()
     for name, task in TASKS.items():
-        print(f"\n{name}, seeds 0-{args.seeds - 1}\n")
+        task = {**task, "rounds": int(rounds.get(name, task["rounds"]))}
+        print(f"\n{name}, {task['rounds']} rounds, seeds 0-{args.seeds - 1}\n")
         print("| codec | test accuracy % | vs uncompressed | bytes up | x fewer bytes |")
         print("|---|---|---|---|---|")
         baseline = None
-        for label, codec in CODECS.items():
+        for label, codec in codecs.items():
             results = np.array([run(task, codec, seed) for seed in range(args.seeds)])
             accuracy = 100 * results[:, 0]
             baseline = accuracy if baseline is None else baseline
