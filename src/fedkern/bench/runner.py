@@ -247,6 +247,8 @@ def run(profile: str = "default", backend_names: tuple[str, ...] | None = None,
             say(f"skipped {what}: {package} is not installed ({INSTALL_HINTS[package]} adds it)")
 
     budget = 0.3 if profile == "quick" else 1.0
+    # the quick profile is a smoke run, its sizes too small to quote: no settling, so it stays quick
+    settle = 0.0 if profile == "quick" else SETTLE_S
     for case in cases(profile):
         if case.package and not installed(case.package):
             skip(case.package, f"the cases that need {case.package}")
@@ -257,7 +259,7 @@ def run(profile: str = "default", backend_names: tuple[str, ...] | None = None,
             skip(case.peer_package, f"peer {case.peer}")
         elif case.peer:
             calls[case.peer] = call.peer
-        times = interleaved_times(calls, budget=budget, no_warm_up=frozenset({case.peer}), settle=SETTLE_S,
+        times = interleaved_times(calls, budget=budget, no_warm_up=frozenset({case.peer}), settle=settle,
                                   settle_after=frozenset({"reference", case.peer}))
         timings = {name: statistics.median(seconds) for name, seconds in times.items()}
         for name, seconds in timings.items():
