@@ -10,6 +10,7 @@ from cython.parallel cimport parallel, prange
 from libc.math cimport sqrt
 from libc.stdint cimport int64_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport free
+from libc.string cimport memset
 
 from _blocks cimport NOISE_PAIRS, NORM_BLOCK  # sizes, and why: src/fedkern/_blocks.py
 from _fused cimport in_t, out_t
@@ -53,11 +54,9 @@ def _clip_and_sum(const uintptr_t[::1] pointers, const in_t[::1] first, double c
     cdef double* partials = <double*> scratch(min(group, k) * nblocks * sizeof(double))
     cdef double* scaled = <double*> scratch(min(group, k) * sizeof(double))
     cdef int nthreads = fk_threads_for(k * d * <Py_ssize_t> sizeof(in_t))
-    cdef Py_ssize_t g0, g, g8, i, b, t, c, j, j0
+    cdef Py_ssize_t g0, g, g8, i, b, t, c, j0
     cdef double total
     with nogil, parallel(num_threads=nthreads):
-        for j in prange(d, schedule="static"):
-            out[j] = 0.0
         g0 = 0
         while g0 < k:       # every thread walks the groups; the loops inside share the work
             g = min(group, k - g0)
@@ -81,6 +80,8 @@ def _clip_and_sum(const uintptr_t[::1] pointers, const in_t[::1] first, double c
                 scaled[i] = weights[g0 + i] * (clip / norms[g0 + i] if norms[g0 + i] > clip else 1.0)
             for c in prange(nchunks, schedule="static"):
                 j0 = c * chunk
+                if g0 == 0:     # zeroed here, in cache, not in a pass over out of its own
+                    memset(&out[j0], 0, min(chunk, d - j0) * sizeof(double))
                 add_rows(&out[j0], rows + g0, scaled, g, j0, min(chunk, d - j0))
             g0 = g0 + g
     free(partials)

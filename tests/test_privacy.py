@@ -170,6 +170,25 @@ def test_clip_and_accumulate_is_the_clipped_weighted_sum(backend, k, d, clip, ze
     assert np.allclose(total, clipped_sum(rows, clip, weights), rtol=0, atol=1e-12 * scale * k)
 
 
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_clip_and_accumulate_in_groups_overwrites_out_and_keeps_the_bits(backend, monkeypatch):
+    """Rows in groups (norms, then the sum, a group at a time): the first group zeroes out,
+    whatever it held, and the sums are those of one group of all the rows, bit for bit."""
+    from fedkern import _tuning
+
+    rng = np.random.default_rng(5)
+    k, d = 20, 70_000                 # several chunks of any L2's sum_chunk
+    rows = rng.standard_normal((k, d)) * rng.lognormal(0, 1, (k, 1))
+    weights = rng.random(k)
+    whole = privacy.clip_and_accumulate(rows, 50.0, weights, backend=backend)
+    monkeypatch.setattr(_tuning, "group_bytes", lambda: 8 * d * rows.itemsize)   # groups of 8, 8, 4 rows
+    assert _tuning.clip_group(k, d, rows.itemsize) == 8
+    out = np.full(d, np.nan)
+    assert privacy.clip_and_accumulate(rows, 50.0, weights, out=out, backend=backend) is out
+    assert np.array_equal(out, whole)
+    np.testing.assert_allclose(whole, clipped_sum(rows, 50.0, weights), rtol=1e-12, atol=1e-12)
+
+
 def test_clipped_updates_have_norm_clip():
     rows = np.array([[3.0, 4.0], [0.0, 0.0], [0.3, 0.4]])
     for i, expected in [(0, [0.6, 0.8]), (1, [0.0, 0.0]), (2, [0.3, 0.4])]:

@@ -46,7 +46,6 @@ def clip_and_sum(updates, clip: float, weights, out, norms) -> None:
     """out = sum_i weights[i] min(1, clip / ||updates[i]||) updates[i] in float64; norms get the norms."""
     group = clip_group(updates.k, updates.d, updates.dtype.itemsize)
     partials = np.empty((min(group, updates.k), (updates.d + NORM_BLOCK - 1) // NORM_BLOCK))
-    out[:] = 0.0
     for g0 in range(0, updates.k, group):
         g = min(group, updates.k - g0)
         _sq_sum_partials(updates.pointers, updates.first, None, g0, g, partials)
@@ -59,10 +58,15 @@ def clip_and_sum(updates, clip: float, weights, out, norms) -> None:
 
 @njit(**KERNEL)
 def _add_group(pointers, first, row0, weights, chunk, out):
+    """out[j] += the group's weighted rows from row0 on; the first group (row0 = 0) zeroes
+    each chunk of out first, in cache, rather than in a pass over out of its own."""
     d = first.shape[0]
     for c in prange((d + chunk - 1) // chunk):
         j0 = c * chunk
-        _add_rows(out[j0:j0 + min(chunk, d - j0)], pointers, first, row0, weights, j0)
+        acc = out[j0:j0 + min(chunk, d - j0)]
+        if row0 == 0:
+            acc[:] = 0.0
+        _add_rows(acc, pointers, first, row0, weights, j0)
 
 
 @njit(inline="always")
