@@ -180,6 +180,8 @@ def test_clip_and_accumulate_in_groups_overwrites_out_and_keeps_the_bits(backend
     k, d = 20, 70_000                 # several chunks of any L2's sum_chunk
     rows = rng.standard_normal((k, d)) * rng.lognormal(0, 1, (k, 1))
     weights = rng.random(k)
+    monkeypatch.setattr(_tuning, "group_bytes", lambda: 1 << 40)                  # one group, whatever the L3
+    assert _tuning.clip_group(k, d, rows.itemsize) >= k
     whole = privacy.clip_and_accumulate(rows, 50.0, weights, backend=backend)
     monkeypatch.setattr(_tuning, "group_bytes", lambda: 8 * d * rows.itemsize)   # groups of 8, 8, 4 rows
     assert _tuning.clip_group(k, d, rows.itemsize) == 8
