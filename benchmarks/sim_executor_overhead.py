@@ -2,13 +2,13 @@
 training that does nothing, so that the difference is the executor's own cost.
 
 100 clients a round of a model with D parameters whose ``train`` only zeroes its delta;
-every round trains 16 chunks. Each repetition runs one serial round, then one round of
-each executor, in turn (interleaved, so that load from elsewhere falls on all alike); the
-table gives the median over the repetitions of (executor round - serial round), and the
-run checks that every executor ends with the serial bits. ``ray.init`` is timed on its
-own. Every executor exists for the whole run (their rounds interleave), so Ray is started
-with as many logical CPUs as there are actors, one each; only one executor works at a
-time::
+every round trains 16 chunks. The executors are measured one after the other, each alone
+(an idle executor's actors and processes would load the cores the measured one uses):
+every repetition runs one serial round, then one round of the executor (interleaved, so
+that load from elsewhere falls on both alike); the table gives the median over the
+repetitions of (executor round - serial round), and the run checks that every executor
+ends with the serial bits. ``ray.init`` is timed on its own, with as many logical CPUs as
+the largest executor has actors::
 
     python benchmarks/sim_executor_overhead.py [--workers 1 2 4 8] [--features 1000] [--rounds 40]
 """
@@ -62,7 +62,7 @@ def main() -> None:
     import ray
 
     start = time.perf_counter()
-    ray.init(num_cpus=sum(args.workers), include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=max(args.workers), include_dashboard=False, log_to_driver=False)
     print(f"ray.init: {time.perf_counter() - start:.1f} s", flush=True)
     data = federation()
     cpus = os.cpu_count()
@@ -70,30 +70,25 @@ def main() -> None:
     def make(executor):
         return sim.Simulation(data, Idle(args.features), clients_per_round=100, executor=executor, eval_every=10**6)
 
-    serial = make(None)
-    executors = {f"ray, {w} actors": sim.RayExecutor(workers=w) for w in args.workers}
-    executors[f"processes({cpus})"] = sim.ProcessExecutor(workers=cpus)
-    runs = {name: make(executor) for name, executor in executors.items()}
-    extra = {name: [] for name in runs}
-    for r in range(args.rounds + 3):
-        begin = time.perf_counter()
-        serial.step()
-        base = time.perf_counter() - begin
-        for name, run in runs.items():
-            begin = time.perf_counter()
-            run.step()
-            if r >= 3:                     # the first rounds warm the workers up
-                extra[name].append(time.perf_counter() - begin - base)
+    executors = {f"ray, {w} actors": lambda w=w: sim.RayExecutor(workers=w) for w in args.workers}
+    executors[f"processes({cpus})"] = lambda: sim.ProcessExecutor(workers=cpus)
     print(f"\nD = {args.features}, 100 clients a round in 16 chunks, median of {args.rounds} rounds\n")
     print("| executor | round minus serial round (median) | spread (25-75%) |")
     print("|---|---|---|")
-    for name, run in runs.items():
+    for name, executor in executors.items():
+        serial, run, extra = make(None), make(executor()), []
+        for r in range(args.rounds + 3):
+            begin = time.perf_counter()
+            serial.step()
+            base = time.perf_counter() - begin
+            begin = time.perf_counter()
+            run.step()
+            if r >= 3:                     # the first rounds warm the workers up
+                extra.append(time.perf_counter() - begin - base)
         assert run.params.tobytes() == serial.params.tobytes(), name
-        low, mid, high = 1e3 * np.percentile(extra[name], [25, 50, 75])
+        run.executor.close()
+        low, mid, high = 1e3 * np.percentile(extra, [25, 50, 75])
         print(f"| {name} | {mid:.1f} ms | {low:.1f}-{high:.1f} ms |", flush=True)
-    for executor in executors.values():
-        executor.close()
-
 
 if __name__ == "__main__":
     main()

@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from fedkern import FedkernValueError
+from fedkern import FedkernValueError, WorkerError
 from fedkern.sim import config
 from fedkern.sim.algorithms import Scaffold
 from fedkern.sim.executors import EXECUTORS, RayExecutor, _lpt, chunks
@@ -178,6 +178,37 @@ def test_an_actor_busy_at_the_deadline_is_replaced_and_its_chunks_from_the_late_
         assert np.isfinite(run.params).all()
         marker.unlink()
         assert run.step()["lost"] == 0             # the replacement trains
+
+
+class LoadsOnlyHere(toy.ToyModel):
+    """The toy model, which cannot be unpickled in any process but this one."""
+
+    def __init__(self, n_features, pid):
+        super().__init__(n_features)
+        self.pid = pid
+
+    def __reduce__(self):
+        return _load_only_in, (self.n_params, self.pid)
+
+
+def _load_only_in(n_features, pid):
+    if os.getpid() != pid:
+        raise RuntimeError("this model cannot load here")
+    return LoadsOnlyHere(n_features, pid)
+
+
+def test_a_trainer_the_actors_cannot_load_is_a_worker_error_not_lost_rounds(cluster, actors):
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    data = federation(n_clients=20)
+    model = LoadsOnlyHere(data.train.n_features, os.getpid())
+    with RayExecutor(workers=1, num_cpus=0.5) as fresh:       # new actors: their creation fails
+        run = simulation(data, model=model, executor=fresh)
+        with pytest.raises(WorkerError, match="(?s)actor 0 could not take the trainer.*cannot load here"):
+            run.step()
+    with pytest.raises(WorkerError, match="(?s)could not take the trainer.*cannot load here"):
+        simulation(data, model=model, executor=actors)        # running actors: their load fails
+    run = simulation(data, executor=actors)                   # and they still train the next run
+    assert run.step()["lost"] == 0
 
 
 def test_more_actors_than_free_cpus_are_refused(cluster):
