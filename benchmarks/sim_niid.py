@@ -7,8 +7,11 @@ same comparison in fedkern.sim on offline data: multinomial logistic regression,
 clients, 10 per round, 30 rounds of 5 local epochs, batch 10, lr 0.1 (the README's
 learning-quality protocol), for each partition and algorithm over seeds 0 .. n - 1 (each
 seed draws its own split and run, shared by the algorithms, so differences are paired).
-The last column adds unequal local work, which FedNova's normalisation is built for: half
-the selected clients are stragglers that run 1-4 of their 5 epochs.
+The last three columns add unequal local work, which FedNova's normalisation is built
+for: half the selected clients are stragglers that run 1-4 of their 5 epochs; or the
+classes are of unequal sizes (``imbalance_ratio``: the largest class holds 1.24 times the
+rows of the smallest, as in the MNIST that NIID-Bench split, or 2 times), so that a client
+of a larger class takes more local steps.
 Prints one markdown table per dataset: final test accuracy in %, mean (range)::
 
     python benchmarks/sim_niid.py [--seeds 5] [--datasets digits mnist5k]
@@ -30,6 +33,10 @@ SETTINGS = {
     # unequal local work: each selected client is a straggler with probability 1/2 and then
     # runs 1-4 of its 5 epochs (FedNova's setting of heterogeneous local steps)
     "1 label, half stragglers": (ONE_LABEL, {"stragglers": {"fraction": 0.5, "mode": "partial"}}),
+    # unequal clients: class sizes spread as MNIST's are (6742 / 5421 = 1.24), and twice
+    # that, so each one-label client's local steps follow its class's size
+    "1 label, classes 1.24:1": ({**ONE_LABEL, "imbalance_ratio": 1.24}, {}),
+    "1 label, classes 2:1": ({**ONE_LABEL, "imbalance_ratio": 2.0}, {}),
 }
 ALGORITHMS = {
     "FedAvg": {"name": "fedavg"},

@@ -49,6 +49,22 @@ def test_fedavg_accuracy_falls_with_label_skew_on_digits():
     assert mean["iid"] >= mean["dirichlet(0.5)"] >= mean["2 labels"] >= mean["1 label"] + 0.05, mean
 
 
+def test_fednova_beats_fedavg_when_one_label_clients_take_unequal_local_steps():
+    pytest.importorskip("sklearn")
+    # one label per client, classes 2:1 in size, so a client's local steps follow its class's
+    # size; FedAvg's mean of their deltas then weights a large client by its size twice
+    # (rows and steps), FedNova's once. Measured mean test accuracy: FedAvg 0.73, FedNova 0.82
+    # (better in all 5 seeds); with equal classes the two give the same bits
+    accuracy = {"fedavg": [], "fednova": []}
+    for seed in SEEDS:
+        partition = {"name": "label_quantity", "labels_per_client": 1, "n_clients": 20, "imbalance_ratio": 2.0,
+                     "seed": seed}
+        for name in accuracy:
+            accuracy[name].append(final_accuracy({**DIGITS, "seed": seed, "partition": partition,
+                                                  "algorithm": {"name": name}}))
+    assert np.mean(accuracy["fednova"]) > np.mean(accuracy["fedavg"]) + 0.04, accuracy
+
+
 def test_fbl_lifts_the_rare_classes_of_a_long_tailed_label_skewed_federation():
     pytest.importorskip("sklearn")
     # Dirichlet(0.1) label skew over a long tail of ratio 10 (class 0: 178 rows, class 9: 17),
