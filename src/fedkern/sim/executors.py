@@ -886,6 +886,12 @@ def _import_ray():
     return ray
 
 
+def _ray_packed(obj: Any) -> bytes:
+    """``obj`` pickled as Ray pickles a call's arguments (cloudpickle: a class defined in
+    ``__main__`` travels by value), as one bytes object for Ray to pass on."""
+    return _import_ray().cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+
+
 def _no_executor() -> None:
     """What an executor becomes when the trainer holding it is sent to a worker: nothing
     (a worker calls ``train_chunk`` itself)."""
@@ -922,8 +928,7 @@ class _RayWorker:
             results = [self.trainer.train_chunk(item, plan) for item in items]
         rows = [None] * len(items) if row_shape is None else [plan["rows"][item.start:item.stop] for item in items]
         bounds = np.cumsum([0, *groups]).tolist()
-        pairs = tuple(pickle.dumps((results[a:b], rows[a:b]), protocol=pickle.HIGHEST_PROTOCOL)
-                      for a, b in zip(bounds, bounds[1:]))
+        pairs = tuple(_ray_packed((results[a:b], rows[a:b])) for a, b in zip(bounds, bounds[1:]))
         return pairs if len(pairs) > 1 else pairs[0]
 
     def where(self) -> tuple[int, str]:
@@ -993,19 +998,20 @@ class RayExecutor(_Closing):
 
     :meth:`start` puts the trainer (model, data, settings) into Ray's object store once;
     each of ``workers`` actors gets it there (numpy arrays zero-copy and read-only on the
-    same node) and keeps it for the run (a later :meth:`start`, for another run, reuses
-    the actors). Each round the plan is put once (or, when its arrays take less than 80%
-    of :data:`RAY_INLINE_BYTES`, pickled into each call with the actor's share, which
-    saves the object store's round trip), the chunks are shared out longest-first (LPT by examples x epochs), and
-    every actor trains its share in one call, returning its chunks' results (float64
-    partial sums, or their rows when a robust rule needs every update) in as many return
-    values as keep each under that size, so that they too travel inside the reply. The round combines them in chunk order,
-    so the bits are those of the serial executor. An actor that dies during a round is
-    replaced and its chunks are retried once on the new actor; if that one dies too, the
-    chunks are yielded as :class:`Lost` (their clients count as dropouts) and the actor is
-    replaced again for the next round. With a ``deadline`` each chunk is a call of its own
-    (the chunks back in time count, not the actor's whole share); the actors still busy
-    when it passes are killed and replaced, and their chunks lost.
+    same node) and keeps it for the run (a later :meth:`start`, for another run, reuses the
+    actors). Each round the plan is put once (or, when its arrays take less than 80% of
+    :data:`RAY_INLINE_BYTES`, pickled into each call with the actor's share, which saves the
+    object store's round trip), the chunks are shared out longest-first (LPT by examples x
+    epochs), and every actor trains its share in one call, returning its chunks' results
+    (float64 partial sums, or their rows when a robust rule needs every update) in as many
+    return values as keep each under that size, so that they too travel inside the reply.
+    The round combines them in chunk order, so the bits are those of the serial executor. An
+    actor that dies during a round is replaced and its chunks are retried once on the new
+    actor; if that one dies too, the chunks are yielded as :class:`Lost` (their clients
+    count as dropouts) and the actor is replaced again for the next round. With a
+    ``deadline`` each chunk is a call of its own (the chunks back in time count, not the
+    actor's whole share); the actors still busy when it passes are killed and replaced, and
+    their chunks lost.
 
     Parameters
     ----------
@@ -1092,8 +1098,7 @@ class RayExecutor(_Closing):
             groups = _groups([result_bytes + len(items[i]) * row_bytes for i in share], int(small))
             actor = self._actors[w]
             method = actor.train if len(groups) == 1 else actor.train.options(num_returns=len(groups))
-            payload = pickle.dumps((shipped, [items[i] for i in share], shape, backend, groups),
-                                   protocol=pickle.HIGHEST_PROTOCOL)
+            payload = _ray_packed((shipped, [items[i] for i in share], shape, backend, groups))
             refs = method.remote(payload) if shared is None else method.remote(payload, shared)
             calls[tuple(refs) if len(groups) > 1 else (refs,)] = w, actor, share, first
 
