@@ -892,6 +892,12 @@ def _ray_packed(obj: Any) -> bytes:
     return _import_ray().cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
 
 
+def _cannot_load(w: int, err: Exception) -> WorkerError:
+    """Actor ``w`` failed to unpickle the trainer (Ray's ``err`` holds the cause): a new
+    actor would fail alike, so the run stops rather than losing every round's clients."""
+    return WorkerError(f"RayExecutor: actor {w} could not take the trainer: {err}")
+
+
 def _no_executor() -> None:
     """What an executor becomes when the trainer holding it is sent to a worker: nothing
     (a worker calls ``train_chunk`` itself)."""
@@ -1055,7 +1061,7 @@ class RayExecutor(_Closing):
                 except ray.exceptions.RayActorError:
                     self._replace(w)       # one that died with an earlier round's failure
                 except ray.exceptions.RayError as err:
-                    raise WorkerError(f"RayExecutor: actor {w} could not take the trainer: {err}") from None
+                    raise _cannot_load(w, err) from None
             return
         need = self.workers * self.num_cpus
         free = _free_cpus(ray, need)
@@ -1120,8 +1126,8 @@ class RayExecutor(_Closing):
                 try:
                     pairs = [pickle.loads(pair) for pair in ray.get(list(refs))]
                 except ray.exceptions.RayActorError as err:
-                    if err.actor_init_failed:      # a new actor would fail alike: every round would lose its clients
-                        raise WorkerError(f"RayExecutor: actor {w} could not take the trainer: {err}") from None
+                    if err.actor_init_failed:
+                        raise _cannot_load(w, err) from None
                     if self._actors[w] is actor:       # the first of its failed calls: a new actor
                         self._replace(w)
                     if first and not clock.passed():
