@@ -207,7 +207,11 @@ def _scale_rows(pointers, first, out_pointers, out_first, row0, scales):
     for t in prange(scales.shape[0] * nblocks):
         i = t // nblocks
         j0 = (t % nblocks) * NORM_BLOCK
-        x = row(pointers, row0 + i, first)
-        y = row(out_pointers, row0 + i, out_first)
-        for j in range(j0, min(j0 + NORM_BLOCK, d)):
-            y[j] = scales[i] * np.float64(x[j])
+        n = min(NORM_BLOCK, d - j0)
+        # the block as slices from 0: indexed from j0 in the whole rows, LLVM's vector loop
+        # ran at a third of this speed on Zen 4 (74 against 22 ms at K = 100 x D = 1e6)
+        x = row(pointers, row0 + i, first)[j0:j0 + n]
+        y = row(out_pointers, row0 + i, out_first)[j0:j0 + n]
+        scale = scales[i]
+        for j in range(n):
+            y[j] = scale * np.float64(x[j])
