@@ -114,6 +114,37 @@ def test_interleaved_times_time_a_slow_candidate_once_and_a_peer_without_warm_up
     assert len(times["slow"]) == 1 and len(times["fast"]) == 5 and len(times["peer"]) == 5
 
 
+def test_interleaved_times_judge_a_slow_warm_up_by_the_call_after_it():
+    import time
+
+    first = iter([True])
+    calls = {"compiles": lambda: time.sleep(0.02) if next(first, False) else None,  # slow the first time only
+             "slow": lambda: time.sleep(0.02)}
+    times = bench.interleaved_times(calls, budget=0.01, min_repeats=3, max_repeats=5)
+    assert len(times["compiles"]) == 5 and max(times["compiles"]) < 0.01   # the warm-up is not a timing
+    assert len(times["slow"]) == 1 and times["slow"][0] >= 0.02
+
+
+def test_interleaved_times_wake_the_cores_after_each_settle(monkeypatch):
+    from fedkern.bench import runner
+
+    events = []
+    monkeypatch.setattr(runner.time, "sleep", lambda seconds: events.append("sleep"))
+    monkeypatch.setattr(runner, "wake_cores", lambda: events.append("wake"))
+    calls = {"peer": lambda: events.append("peer"), "a": lambda: events.append("a")}
+    bench.interleaved_times(calls, budget=10.0, min_repeats=2, max_repeats=2, no_warm_up=frozenset({"peer"}),
+                            settle=0.25, settle_after=frozenset({"peer"}))
+    assert events == ["peer", "sleep", "wake", "a"] * 2 + ["a"]
+
+
+def test_wake_cores_returns_after_its_time():
+    import time
+
+    start = time.perf_counter()
+    bench.wake_cores(0.01)
+    assert 0.01 <= time.perf_counter() - start < 5.0
+
+
 def test_interleaved_times_settle_after_each_call_of_the_named_candidates_outside_their_time(monkeypatch):
     from fedkern.bench import runner
 

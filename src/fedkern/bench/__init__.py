@@ -8,7 +8,8 @@ README's tables, and ``benchmarks/`` runs the same cases under pytest-benchmark.
 """
 from .cases import PROFILES, Case, Profile, ScalingSizes, SimSizes, cases
 from .runner import (INSTALL_HINTS, cache_sizes, cpu_description, cpu_line, cpu_name, installed, interleaved_times,
-                     median_time, read_bandwidth, run, to_json)
+                     median_time, read_bandwidth, run, to_json, wake_cores)
 
 __all__ = ["INSTALL_HINTS", "PROFILES", "Case", "Profile", "ScalingSizes", "SimSizes", "cache_sizes", "cases", "cpu_description",
-           "cpu_line", "cpu_name", "installed", "interleaved_times", "median_time", "read_bandwidth", "run", "to_json"]
+           "cpu_line", "cpu_name", "installed", "interleaved_times", "median_time", "read_bandwidth", "run", "to_json",
+           "wake_cores"]
