@@ -43,6 +43,14 @@ cdef inline void _add_rows4(double* acc, const in_t* r0, const in_t* r1, const i
         acc[j] = (((acc[j] + w0 * r0[j]) + w1 * r1[j]) + w2 * r2[j]) + w3 * r3[j]
 
 
+cdef inline void _add_rows2(double* acc, const in_t* r0, const in_t* r1, double w0, double w1,
+                            Py_ssize_t n) noexcept nogil:
+    # the last two rows of a pass in one: K = 10 is one pass of eight and this, not three
+    cdef Py_ssize_t j
+    for j in range(n):
+        acc[j] = (acc[j] + w0 * r0[j]) + w1 * r1[j]
+
+
 cdef inline void _add_row(double* acc, const in_t* row, double w, Py_ssize_t n) noexcept nogil:
     cdef Py_ssize_t j
     for j in range(n):
@@ -51,18 +59,21 @@ cdef inline void _add_row(double* acc, const in_t* row, double w, Py_ssize_t n) 
 
 cdef inline void add_rows(double* acc, const in_t** rows, const double* weights, Py_ssize_t k,
                           Py_ssize_t j0, Py_ssize_t n) noexcept nogil:
-    """acc[j] += sum_i weights[i] rows[i][j0 + j] for j < n, rows added in index order."""
+    """acc[j] += sum_i weights[i] rows[i][j0 + j] for j < n, rows added in index order: eight
+    per pass over acc, then the rest in passes of four, two and one."""
     cdef Py_ssize_t i = 0
     while i + 8 <= k:
         _add_rows8(acc, rows + i, weights + i, j0, n)
         i = i + 8
-    while i + 4 <= k:
+    if i + 4 <= k:
         _add_rows4(acc, rows[i] + j0, rows[i + 1] + j0, rows[i + 2] + j0, rows[i + 3] + j0,
                    weights[i], weights[i + 1], weights[i + 2], weights[i + 3], n)
         i = i + 4
-    while i < k:
+    if i + 2 <= k:
+        _add_rows2(acc, rows[i] + j0, rows[i + 1] + j0, weights[i], weights[i + 1], n)
+        i = i + 2
+    if i < k:
         _add_row(acc, rows[i] + j0, weights[i], n)
-        i = i + 1
 
 
 cdef inline double block_sq_norm(const in_t* x, Py_ssize_t n) noexcept nogil:

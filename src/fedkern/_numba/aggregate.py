@@ -44,8 +44,9 @@ def _weighted_sum(pointers, first, weights, divisor, by_reciprocal, chunk, out):
 @njit(inline="always")
 def _add_rows(acc, pointers, first, row0, weights, j0):
     """acc[j] += sum_i weights[i] x[row0 + i][j0 + j] for j < len(acc), rows added in index
-    order (eight, then four, per pass over acc: more read streams per thread keep memory
-    busier, and fewer accumulator loads and stores; the same sums, as ``ext/_rows.pxd``)."""
+    order (eight per pass over acc, then the rest in passes of four, two and one: more read
+    streams per thread keep memory busier, and fewer accumulator loads and stores; the same
+    sums, as ``ext/_rows.pxd``)."""
     n, k = acc.shape[0], weights.shape[0]
     i = 0
     while i + 8 <= k:
@@ -63,7 +64,7 @@ def _add_rows(acc, pointers, first, row0, weights, j0):
             acc[j] = (((((((acc[j] + w0 * x0[j]) + w1 * x1[j]) + w2 * x2[j]) + w3 * x3[j]) + w4 * x4[j])
                       + w5 * x5[j]) + w6 * x6[j]) + w7 * x7[j]
         i += 8
-    while i + 4 <= k:
+    if i + 4 <= k:
         x0 = row(pointers, row0 + i, first)[j0:j0 + n]
         x1 = row(pointers, row0 + i + 1, first)[j0:j0 + n]
         x2 = row(pointers, row0 + i + 2, first)[j0:j0 + n]
@@ -72,12 +73,18 @@ def _add_rows(acc, pointers, first, row0, weights, j0):
         for j in range(n):
             acc[j] = (((acc[j] + w0 * x0[j]) + w1 * x1[j]) + w2 * x2[j]) + w3 * x3[j]
         i += 4
-    while i < k:
+    if i + 2 <= k:
+        x0 = row(pointers, row0 + i, first)[j0:j0 + n]
+        x1 = row(pointers, row0 + i + 1, first)[j0:j0 + n]
+        w0, w1 = weights[i], weights[i + 1]
+        for j in range(n):
+            acc[j] = (acc[j] + w0 * x0[j]) + w1 * x1[j]
+        i += 2
+    if i < k:
         x = row(pointers, row0 + i, first)[j0:j0 + n]
         w = weights[i]
         for j in range(n):
             acc[j] += w * x[j]
-        i += 1
 
 
 def accumulate(acc, update, weight: float) -> None:
