@@ -216,6 +216,7 @@ def test_report_turns_a_run_into_a_table(quick_json):
     ops = {row["op"] for row in result["results"]}
     assert len(lines) - 4 == len({(row["op"], row["size"]) for row in result["results"]}) and ops
     assert "scipy.trim_mean" in text or not bench.installed("scipy")
+    assert lines[0].startswith(bench.cpu_line(result["cpu"]) + ", ")   # the CPU named with its ISA and caches
 
 
 def test_cli_info():

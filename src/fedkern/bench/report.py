@@ -12,6 +12,7 @@ import json
 import sys
 
 from .. import backends
+from .runner import cpu_line
 
 
 def _ms(seconds: float) -> str:
@@ -46,7 +47,9 @@ def table(result: dict) -> str:
             peer = next((name for name in rows if name not in backends.NAMES), None)
             cells += [f"{peer} {_ms(rows[peer]['median_s'])}", f"{best['speedup_vs_peer']:.2f}x"] if peer else ["", ""]
         lines.append("| " + " | ".join(cells) + " |")
-    intro = (f"{result['processor']}, {result['threads']} threads, profile {result['profile']}; read bandwidth "
+    # runs saved before the bench recorded its CPU's caches name the processor alone
+    machine = cpu_line(result["cpu"]) if "cpu" in result else result["processor"]
+    intro = (f"{machine}, {result['threads']} threads, profile {result['profile']}; read bandwidth "
              f"measured in the same run: {result['read_bandwidth_gb_per_s']:.1f} GB/s.")
     return intro + "\n\n" + "\n".join(lines)
 
