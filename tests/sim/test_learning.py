@@ -65,6 +65,31 @@ def test_fednova_beats_fedavg_when_one_label_clients_take_unequal_local_steps():
     assert np.mean(accuracy["fednova"]) > np.mean(accuracy["fedavg"]) + 0.04, accuracy
 
 
+#: NIID-Bench's protocol (Li et al., ICDE 2022): 10 parties all training, 50 rounds of 10
+#: local epochs, batch 64, lr 0.01, momentum 0.9; a ReLU MLP of 200 stands in for its CNN
+NIID_BENCH = {"rounds": 50, "clients_per_round": 10, "local_epochs": 10, "batch_size": 64, "lr": 0.01,
+              "momentum": 0.9, "model": {"name": "mlp", "hidden": [200]}, "dataset": {"name": "digits"},
+              "eval_every": 50}
+
+
+def test_fedprox_and_fednova_beat_fedavg_with_one_label_per_party_and_unequal_classes():
+    pytest.importorskip("sklearn")
+    # NIID-Bench's finding on digits: one label per party, classes 4:1 in size. Measured mean
+    # test accuracy over seeds 0-2: FedAvg 0.826, FedProx (mu = 1) 0.837 (one seed a tie),
+    # FedNova 0.936 (over seeds 0-9: +1.75 and +10.8 points, higher in 9 and 10 of 10)
+    algorithms = {"fedavg": {"name": "fedavg"}, "fedprox": {"name": "fedprox", "mu": 1.0},
+                  "fednova": {"name": "fednova"}}
+    accuracy = {name: [] for name in algorithms}
+    for seed in range(3):
+        partition = {"name": "label_quantity", "labels_per_client": 1, "n_clients": 10, "imbalance_ratio": 4.0,
+                     "seed": seed}
+        for name, algorithm in algorithms.items():
+            accuracy[name].append(final_accuracy({**NIID_BENCH, "seed": seed, "partition": partition,
+                                                  "algorithm": algorithm}))
+    mean = {name: np.mean(values) for name, values in accuracy.items()}
+    assert mean["fedprox"] > mean["fedavg"] + 0.005 and mean["fednova"] > mean["fedavg"] + 0.05, accuracy
+
+
 def test_fbl_lifts_the_rare_classes_of_a_long_tailed_label_skewed_federation():
     pytest.importorskip("sklearn")
     # Dirichlet(0.1) label skew over a long tail of ratio 10 (class 0: 178 rows, class 9: 17),
