@@ -26,6 +26,7 @@ from collections.abc import Callable
 import numpy as np
 
 from .. import backends
+from .._blocks import READ_BLOCK
 from .._tuning import cache_sizes
 from .cases import PROFILES, cases
 
@@ -154,9 +155,10 @@ WAKE_S = 0.02
 
 
 def wake_cores(seconds: float = WAKE_S) -> None:
-    """Keep every thread of the compiled backends busy for ``seconds`` (tiny parallel reads),
-    so that cores left idle come back before the next timing."""
-    values = np.ones(1 << 14, np.float32)
+    """Keep every thread of the compiled backends busy for ``seconds`` (short parallel reads
+    of one read task per thread, from cache), so that cores left idle come back before the
+    next timing."""
+    values = np.ones(READ_BLOCK * max(1, backends.get_num_threads()), np.float32)
     runtimes = [backends._load(name, "_runtime") for name in ("cython", "numba")
                 if backends.is_available(name, "_runtime")]
     end = time.perf_counter() + seconds
