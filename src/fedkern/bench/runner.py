@@ -150,6 +150,16 @@ def interleaved_times(calls: dict[str, Callable[[], object]], budget: float = 1.
     return times
 
 
+def _read_kernels() -> list:
+    """The compiled backends' ``_runtime`` modules (Cython first), each set to the bench's
+    thread count: their ``read_sum`` measures the read bandwidth and wakes the cores."""
+    runtimes = [backends._load(name, "_runtime") for name in ("cython", "numba")
+                if backends.is_available(name, "_runtime")]
+    for runtime in runtimes:
+        runtime.use_threads(backends.get_num_threads())
+    return runtimes
+
+
 #: Seconds :func:`wake_cores` keeps every core busy.
 WAKE_S = 0.02
 
@@ -159,8 +169,7 @@ def wake_cores(seconds: float = WAKE_S) -> None:
     of one read task per thread, from cache), so that cores left idle come back before the
     next timing."""
     values = np.ones(READ_BLOCK * max(1, backends.get_num_threads()), np.float32)
-    runtimes = [backends._load(name, "_runtime") for name in ("cython", "numba")
-                if backends.is_available(name, "_runtime")]
+    runtimes = _read_kernels()
     end = time.perf_counter() + seconds
     while runtimes and time.perf_counter() < end:
         for runtime in runtimes:
@@ -193,12 +202,11 @@ def median_time(call: Callable[[], object], min_repeats: int = 3, max_repeats: i
 def read_bandwidth(nbytes: int = 512 << 20) -> float:
     """Read bandwidth in GB/s: a compiled kernel summing a float32 buffer once per call."""
     values = np.ones(nbytes // 4, np.float32)
-    for name in ("cython", "numba"):
-        if backends.is_available(name, "_runtime"):
-            runtime = backends._load(name, "_runtime")
-            runtime.use_threads(backends.get_num_threads())
-            return values.nbytes / median_time(lambda: runtime.read_sum(values), min_repeats=5) / 1e9
-    raise RuntimeError("no compiled backend is available to measure the read bandwidth")
+    runtimes = _read_kernels()
+    if not runtimes:
+        raise RuntimeError("no compiled backend is available to measure the read bandwidth")
+    runtime = runtimes[0]
+    return values.nbytes / median_time(lambda: runtime.read_sum(values), min_repeats=5) / 1e9
 
 
 _COLD_START = """
