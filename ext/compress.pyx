@@ -15,7 +15,7 @@ from libc.stdlib cimport free, qsort
 from libc.string cimport memcpy, memset
 
 from _blocks cimport COMPRESS_CHUNK, FWHT_BLOCK, SCATTER_CHUNK  # sizes, and why: src/fedkern/_blocks.py
-from _fused cimport in_t
+from _fused cimport in_t, out_t
 from _openmp cimport fk_threads_for
 from _philox cimport Words4, philox_block, philox_words
 from _scratch cimport scratch
@@ -147,102 +147,186 @@ def _quantize(const in_t[::1] x, const double[::1] offsets, const double[::1] st
     free(words)
 
 
-def accumulate_quantized(double[::1] out, codes, signs, offsets, steps, const double[::1] weights,
-                         Py_ssize_t block_size, int bits, bint signed) -> None:
-    """out[j] += sum_i weights[i] decode_i(j), clients in index order, in float64.
+def accumulate_quantized(out, codes, signs, offsets, steps, const double[::1] weights, Py_ssize_t block_size,
+                         int bits, bint signed) -> None:
+    """out = sum_i weights[i] decode_i, clients in index order, accumulated in float64 and
+    rounded once (see fedkern._reference.compress for the order of the sums)."""
+    _accumulate_quantized(out, codes.pointers, signs.pointers, offsets.pointers, steps.pointers, weights,
+                          codes.first.shape[0], block_size, bits, signed)
 
-    Chunks of fedkern._tuning.sum_chunk coordinates: the accumulator's slice stays in L2
-    while each client's codes stream through in runs of that length (runs of 4096 bytes,
-    COMPRESS_CHUNK, took 1.7x as long on an AVX-512 Xeon: each run restarts the prefetchers).
-    """
-    cdef const uintptr_t[::1] cp = codes.pointers, sp = signs.pointers, op = offsets.pointers, tp = steps.pointers
-    cdef const uint8_t** code_rows = <const uint8_t**> &cp[0]
-    cdef const uint8_t** sign_rows = <const uint8_t**> &sp[0]
-    cdef const double** off_rows = <const double**> &op[0]
-    cdef const double** step_rows = <const double**> &tp[0]
-    cdef Py_ssize_t d = out.shape[0], k = weights.shape[0], nbytes = codes.first.shape[0]
-    cdef Py_ssize_t chunk = sum_chunk(d), c
+
+def _accumulate_quantized(out_t[::1] out, const uintptr_t[::1] cp, const uintptr_t[::1] sp,
+                          const uintptr_t[::1] op, const uintptr_t[::1] tp, const double[::1] weights,
+                          Py_ssize_t nbytes, Py_ssize_t block_size, int bits, bint signed):
+    """Chunks of fedkern._tuning.sum_chunk coordinates (a power of two, so a chunk's codes
+    are whole bytes), each summed in a thread's float64 accumulator, which stays in L2 while
+    each client's codes stream through in runs of that length (runs of 4096 bytes,
+    COMPRESS_CHUNK, took 1.7x as long on an AVX-512 Xeon: each run restarts the
+    prefetchers), then rounded into out once: no D-sized float64 buffer. Codes of fewer
+    bits, and signs, are unpacked to a byte per coordinate first, a chunk of a client at a
+    time, so every add is the same vector loop."""
+    cdef Codes rows
+    rows.codes = <const uint8_t**> &cp[0]
+    rows.signs = <const uint8_t**> &sp[0]
+    rows.offsets = <const double**> &op[0]
+    rows.steps = <const double**> &tp[0]
+    rows.weights = &weights[0]
+    rows.block_size = block_size
+    rows.bits = bits
+    cdef Py_ssize_t d = out.shape[0], k = weights.shape[0]
+    cdef Py_ssize_t chunk = sum_chunk(d), c, c0, n, j, stride = 2 * chunk + 2, byte_stride = chunk + 8
+    cdef int nthreads = fk_threads_for(k * nbytes + d * <Py_ssize_t> sizeof(out_t))
+    # per thread: the chunk's accumulator and its blocks' summed offsets (at most chunk + 1);
+    # four clients' unpacked codes (signed: one client's codes and signs)
+    cdef double* sums = <double*> scratch(nthreads * stride * sizeof(double))
+    cdef uint8_t* unpacked = <uint8_t*> scratch(nthreads * 4 * byte_stride)
+    cdef double* acc
+    cdef uint8_t* own
     with nogil:
-        for c in prange((d + chunk - 1) // chunk, schedule="static",
-                        num_threads=fk_threads_for(k * nbytes + d * <Py_ssize_t> 16)):
-            if bits == 8 and not signed:
-                _accumulate_codes8(&out[0], code_rows, off_rows, step_rows, &weights[0], k, c * chunk,
-                                   min(d, (c + 1) * chunk), block_size)
+        for c in prange((d + chunk - 1) // chunk, schedule="static", num_threads=nthreads):
+            acc = sums + threadid() * stride
+            own = unpacked + threadid() * 4 * byte_stride
+            c0 = c * chunk
+            n = min(chunk, d - c0)
+            if signed:
+                memset(acc, 0, n * sizeof(double))
+                _add_signed(acc, &rows, k, c0, c0 + n, own, byte_stride)
             else:
-                _accumulate_chunk(&out[0], code_rows, sign_rows, off_rows, step_rows, &weights[0], k,
-                                  c * chunk, min(d, (c + 1) * chunk), block_size, bits, signed)
+                _start_at_offsets(acc, acc + chunk, &rows, k, c0, c0 + n)
+                _add_unsigned(acc, &rows, k, c0, c0 + n, own, byte_stride)
+            for j in range(n):
+                out[c0 + j] = <out_t> acc[j]
+    free(sums)
+    free(unpacked)
 
 
-cdef inline void _accumulate_codes8(double* out, const uint8_t** code_rows, const double** off_rows,
-                                    const double** step_rows, const double* weights, Py_ssize_t k,
-                                    Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t block_size) noexcept nogil:
-    """8-bit unsigned codes (the common case) into out[c0:c1], four clients per pass: four read
+cdef struct Codes:
+    # the clients' messages, by row: packed codes and signs, per-block offsets and steps
+    const uint8_t** codes
+    const uint8_t** signs
+    const double** offsets
+    const double** steps
+    const double* weights
+    Py_ssize_t block_size
+    int bits
+
+
+cdef inline void _start_at_offsets(double* acc, double* base, const Codes* rows, Py_ssize_t k, Py_ssize_t c0,
+                                   Py_ssize_t c1) noexcept nogil:
+    """acc[j - c0] = sum_i weights[i] offsets[i][b], b = j // block_size, in index order.
+
+    Unsigned codes decode to off + step q: the offsets are summed once per block (a pass
+    per client over a chunk's few blocks), so the coordinates only add the (w step) q."""
+    cdef Py_ssize_t bs = rows.block_size, b0 = c0 // bs, nb = (c1 - 1) // bs + 1 - b0, i, b, j, a, e
+    cdef const double* off
+    cdef double w
+    memset(base, 0, nb * sizeof(double))
+    for i in range(k):
+        off = rows.offsets[i] + b0
+        w = rows.weights[i]
+        for b in range(nb):
+            base[b] = base[b] + w * off[b]
+    a = c0
+    while a < c1:
+        b = a // bs
+        e = min(c1, (b + 1) * bs)
+        for j in range(a - c0, e - c0):
+            acc[j] = base[b - b0]
+        a = e
+
+
+cdef inline void _add_unsigned(double* acc, const Codes* rows, Py_ssize_t k, Py_ssize_t c0, Py_ssize_t c1,
+                               uint8_t* own, Py_ssize_t byte_stride) noexcept nogil:
+    """acc[j - c0] += sum_i (weights[i] steps[i][b]) q_i(j), four clients per pass: four read
     streams per thread and a quarter of the accumulator's loads and stores (2.3x the speed
-    of a client per pass, with the L2-sized chunks). Every coordinate still adds the clients
-    one at a time in index order, so the bits are those of a client per pass."""
-    cdef Py_ssize_t i = 0, a, e, b, j
+    of a client per pass). Every coordinate still adds the clients one at a time in index
+    order."""
+    cdef Py_ssize_t i = 0, a, e, b, j, bs = rows.block_size
     cdef const uint8_t* x0
     cdef const uint8_t* x1
     cdef const uint8_t* x2
     cdef const uint8_t* x3
-    cdef double o0, o1, o2, o3, s0, s1, s2, s3
+    cdef double s0, s1, s2, s3
     while i + 4 <= k:
-        x0, x1, x2, x3 = code_rows[i], code_rows[i + 1], code_rows[i + 2], code_rows[i + 3]
+        x0 = _codes_at(rows, i, c0, c1, own)
+        x1 = _codes_at(rows, i + 1, c0, c1, own + byte_stride)
+        x2 = _codes_at(rows, i + 2, c0, c1, own + 2 * byte_stride)
+        x3 = _codes_at(rows, i + 3, c0, c1, own + 3 * byte_stride)
         a = c0
-        while a < c1:                   # one block segment at a time: its offsets and steps are fixed
-            b = a // block_size
-            e = min(c1, (b + 1) * block_size)
-            # w (off + step q) as (w off) + (w step) q: one product per coordinate instead
-            # of two, equal to rounding
-            o0, s0 = weights[i] * off_rows[i][b], weights[i] * step_rows[i][b]
-            o1, s1 = weights[i + 1] * off_rows[i + 1][b], weights[i + 1] * step_rows[i + 1][b]
-            o2, s2 = weights[i + 2] * off_rows[i + 2][b], weights[i + 2] * step_rows[i + 2][b]
-            o3, s3 = weights[i + 3] * off_rows[i + 3][b], weights[i + 3] * step_rows[i + 3][b]
-            for j in range(a, e):
-                out[j] = (((out[j] + (o0 + s0 * <double> x0[j])) + (o1 + s1 * <double> x1[j]))
-                          + (o2 + s2 * <double> x2[j])) + (o3 + s3 * <double> x3[j])
+        while a < c1:                   # one block segment at a time: its steps are fixed
+            b = a // bs
+            e = min(c1, (b + 1) * bs)
+            s0, s1 = rows.weights[i] * rows.steps[i][b], rows.weights[i + 1] * rows.steps[i + 1][b]
+            s2, s3 = rows.weights[i + 2] * rows.steps[i + 2][b], rows.weights[i + 3] * rows.steps[i + 3][b]
+            for j in range(a - c0, e - c0):
+                acc[j] = (((acc[j] + s0 * <double> x0[j]) + s1 * <double> x1[j]) + s2 * <double> x2[j]) + s3 * <double> x3[j]
             a = e
         i = i + 4
     while i < k:
-        x0 = code_rows[i]
+        x0 = _codes_at(rows, i, c0, c1, own)
         a = c0
         while a < c1:
-            b = a // block_size
-            e = min(c1, (b + 1) * block_size)
-            o0, s0 = weights[i] * off_rows[i][b], weights[i] * step_rows[i][b]
-            for j in range(a, e):
-                out[j] = out[j] + (o0 + s0 * <double> x0[j])
+            b = a // bs
+            e = min(c1, (b + 1) * bs)
+            s0 = rows.weights[i] * rows.steps[i][b]
+            for j in range(a - c0, e - c0):
+                acc[j] = acc[j] + s0 * <double> x0[j]
             a = e
         i = i + 1
 
 
-cdef inline void _accumulate_chunk(double* out, const uint8_t** code_rows, const uint8_t** sign_rows,
-                                   const double** off_rows, const double** step_rows, const double* weights,
-                                   Py_ssize_t k, Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t block_size,
-                                   int bits, bint signed) noexcept nogil:
-    """Codes of fewer bits, or signed, into out[c0:c1], a client per pass (the bit unpacking,
-    not memory, bounds this loop)."""
-    cdef Py_ssize_t i, a, e, b, j, per = 8 // bits
-    cdef int mask = (1 << bits) - 1
-    cdef const uint8_t* codes
-    cdef const uint8_t* sgn
-    cdef double w, off, step, v
+cdef inline void _add_signed(double* acc, const Codes* rows, Py_ssize_t k, Py_ssize_t c0, Py_ssize_t c1,
+                             uint8_t* own, Py_ssize_t byte_stride) noexcept nogil:
+    """acc[j - c0] += sum_i +-((weights[i] offsets[i][b]) + (weights[i] steps[i][b]) q_i(j)),
+    the sign bit of coordinate j choosing, a client per pass."""
+    cdef Py_ssize_t i, a, e, b, j, bs = rows.block_size
+    cdef const uint8_t* q
+    cdef uint8_t* negative = own + byte_stride
+    cdef double off, step
     for i in range(k):
-        codes = code_rows[i]
-        sgn = sign_rows[i]
-        w = weights[i]
+        q = _codes_at(rows, i, c0, c1, own)
+        _unpack(rows.signs[i] + c0 // 8, (c1 - c0 + 7) // 8, 1, negative)
         a = c0
-        while a < c1:                   # one block segment at a time: its offset and step are fixed
-            b = a // block_size
-            e = min(c1, (b + 1) * block_size)
-            off = w * off_rows[i][b]    # as _accumulate_codes8
-            step = w * step_rows[i][b]
-            for j in range(a, e):
-                v = off + step * <double> ((codes[j // per] >> ((j % per) * bits)) & mask)
-                if signed and (sgn[j >> 3] >> (j & 7)) & 1:
-                    v = -v
-                out[j] = out[j] + v
+        while a < c1:
+            b = a // bs
+            e = min(c1, (b + 1) * bs)
+            off = rows.weights[i] * rows.offsets[i][b]
+            step = rows.weights[i] * rows.steps[i][b]
+            for j in range(a - c0, e - c0):
+                # times +-1, exactly the negation, without a branch
+                acc[j] = acc[j] + (off + step * <double> q[j]) * (1.0 - 2.0 * <double> negative[j])
             a = e
+
+
+cdef inline const uint8_t* _codes_at(const Codes* rows, Py_ssize_t i, Py_ssize_t c0, Py_ssize_t c1,
+                                     uint8_t* own) noexcept nogil:
+    """Client i's codes of coordinates c0 .. c1 (c0 a multiple of 8), a byte each: its own
+    bytes for 8-bit codes, else unpacked into ``own``."""
+    if rows.bits == 8:
+        return rows.codes[i] + c0
+    _unpack(rows.codes[i] + c0 * rows.bits // 8, ((c1 - c0) * rows.bits + 7) // 8, rows.bits, own)
+    return own
+
+
+cdef inline void _unpack(const uint8_t* packed, Py_ssize_t nbytes, int bits, uint8_t* out) noexcept nogil:
+    """out[per m + s] = (packed[m] >> (s bits)) & mask, per = 8 / bits codes to a byte (a
+    literal per each, so the inner loop unrolls)."""
+    if bits == 4:
+        _unpack_codes(packed, nbytes, 2, 4, out)
+    elif bits == 2:
+        _unpack_codes(packed, nbytes, 4, 2, out)
+    else:
+        _unpack_codes(packed, nbytes, 8, 1, out)
+
+
+cdef inline void _unpack_codes(const uint8_t* packed, Py_ssize_t nbytes, int per, int bits,
+                               uint8_t* out) noexcept nogil:
+    cdef Py_ssize_t m
+    cdef int s
+    cdef uint8_t mask = (1 << bits) - 1
+    for m in range(nbytes):
+        for s in range(per):
+            out[m * per + s] = (packed[m] >> (s * bits)) & mask
 
 
 cdef inline Py_ssize_t _bisect(const uint32_t* idx, Py_ssize_t n, uint32_t value) noexcept nogil:
@@ -257,28 +341,44 @@ cdef inline Py_ssize_t _bisect(const uint32_t* idx, Py_ssize_t n, uint32_t value
     return lo
 
 
-def scatter_add(double[::1] out, indices, values, const double[::1] weights) -> None:
-    """out[indices[i][m]] += weights[i] * values[i][m], clients in index order; each client's
-    indices sorted and distinct (validated), so a chunk finds its range by bisection."""
-    cdef const uintptr_t[::1] ip = indices.pointers, vp = values.pointers
+def scatter_add(out, indices, values, const double[::1] weights) -> None:
+    """out = sum_i weights[i] scatter(indices[i], values[i]), clients in index order, in
+    float64 and rounded once; each client's indices sorted and distinct (validated), so a
+    chunk finds its range by bisection."""
+    _scatter_add(out, indices.pointers, values.pointers, weights, indices.first.shape[0])
+
+
+def _scatter_add(out_t[::1] out, const uintptr_t[::1] ip, const uintptr_t[::1] vp, const double[::1] weights,
+                 Py_ssize_t n):
+    """A chunk of SCATTER_CHUNK coordinates at a time in a thread's float64 accumulator (in
+    L2), zeroed, added into and rounded into out: out is written once and never read."""
     cdef const uint32_t** idx_rows = <const uint32_t**> &ip[0]
     cdef const float** val_rows = <const float**> &vp[0]
-    cdef Py_ssize_t d = out.shape[0], k = weights.shape[0], n = indices.first.shape[0], c, i, m, m1
+    cdef Py_ssize_t d = out.shape[0], k = weights.shape[0], c, c0, c1, i, m, m1, j
+    cdef int nthreads = fk_threads_for(k * n * <Py_ssize_t> 8 + d * <Py_ssize_t> sizeof(out_t))
+    cdef double* buffers = <double*> scratch(nthreads * SCATTER_CHUNK * sizeof(double))
+    cdef double* acc
     cdef const uint32_t* idx
     cdef const float* vals
     cdef double w
     with nogil:
-        for c in prange((d + SCATTER_CHUNK - 1) // SCATTER_CHUNK, schedule="static",
-                        num_threads=fk_threads_for(k * n * <Py_ssize_t> 8)):
+        for c in prange((d + SCATTER_CHUNK - 1) // SCATTER_CHUNK, schedule="static", num_threads=nthreads):
+            acc = buffers + threadid() * SCATTER_CHUNK
+            c0 = c * SCATTER_CHUNK
+            c1 = min(d, c0 + SCATTER_CHUNK)
+            memset(acc, 0, (c1 - c0) * sizeof(double))
             for i in range(k):
                 idx = idx_rows[i]
                 vals = val_rows[i]
                 w = weights[i]
-                m = _bisect(idx, n, <uint32_t> (c * SCATTER_CHUNK))
-                m1 = _bisect(idx, n, <uint32_t> min(d, (c + 1) * SCATTER_CHUNK))
+                m = _bisect(idx, n, <uint32_t> c0)
+                m1 = _bisect(idx, n, <uint32_t> c1)
                 while m < m1:
-                    out[idx[m]] = out[idx[m]] + w * <double> vals[m]
+                    acc[idx[m] - c0] = acc[idx[m] - c0] + w * <double> vals[m]
                     m = m + 1
+            for j in range(c1 - c0):
+                out[c0 + j] = <out_t> acc[j]
+    free(buffers)
 
 
 cdef int _compare(const void* a, const void* b) noexcept nogil:

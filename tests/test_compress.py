@@ -8,6 +8,7 @@ Parity of the registry's rows (accumulate of 8-bit and top-k messages) is also c
 tests/test_registry.py.
 """
 import math
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ import fedkern
 from fedkern import backends, compress
 from fedkern._reference import compress as spec
 from fedkern._reference.random import random_bits
+from fedkern._updates import Updates
 from conftest import ALL_BACKENDS, FAST_BACKENDS
 
 D = 64  # a power of two: a rotated message keeps all its coordinates, so its variance is the inner one
@@ -230,21 +232,61 @@ def test_fused_accumulate_is_decode_then_weighted_sum(name, dtype, d, any_backen
 
 
 @pytest.mark.parametrize("k", [1, 3, 4, 5, 9])
-def test_8bit_accumulate_adds_clients_one_at_a_time_in_index_order_bit_for_bit(k, fast_backend):
-    """The 8-bit kernels take four clients per pass; every coordinate must still add them one
-    at a time, w off + (w step) q each, in index order: the bits of this numpy loop."""
+def test_8bit_accumulate_sums_in_the_documented_order_bit_for_bit(k, any_backend):
+    """Every coordinate starts at its block's offsets summed over the clients, (w off) in
+    index order, then adds each client's (w step) q in index order, whatever the kernel's
+    passes of four clients or its chunks: the bits of this numpy loop. The weights have full
+    mantissas, so another order would round differently."""
     d = 2 * 65536 + 300            # several chunks of any L2's sum_chunk, a cut block at the end
     codec = compress.StochasticQuantizer(bits=8, block_size=256)
     msgs = [codec.encode(vector(d, seed=40 + i), seed=i) for i in range(k)]
-    weights = np.linspace(0.5, 2.0, k)
-    want = np.zeros(d)
+    weights = np.random.default_rng(k).uniform(0.1, 2.0, k)
     block = np.arange(d) // 256
-    for w, m in zip(weights, msgs):
-        offsets, steps = codec._affine(m.scales, d)
-        want = want + ((w * offsets)[block] + (w * steps)[block] * m.codes.astype(np.float64))
+    affine = [codec._affine(m.scales, d) for m in msgs]
+    base = np.zeros(block[-1] + 1)
+    for w, (offsets, _) in zip(weights, affine):
+        base = base + w * offsets
+    want = base[block]
+    for w, m, (_, steps) in zip(weights, msgs, affine):
+        want = want + (w * steps)[block] * m.codes.astype(np.float64)
+    for threads in (1, 2):
+        fedkern.set_num_threads(threads)
+        assert np.array_equal(compress.accumulate(msgs, weights, backend=any_backend), want)
+
+
+@pytest.mark.parametrize("name", ["sq1", "sq2", "sq4", "qsgd", "qsgd-buckets", "terngrad", "sign"])
+@pytest.mark.parametrize("k", [1, 5])
+def test_packed_and_signed_codes_sum_as_the_reference_bit_for_bit(name, k, fast_backend):
+    """Codes of 1, 2 and 4 bits and signed codes, unpacked a chunk at a time by the compiled
+    kernels, give the reference kernel's sums bit for bit, on any thread count."""
+    d = 2 * 65536 + 300
+    codec = CODECS[name]
+    msgs = [codec.encode(vector(d, seed=60 + i), seed=i) for i in range(k)]
+    weights = np.random.default_rng(k).uniform(0.1, 2.0, k)
+    want = compress.accumulate(msgs, weights, backend="reference")
     for threads in (1, 2):
         fedkern.set_num_threads(threads)
         assert np.array_equal(compress.accumulate(msgs, weights, backend=fast_backend), want)
+
+
+@pytest.mark.parametrize("codec", [compress.StochasticQuantizer(bits=8), compress.StochasticQuantizer(bits=2),
+                                   compress.QSGD(levels=8), compress.TopK(10_000)], ids=repr)
+def test_accumulate_into_float32_builds_no_float64_vector(codec, fast_backend):
+    """The compiled kernels round each chunk's float64 sum into out once: accumulating into
+    a float32 out allocates no D-sized float64 buffer (numpy's allocations, as traced; the
+    blocks' offsets and steps, 16 bytes per 256 coordinates and client, are the rest)."""
+    d = 1 << 20
+    msgs = [codec.encode(vector(d, seed=i), seed=i) for i in range(3)]
+    out = np.empty(d, np.float32)
+    compress.accumulate(msgs, out=out, backend=fast_backend)          # compiled and cached first
+    tracemalloc.start()
+    try:
+        compress.accumulate(msgs, out=out, backend=fast_backend)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * d // 4
+    np.testing.assert_array_equal(out, compress.accumulate(msgs, backend="reference").astype(np.float32))
 
 
 def test_accumulate_mixes_codecs_and_does_not_depend_on_threads(fast_backend):
@@ -281,6 +323,29 @@ def test_quantize_kernel_matches_reference(fast_backend, d, block_size, bits, si
                                                     spec.ROUND_STREAM, codes, signs if signed else codes)
     assert np.array_equal(got[0], want[0])
     assert not signed or np.array_equal(got[1], want[1])
+
+
+@settings(max_examples=40, deadline=None)
+@given(d=st.one_of(st.integers(1, 70), st.integers(2040, 3 * 2048 + 9)), block_size=st.integers(1, 600),
+       bits=st.sampled_from([1, 2, 4, 8]), signed=st.booleans(), k=st.integers(1, 9),
+       dtype=st.sampled_from([np.float32, np.float64]), data=st.data())
+def test_accumulate_kernel_matches_reference(fast_backend, d, block_size, bits, signed, k, dtype, data):
+    """The fused accumulate kernel against the reference's, bit for bit, on arbitrary codes
+    and signs (every bit pattern is a message), over lengths that cut the last chunk and
+    byte anywhere, blocks that straddle chunks, any number of clients against the passes
+    of four, and a float32 or float64 result."""
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    nblocks = -(-d // block_size)
+    codes = [rng.integers(0, 256, -(-d * bits // 8), dtype=np.uint8) for _ in range(k)]
+    signs = [rng.integers(0, 256, -(-d // 8), dtype=np.uint8) for _ in range(k)]
+    offsets = [rng.uniform(-2, 0, nblocks) for _ in range(k)]
+    steps = [rng.uniform(0.0, 1.0, nblocks) for _ in range(k)]
+    weights = rng.uniform(0.0, 2.0, k)
+    rows = [Updates(r, None) for r in (codes, signs if signed else codes, offsets, steps)]
+    got, want = np.full(d, np.nan, dtype), np.full(d, np.nan, dtype)
+    for name, out in ((fast_backend, got), ("reference", want)):
+        backends.kernels("compress", name).accumulate_quantized(out, *rows, weights, block_size, bits, signed)
+    assert np.array_equal(got, want)
 
 
 # --------------------------------------------------------------------------- error feedback

@@ -129,11 +129,13 @@ class CompressKernels(Protocol):
     def accumulate_quantized(self, out: np.ndarray, codes: Updates, signs: Updates, offsets: Updates,
                              steps: Updates, weights: np.ndarray, block_size: int, bits: int,
                              signed: bool) -> None:
-        """out[j] += sum_i weights[i] (+-)(offsets[i][b] + steps[i][b] code_i(j)), b = j // block_size,
-        clients in index order, float64."""
+        """out[j] = sum_i weights[i] (+-)(offsets[i][b] + steps[i][b] code_i(j)), b = j // block_size,
+        clients in index order, in float64 (the order: ``fedkern._reference.compress``), rounded
+        once into out (float32 or float64)."""
 
     def scatter_add(self, out: np.ndarray, indices: Updates, values: Updates, weights: np.ndarray) -> None:
-        """out[indices[i][m]] += weights[i] values[i][m], clients in index order (indices sorted, distinct)."""
+        """out = sum_i weights[i] values[i] scattered to indices[i], clients in index order (indices
+        sorted, distinct), in float64, rounded once into out (float32 or float64)."""
 
     def random_k_indices(self, seed: int, stream: int, d: int, k: int, mask: np.ndarray, out: np.ndarray) -> None:
         """out = the k sorted uint32 indices Floyd's algorithm draws from the stream; mask: d zero bytes."""

@@ -328,18 +328,18 @@ def _encode_8bit(backend, x, seed):
     return encoded.codes, encoded.scales
 
 
-# compression: the fused decode-and-accumulate reads only the compressed bytes (plus the
-# float64 accumulator, read and written once); an encode is counted on its float32 input,
-# the figure its target names
+# compression: the fused decode-and-accumulate reads only the compressed bytes and writes
+# the float32 result once (its float64 accumulator is a chunk in L2); an encode is counted
+# on its float32 input, the figure its target names
 OPS += (
     OpSpec("compress.encode", "compress", ("block_stats", "quantize"),
            lambda rng, k, d, dtype: ((_vector(rng, k, d, dtype), 5), {}), run=_encode_8bit,
            nbytes=lambda k, d: 4 * d, out=None, ulps=0.0, per_update=False),
     OpSpec("compress.accumulate", "compress", ("accumulate_quantized",),
            _encoded_example(lambda d: compress.StochasticQuantizer(bits=8, block_size=256)),
-           run=_run(compress.accumulate), nbytes=lambda k, d: k * d + k * 8 * (d // 256) + 2 * 8 * d),
+           run=_run(compress.accumulate), nbytes=lambda k, d: k * d + k * 8 * (d // 256) + 4 * d, ulps=0.0),
     OpSpec("compress.accumulate/top-k", "compress", ("scatter_add",), _encoded_example(_top_k),
-           run=_run(compress.accumulate), nbytes=lambda k, d: 8 * k * max(1, d // 100) + 2 * 8 * d,
+           run=_run(compress.accumulate), nbytes=lambda k, d: 8 * k * max(1, d // 100) + 4 * d, ulps=0.0,
            peer=Peer("np.add.at", _add_at, stacked=False)),
 )
 

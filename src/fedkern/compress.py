@@ -155,13 +155,12 @@ class Codec:
         """The decoded vector (float32 unless ``out`` says otherwise), accumulated in float64."""
         enc = self.validate(encoded)
         result = check.out(out, (enc.d,), np.dtype(np.float32))
-        total = np.zeros(enc.d)
-        self._accumulate([enc], np.ones(1), total, backend)
-        result[...] = total
+        self._accumulate([enc], np.ones(1), result, backend)
         return result
 
     def _accumulate(self, group: list[Encoded], weights: np.ndarray, out: np.ndarray, backend) -> None:
-        """out += sum_i weights[i] decode(group[i]), in float64, for validated messages."""
+        """out = sum_i weights[i] decode(group[i]) (float32 or float64), accumulated in float64
+        and rounded once, for validated messages."""
         raise NotImplementedError
 
 
@@ -645,11 +644,11 @@ class Rotated(Codec):
 
     def _accumulate(self, group, weights, out, backend):
         n = self.padded(group[0].d)
-        rotated = np.zeros(n)
+        rotated = np.empty(n)
         self.codec._accumulate([e.inner for e in group], weights, rotated, backend)
         fwht(rotated, backend=backend)                      # the inverse, once for all clients
         rotated *= self.signs(n, backend=backend) * (1.0 / math.sqrt(n))
-        out += rotated[:out.shape[0]]
+        out[...] = rotated[:out.shape[0]]
 
     def variance(self, x: np.ndarray) -> float:
         return self.codec.variance(self.rotate(_finite_vector(x), backend="reference"))
@@ -675,8 +674,9 @@ def accumulate(encoded_list: Sequence[Encoded], weights: WeightsLike | None = No
 
     :math:`s = \sum_i w_i\, \mathrm{decode}(e_i)`, accumulated in float64 and rounded once:
     each kernel reads only the compressed bytes, coordinate chunk by chunk (in parallel),
-    adding the clients in list order, so no decoded vector is built per client and the
-    result does not depend on the thread count. Messages of several codecs are summed
+    adding the clients in list order into a chunk-sized float64 accumulator that it rounds
+    into the result, so no decoded vector is built per client, no D-sized float64 buffer
+    is needed for a float32 result, and the result does not depend on the thread count. Messages of several codecs are summed
     codec by codec (in order of first appearance); :class:`Rotated` messages are rotated
     back once, after their sum. Equals decoding each message and calling
     :func:`fedkern.weighted_sum`, to float rounding.
@@ -698,17 +698,21 @@ def accumulate(encoded_list: Sequence[Encoded], weights: WeightsLike | None = No
     """
     msgs, w, d = _messages(encoded_list, weights)
     result = check.out(out, (d,), np.dtype(np.float64), dtype)
-    total = result if result.dtype == np.float64 else np.empty(d)
-    total[...] = 0.0
     codecs: list[Codec] = []
     for e in msgs:
         if e.codec not in codecs:
             codecs.append(e.codec)
-    for codec in codecs:
+    if len(codecs) == 1:                # the kernels round their float64 sums into result once
+        codecs[0]._accumulate(msgs, w, result, backend)
+        return result
+    total, part = np.empty(d), np.empty(d)
+    for n, codec in enumerate(codecs):
         members = [i for i, e in enumerate(msgs) if e.codec == codec]
-        codec._accumulate([msgs[i] for i in members], np.ascontiguousarray(w[members]), total, backend)
-    if total is not result:
-        result[...] = total
+        codec._accumulate([msgs[i] for i in members], np.ascontiguousarray(w[members]), part if n else total,
+                          backend)
+        if n:
+            total += part
+    result[...] = total
     return result
 
 
@@ -729,7 +733,7 @@ def majority_vote(encoded_list: Sequence[Encoded], weights: WeightsLike | None =
     msgs, w, d = _messages(encoded_list, weights)
     if any(not isinstance(e.codec, ScaledSign) for e in msgs):
         raise FedkernValueError("majority_vote takes ScaledSign messages only")
-    total = np.zeros(d)
+    total = np.empty(d)
     codes = Updates([e.codes for e in msgs], None)
     unit = Updates([np.array([-1.0]) for _ in msgs], None), Updates([np.array([2.0]) for _ in msgs], None)
     kernels("compress", backend, "accumulate_quantized").accumulate_quantized(total, codes, codes, *unit, w, d, 1,

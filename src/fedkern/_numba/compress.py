@@ -7,9 +7,10 @@ multiple of 32: whole Philox blocks and whole bytes of codes and signs per chunk
 accumulate's are fedkern._tuning.sum_chunk's, sized to the L2), and each chunk adds the
 clients in index order, so no result depends on the thread count.
 
-The hot loops index with unsigned integers: Numba gives every signed index a
-negative-index fix-up, which keeps LLVM from vectorising the loop (the 8-bit decode loop
-ran 3.6x faster unsigned, measured on one chunk).
+The hot loops run over slices from 0 or index with unsigned integers: Numba gives a signed
+index it cannot prove non-negative a negative-index fix-up, which keeps LLVM from
+vectorising the loop (the 8-bit decode loop ran 3.6x faster unsigned, measured on one
+chunk, and the scatter-add 2x).
 """
 import numpy as np
 from numba import njit, prange
@@ -154,93 +155,158 @@ def _quantize(x, offsets, steps, block_size, levels, bits, signed, seed, stream,
 
 def accumulate_quantized(out, codes, signs, offsets, steps, weights, block_size: int, bits: int,
                          signed: bool) -> None:
-    """out[j] += sum_i weights[i] decode_i(j), clients in index order, in float64; chunks of
-    fedkern._tuning.sum_chunk coordinates, as the Cython kernel (and why: ext/compress.pyx)."""
-    args = (out, codes.pointers, codes.first, offsets.pointers, offsets.first, steps.pointers, weights,
-            np.int64(block_size), np.int64(sum_chunk(out.shape[0])))
-    if bits == 8 and not signed:
-        _accumulate_codes8(*args)
-    else:
-        _accumulate_quantized(*args, signs.pointers, signs.first, np.int64(bits), bool(signed))
+    """out = sum_i weights[i] decode_i, clients in index order, in float64 and rounded once;
+    chunks of fedkern._tuning.sum_chunk coordinates in a float64 accumulator each, codes of
+    fewer bits and signs unpacked to bytes first, the sums of ``fedkern._reference.compress``
+    (as ext/compress.pyx, and why)."""
+    _accumulate_quantized(out, codes.pointers, codes.first, signs.pointers, signs.first, offsets.pointers,
+                          offsets.first, steps.pointers, weights, np.int64(block_size),
+                          np.int64(sum_chunk(out.shape[0])), np.int64(bits), bool(signed))
 
 
 @njit(**KERNEL)
-def _accumulate_codes8(out, code_ptrs, code0, off_ptrs, off0, step_ptrs, weights, block_size, chunk):
-    """8-bit unsigned codes, four clients per pass over a chunk, each coordinate adding them
-    one at a time in index order (as ext/compress.pyx's _accumulate_codes8, and why)."""
+def _accumulate_quantized(out, code_ptrs, code0, sign_ptrs, sign0, off_ptrs, off0, step_ptrs, weights, block_size,
+                          chunk, bits, signed):
     d = out.shape[0]
-    k = weights.shape[0]
     for c in prange((d + chunk - 1) // chunk):
         c0 = c * chunk
         c1 = min(d, c0 + chunk)
-        i = 0
-        while i + 4 <= k:
-            x0, x1 = row(code_ptrs, i, code0), row(code_ptrs, i + 1, code0)
-            x2, x3 = row(code_ptrs, i + 2, code0), row(code_ptrs, i + 3, code0)
-            a = c0
-            while a < c1:            # one block segment at a time: its offsets and steps are fixed
-                b = a // block_size
-                e = min(c1, (b + 1) * block_size)
-                o0, s0 = _scaled(weights, off_ptrs, step_ptrs, off0, i, b)
-                o1, s1 = _scaled(weights, off_ptrs, step_ptrs, off0, i + 1, b)
-                o2, s2 = _scaled(weights, off_ptrs, step_ptrs, off0, i + 2, b)
-                o3, s3 = _scaled(weights, off_ptrs, step_ptrs, off0, i + 3, b)
-                for j in range(np.uint64(a), np.uint64(e)):
-                    out[j] = (((out[j] + (o0 + s0 * np.float64(x0[j]))) + (o1 + s1 * np.float64(x1[j])))
-                              + (o2 + s2 * np.float64(x2[j]))) + (o3 + s3 * np.float64(x3[j]))
-                a = e
-            i += 4
-        while i < k:
-            x0 = row(code_ptrs, i, code0)
-            a = c0
-            while a < c1:
-                b = a // block_size
-                e = min(c1, (b + 1) * block_size)
-                o0, s0 = _scaled(weights, off_ptrs, step_ptrs, off0, i, b)
-                for j in range(np.uint64(a), np.uint64(e)):
-                    out[j] += o0 + s0 * np.float64(x0[j])
-                a = e
-            i += 1
+        own = np.empty((4, chunk + 8), np.uint8)   # four clients' unpacked codes (signed: one's codes, signs)
+        if signed:
+            acc = np.zeros(c1 - c0)
+            _add_signed(acc, code_ptrs, code0, sign_ptrs, sign0, off_ptrs, off0, step_ptrs, weights, block_size, c0,
+                        bits, own)
+        else:
+            acc = _start_at_offsets(off_ptrs, off0, weights, block_size, c0, c1)
+            _add_unsigned(acc, code_ptrs, code0, step_ptrs, off0, weights, block_size, c0, bits, own)
+        out[c0:c1] = acc
 
 
 @njit(inline="always")
-def _scaled(weights, off_ptrs, step_ptrs, off0, i, b):
-    """Client i's block b offset and step times its weight: w (off + step q) as (w off) +
-    (w step) q, one product per coordinate instead of two, as the Cython kernel."""
-    w = weights[i]
-    return w * row(off_ptrs, i, off0)[b], w * row(step_ptrs, i, off0)[b]
+def _start_at_offsets(off_ptrs, off0, weights, block_size, c0, c1):
+    """A chunk's accumulator, each coordinate at its block's offsets summed over the clients
+    in index order (unsigned codes decode to off + step q; as ext/compress.pyx)."""
+    b0 = c0 // block_size
+    nb = (c1 - 1) // block_size + 1 - b0
+    base = np.zeros(nb)
+    for i in range(weights.shape[0]):
+        off = row(off_ptrs, i, off0)[b0:b0 + nb]
+        w = weights[i]
+        for b in range(nb):
+            base[b] += w * off[b]
+    acc = np.empty(c1 - c0)
+    a = c0
+    while a < c1:
+        b = a // block_size
+        e = min(c1, (b + 1) * block_size)
+        acc[a - c0:e - c0] = base[b - b0]
+        a = e
+    return acc
 
 
-@njit(**KERNEL)
-def _accumulate_quantized(out, code_ptrs, code0, off_ptrs, off0, step_ptrs, weights, block_size, chunk,
-                          sign_ptrs, sign0, bits, signed):
-    """Codes of fewer bits, or signed: a client per pass (the bit unpacking bounds this loop)."""
-    d = out.shape[0]
+@njit(inline="always")
+def _add_unsigned(acc, code_ptrs, code0, step_ptrs, off0, weights, block_size, c0, bits, own):
+    """acc += sum_i (w_i step_i) q_i, four clients per pass, each coordinate adding them one
+    at a time in index order (as ext/compress.pyx's _add_unsigned, and why)."""
+    c1 = c0 + acc.shape[0]
+    k = weights.shape[0]
+    i = 0
+    while i + 4 <= k:
+        x0 = _codes_at(code_ptrs, code0, i, c0, c1, bits, own[0])
+        x1 = _codes_at(code_ptrs, code0, i + 1, c0, c1, bits, own[1])
+        x2 = _codes_at(code_ptrs, code0, i + 2, c0, c1, bits, own[2])
+        x3 = _codes_at(code_ptrs, code0, i + 3, c0, c1, bits, own[3])
+        a = c0
+        while a < c1:                # one block segment at a time: its steps are fixed
+            b = a // block_size
+            e = min(c1, (b + 1) * block_size)
+            s0, s1 = _step(weights, step_ptrs, off0, i, b), _step(weights, step_ptrs, off0, i + 1, b)
+            s2, s3 = _step(weights, step_ptrs, off0, i + 2, b), _step(weights, step_ptrs, off0, i + 3, b)
+            # slices from 0: plain streams LLVM vectorises (as aggregate._scale_rows)
+            y0, y1, y2, y3 = x0[a - c0:e - c0], x1[a - c0:e - c0], x2[a - c0:e - c0], x3[a - c0:e - c0]
+            y = acc[a - c0:e - c0]
+            for j in range(e - a):
+                y[j] = (((y[j] + s0 * np.float64(y0[j])) + s1 * np.float64(y1[j])) + s2 * np.float64(y2[j])
+                        ) + s3 * np.float64(y3[j])
+            a = e
+        i += 4
+    while i < k:
+        x0 = _codes_at(code_ptrs, code0, i, c0, c1, bits, own[0])
+        a = c0
+        while a < c1:
+            b = a // block_size
+            e = min(c1, (b + 1) * block_size)
+            s0 = _step(weights, step_ptrs, off0, i, b)
+            y0 = x0[a - c0:e - c0]
+            y = acc[a - c0:e - c0]
+            for j in range(e - a):
+                y[j] += s0 * np.float64(y0[j])
+            a = e
+        i += 1
+
+
+@njit(inline="always")
+def _step(weights, step_ptrs, off0, i, b):
+    """Client i's block b step times its weight."""
+    return weights[i] * row(step_ptrs, i, off0)[b]
+
+
+@njit(inline="always")
+def _add_signed(acc, code_ptrs, code0, sign_ptrs, sign0, off_ptrs, off0, step_ptrs, weights, block_size, c0, bits,
+                own):
+    """acc += sum_i +-((w_i off_i) + (w_i step_i) q_i), the sign bit choosing, a client per pass."""
+    c1 = c0 + acc.shape[0]
+    negative = own[1]
+    for i in range(weights.shape[0]):
+        q = _codes_at(code_ptrs, code0, i, c0, c1, bits, own[0])
+        _unpack(row(sign_ptrs, i, sign0)[c0 // 8:(c1 + 7) // 8], 1, negative)
+        a = c0
+        while a < c1:
+            b = a // block_size
+            e = min(c1, (b + 1) * block_size)
+            off = weights[i] * row(off_ptrs, i, off0)[b]
+            step = _step(weights, step_ptrs, off0, i, b)
+            y, qa, na = acc[a - c0:e - c0], q[a - c0:e - c0], negative[a - c0:e - c0]   # slices from 0, as above
+            for j in range(e - a):
+                # times +-1, exactly the negation, without a branch
+                y[j] += (off + step * np.float64(qa[j])) * (1.0 - 2.0 * np.float64(na[j]))
+            a = e
+
+
+@njit(inline="always")
+def _codes_at(code_ptrs, code0, i, c0, c1, bits, own):
+    """Client i's codes of coordinates c0 .. c1 (c0 a multiple of 8), a byte each: a view of
+    its own bytes for 8-bit codes, else unpacked into ``own``."""
+    codes = row(code_ptrs, i, code0)
+    if bits == 8:
+        return codes[c0:c1]
+    _unpack(codes[c0 * bits // 8:((c1 - c0) * bits + 7) // 8 + c0 * bits // 8], bits, own)
+    return own[:c1 - c0]
+
+
+@njit(inline="always")
+def _unpack(packed, bits, out):
+    """out[per m + s] = (packed[m] >> (s bits)) & mask, per = 8 / bits codes to a byte (a
+    literal per each, so the inner loop unrolls)."""
+    if bits == 4:
+        _unpack_codes(packed, 2, 4, out)
+    elif bits == 2:
+        _unpack_codes(packed, 4, 2, out)
+    else:
+        _unpack_codes(packed, 8, 1, out)
+
+
+@njit(inline="always")
+def _unpack_codes(packed, per, bits, out):
     mask = (1 << bits) - 1
-    per = 8 // bits
-    for c in prange((d + chunk - 1) // chunk):
-        c0 = c * chunk
-        c1 = min(d, c0 + chunk)
-        for i in range(weights.shape[0]):
-            codes = row(code_ptrs, i, code0)
-            signs = row(sign_ptrs, i, sign0)
-            a = c0
-            while a < c1:            # one block segment at a time: its offset and step are fixed
-                b = a // block_size
-                e = min(c1, (b + 1) * block_size)
-                off, step = _scaled(weights, off_ptrs, step_ptrs, off0, i, b)
-                for j in range(a, e):
-                    code = (codes[j // per] >> ((j % per) * bits)) & mask
-                    v = off + step * np.float64(code)
-                    if signed and (signs[j >> 3] >> (j & 7)) & 1:
-                        v = -v
-                    out[j] += v
-                a = e
+    for m in range(packed.shape[0]):
+        for s in range(per):
+            out[m * per + s] = (packed[m] >> (s * bits)) & mask
 
 
 def scatter_add(out, indices, values, weights) -> None:
-    """out[indices[i][m]] += weights[i] * values[i][m], clients in index order; each client's
-    indices sorted and distinct (validated), so a chunk finds its range by bisection."""
+    """out = sum_i weights[i] scatter(indices[i], values[i]), clients in index order, in
+    float64 and rounded once; a chunk at a time in a float64 accumulator (as ext/compress.pyx)."""
     _scatter_add(out, indices.pointers, indices.first, values.pointers, values.first, weights)
 
 
@@ -248,16 +314,19 @@ def scatter_add(out, indices, values, weights) -> None:
 def _scatter_add(out, idx_ptrs, idx0, val_ptrs, val0, weights):
     d = out.shape[0]
     for c in prange((d + SCATTER_CHUNK - 1) // SCATTER_CHUNK):
-        c0 = np.uint32(c * SCATTER_CHUNK)
-        c1 = np.uint32(min(d, (c + 1) * SCATTER_CHUNK))
+        c0 = c * SCATTER_CHUNK
+        c1 = min(d, c0 + SCATTER_CHUNK)
+        acc = np.zeros(c1 - c0)
+        base = np.uint64(c0)         # unsigned offsets: no negative-index wrap test per add (2x faster)
         for i in range(weights.shape[0]):
             idx = row(idx_ptrs, i, idx0)
             vals = row(val_ptrs, i, val0)
             w = weights[i]
-            m0 = np.searchsorted(idx, c0)
-            m1 = np.searchsorted(idx, c1)
+            m0 = np.searchsorted(idx, np.uint32(c0))
+            m1 = np.searchsorted(idx, np.uint32(c1))
             for m in range(np.uint64(m0), np.uint64(m1)):
-                out[idx[m]] += w * np.float64(vals[m])
+                acc[np.uint64(idx[m]) - base] += w * np.float64(vals[m])
+        out[c0:c1] = acc
 
 
 def random_k_indices(seed: int, stream: int, d: int, k: int, mask, out) -> None:

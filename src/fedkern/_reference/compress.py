@@ -2,8 +2,9 @@ r"""Reference kernels of the compression family, in plain numpy; the codecs' bit
 
 Kernels take validated inputs (see ``fedkern.compress``) and write into their buffers.
 Every compiled backend gives the same bytes for the same seed (``quantize``,
-``random_k_indices``, ``block_stats``, ``fwht`` are bit-exact) and the same sums to float
-rounding (``accumulate_quantized``, ``scatter_add`` add clients in index order).
+``random_k_indices``, ``block_stats``, ``fwht`` are bit-exact) and the same sums bit for
+bit (``accumulate_quantized`` and ``scatter_add`` do the sums of these kernels, in their
+order).
 
 **Stochastic rounding.** Coordinate ``j`` of a message encoded with ``seed`` uses word
 ``j`` of Philox stream ``ROUND_STREAM`` (``fedkern._reference.random``: word ``j % 4`` of
@@ -88,21 +89,38 @@ def quantize(x: np.ndarray, offsets: np.ndarray, steps: np.ndarray, block_size: 
 
 def accumulate_quantized(out: np.ndarray, codes, signs, offsets, steps, weights: np.ndarray, block_size: int,
                          bits: int, signed: bool) -> None:
-    """out[j] += sum_i weights[i] decode_i(j), clients in index order, in float64."""
+    """out = sum_i weights[i] decode_i, clients in index order, in float64, rounded once.
+
+    A client's coordinate j in block b decodes to +-(off + step q): the kernels add
+    (w off) + (w step) q, negated where the sign bit is set. Unsigned codes start every
+    coordinate at the block's offsets summed over the clients, sum_i (w_i off_i), and then
+    add only the (w_i step_i) q_i, in index order; these are the sums every backend does.
+    """
     d = out.shape[0]
     block = np.arange(d) // block_size
+    if signed:
+        total = np.zeros(d)
+    else:
+        base = np.zeros(offsets[0].shape[0])
+        for i in range(weights.shape[0]):
+            base += weights[i] * offsets[i]
+        total = base[block]
     for i in range(weights.shape[0]):
-        v = offsets[i][block] + steps[i][block] * _unpack(codes[i], bits, d)
+        v = (weights[i] * steps[i])[block] * _unpack(codes[i], bits, d)
         if signed:
+            v = (weights[i] * offsets[i])[block] + v
             v = np.where(_unpack(signs[i], 1, d).astype(bool), -v, v)
-        out += weights[i] * v
+        total += v
+    out[...] = total
 
 
 def scatter_add(out: np.ndarray, indices, values, weights: np.ndarray) -> None:
-    """out[indices[i][m]] += weights[i] * values[i][m], clients in index order (indices of a
-    client distinct)."""
+    """out = sum_i weights[i] scatter(indices[i], values[i]), clients in index order (indices
+    of a client distinct), in float64, rounded once."""
+    total = np.zeros(out.shape[0])
     for i in range(weights.shape[0]):
-        out[indices[i].astype(np.intp)] += weights[i] * values[i].astype(np.float64)
+        total[indices[i].astype(np.intp)] += weights[i] * values[i].astype(np.float64)
+    out[...] = total
 
 
 def _floyd_draws(seed: int, stream: int, d: int, k: int) -> np.ndarray:
