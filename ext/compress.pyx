@@ -20,7 +20,7 @@ from _openmp cimport fk_threads_for
 from _philox cimport Words4, philox_block, philox_words
 from _scratch cimport scratch
 
-from fedkern._tuning import sum_chunk
+from fedkern._tuning import fwht_panel, sum_chunk
 
 
 def block_stats(x, Py_ssize_t block_size, double[:, ::1] stats) -> None:
@@ -410,12 +410,43 @@ def random_k_indices(uint64_t seed, uint64_t stream, Py_ssize_t d, Py_ssize_t k,
             mask[out[i]] = 0
 
 
-cdef inline void _butterflies(double* x, Py_ssize_t j0, Py_ssize_t j1, Py_ssize_t h0, Py_ssize_t h1) noexcept nogil:
-    cdef Py_ssize_t h = h0, a, j
-    cdef double u, v
-    while h < h1:
-        a = j0
-        while a < j1:
+def scale_by_signs(double[::1] y, uint64_t seed, uint64_t stream, double scale) -> None:
+    """y[j] *= -scale where bit j % 32 of word j // 32 of the stream is set, else scale: a chunk
+    of COMPRESS_CHUNK coordinates (whole Philox blocks of 128 bits) per task."""
+    cdef Py_ssize_t n = y.shape[0], c, g0, j
+    cdef int nthreads = fk_threads_for(n * <Py_ssize_t> 16)
+    cdef uint32_t* words = <uint32_t*> scratch(nthreads * (COMPRESS_CHUNK // 32) * sizeof(uint32_t))
+    cdef uint32_t* own
+    with nogil:
+        for c in prange((n + COMPRESS_CHUNK - 1) // COMPRESS_CHUNK, schedule="static", num_threads=nthreads):
+            own = words + threadid() * (COMPRESS_CHUNK // 32)
+            g0 = c * COMPRESS_CHUNK
+            philox_words(seed, stream, <uint64_t> (g0 // 128), (min(n - g0, <Py_ssize_t> COMPRESS_CHUNK) + 127) // 128,
+                         own)
+            for j in range(min(n - g0, <Py_ssize_t> COMPRESS_CHUNK)):
+                # times +-scale: (1 - 2 bit) scale is exactly one of them, and no branch
+                y[g0 + j] = y[g0 + j] * ((1.0 - 2.0 * <double> ((own[j >> 5] >> (j & 31)) & 1)) * scale)
+    free(words)
+
+
+cdef inline void _butterflies(double* x, Py_ssize_t n) noexcept nogil:
+    """x[:n] <- H x[:n] (n a power of two, in L1): stages h = 1, 2, 4, ... in order, the first
+    two as one radix-4 step per group of four (loops of one or two butterflies do not
+    vectorise), which does each coordinate's additions in the same order."""
+    cdef Py_ssize_t h, a, j
+    cdef double u, v, s0, d0, s1, d1
+    if n == 2:
+        u, v = x[0], x[1]
+        x[0], x[1] = u + v, u - v
+        return
+    for a in range(0, n - 3, 4):
+        s0, d0 = x[a] + x[a + 1], x[a] - x[a + 1]
+        s1, d1 = x[a + 2] + x[a + 3], x[a + 2] - x[a + 3]
+        x[a], x[a + 1], x[a + 2], x[a + 3] = s0 + s1, d0 + d1, s0 - s1, d0 - d1
+    h = 4
+    while h < n:
+        a = 0
+        while a < n:
             for j in range(a, a + h):
                 u = x[j]
                 v = x[j + h]
@@ -425,20 +456,47 @@ cdef inline void _butterflies(double* x, Py_ssize_t j0, Py_ssize_t j1, Py_ssize_
         h = h * 2
 
 
-def fwht(double[::1] x) -> None:
-    """x <- H x in place (unnormalised Walsh-Hadamard), stages h = 1, 2, 4, ... as the reference."""
-    cdef Py_ssize_t n = x.shape[0], block = min(n, <Py_ssize_t> FWHT_BLOCK), c, h, p, a
-    cdef int nthreads = fk_threads_for(n * <Py_ssize_t> 8)
+cdef inline void _row_butterflies(double* panel, Py_ssize_t rows, Py_ssize_t width) noexcept nogil:
+    """The stages pairing rows r and r + h of a rows x width panel, h = 1, 2, 4, ... in order."""
+    cdef Py_ssize_t h = 1, a, r, q
+    cdef double* top
+    cdef double* bottom
     cdef double u, v
+    while h < rows:
+        a = 0
+        while a < rows:
+            for r in range(a, a + h):
+                top = panel + r * width
+                bottom = top + h * width
+                for q in range(width):
+                    u = top[q]
+                    v = bottom[q]
+                    top[q] = u + v
+                    bottom[q] = u - v
+            a = a + 2 * h
+        h = h * 2
+
+
+def fwht(double[::1] x) -> None:
+    """x <- H x in place (unnormalised Walsh-Hadamard), stages h = 1, 2, 4, ... as the reference:
+    those within a block of FWHT_BLOCK in L1, a block per task; the wider ones, which pair
+    whole blocks, on panels of fedkern._tuning.fwht_panel columns copied out of every block
+    (two passes over memory in all, not one per stage)."""
+    cdef Py_ssize_t n = x.shape[0], block = min(n, <Py_ssize_t> FWHT_BLOCK), rows = n // block
+    cdef Py_ssize_t width = min(block, <Py_ssize_t> fwht_panel(n)), c, p, r
+    cdef int nthreads = fk_threads_for(n * <Py_ssize_t> 8)
+    cdef double* panels = <double*> scratch(nthreads * rows * width * sizeof(double))
+    cdef double* panel
     with nogil:
-        for c in prange(n // block, schedule="static", num_threads=nthreads):
-            _butterflies(&x[0], c * block, (c + 1) * block, 1, block)
-        h = block
-        while h < n:
-            for p in prange(n // 2, schedule="static", num_threads=nthreads):
-                a = (p // h) * 2 * h + p % h
-                u = x[a]
-                v = x[a + h]
-                x[a] = u + v
-                x[a + h] = u - v
-            h = h * 2
+        if n > 1:
+            for c in prange(rows, schedule="static", num_threads=nthreads):
+                _butterflies(&x[c * block], block)
+        if rows > 1:
+            for p in prange(block // width, schedule="static", num_threads=nthreads):
+                panel = panels + threadid() * rows * width
+                for r in range(rows):
+                    memcpy(panel + r * width, &x[r * block + p * width], width * sizeof(double))
+                _row_butterflies(panel, rows, width)
+                for r in range(rows):
+                    memcpy(&x[r * block + p * width], panel + r * width, width * sizeof(double))
+    free(panels)

@@ -174,7 +174,7 @@ def test_nbytes_is_what_is_sent():
 
 def test_fwht_is_the_hadamard_matrix(any_backend):
     hadamard = pytest.importorskip("scipy.linalg").hadamard
-    for n in (1, 2, 8, 4096, 16384):
+    for n in (1, 2, 4, 8, 4096, 16384, 1 << 18):    # the last: many panels of the wide stages
         x = np.random.default_rng(n).standard_normal(n)
         want = hadamard(n) @ x if n <= 4096 else None
         y = compress.fwht(x.copy(), backend=any_backend)
@@ -348,6 +348,28 @@ def test_accumulate_kernel_matches_reference(fast_backend, d, block_size, bits, 
     assert np.array_equal(got, want)
 
 
+@settings(max_examples=30, deadline=None)
+@given(n=st.one_of(st.integers(0, 300), st.integers(4090, 3 * 4096 + 9)), seed=st.integers(0, 2**64 - 1),
+       scale=st.sampled_from([1.0, 0.5, 1 / 3]))
+def test_sign_kernel_matches_reference(fast_backend, n, seed, scale):
+    """The rotation's signs, drawn inside the kernel chunk by chunk, against the reference's,
+    bit for bit, over lengths that cut a word, a Philox block and a chunk anywhere."""
+    y = np.random.default_rng(n).standard_normal(n)
+    got, want = y.copy(), y.copy()
+    backends.kernels("compress", fast_backend).scale_by_signs(got, seed, spec.ROTATE_STREAM, scale)
+    spec.scale_by_signs(want, seed, spec.ROTATE_STREAM, scale)
+    assert np.array_equal(got, want)
+
+
+def test_rotation_signs_are_bits_of_the_stream():
+    n = 1000
+    words = np.empty((n + 31) // 32, np.uint32)
+    random_bits(5, spec.ROTATE_STREAM, 0, words)
+    bits = [(int(words[j // 32]) >> (j % 32)) & 1 for j in range(n)]
+    signs = compress.Rotated(compress.QSGD(levels=2), seed=5).signs(n)
+    assert np.array_equal(signs, 1.0 - 2.0 * np.array(bits))
+
+
 # --------------------------------------------------------------------------- error feedback
 @pytest.mark.parametrize("codec", [compress.TopK(3), compress.RandomK(4)], ids=["top-k", "random-k"])
 def test_error_feedback_invariant_is_exact(codec):
@@ -388,7 +410,8 @@ def compress_kernels_forbidden(monkeypatch):
     """Every compiled and reference compress kernel raises if it is reached."""
     for name in ALL_BACKENDS:
         module = backends._load(name, "compress")
-        for kernel in ("block_stats", "quantize", "accumulate_quantized", "scatter_add", "random_k_indices", "fwht"):
+        for kernel in ("block_stats", "quantize", "accumulate_quantized", "scatter_add", "random_k_indices", "fwht",
+                       "scale_by_signs"):
             def reached(*args, _kernel=kernel, _name=name, **kwargs):
                 raise AssertionError(f"bad input reached {_name}.compress.{_kernel}")
 

@@ -137,6 +137,9 @@ class CompressKernels(Protocol):
         """out = sum_i weights[i] values[i] scattered to indices[i], clients in index order (indices
         sorted, distinct), in float64, rounded once into out (float32 or float64)."""
 
+    def scale_by_signs(self, y: np.ndarray, seed: int, stream: int, scale: float) -> None:
+        """y[j] *= -scale where bit j % 32 of word j // 32 of the stream is set, else scale (float64 y)."""
+
     def random_k_indices(self, seed: int, stream: int, d: int, k: int, mask: np.ndarray, out: np.ndarray) -> None:
         """out = the k sorted uint32 indices Floyd's algorithm draws from the stream; mask: d zero bytes."""
 

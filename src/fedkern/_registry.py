@@ -328,12 +328,22 @@ def _encode_8bit(backend, x, seed):
     return encoded.codes, encoded.scales
 
 
+def _encode_rotated_2bit(backend, x, seed):
+    """What one client sends of x, randomly rotated and then 2-bit in blocks of 256."""
+    encoded = compress.Rotated(compress.StochasticQuantizer(bits=2, block_size=256), seed=3).encode(
+        x, seed=seed, backend=backend)
+    return encoded.inner.codes, encoded.inner.scales
+
+
 # compression: the fused decode-and-accumulate reads only the compressed bytes and writes
 # the float32 result once (its float64 accumulator is a chunk in L2); an encode is counted
 # on its float32 input, the figure its target names
 OPS += (
     OpSpec("compress.encode", "compress", ("block_stats", "quantize"),
            lambda rng, k, d, dtype: ((_vector(rng, k, d, dtype), 5), {}), run=_encode_8bit,
+           nbytes=lambda k, d: 4 * d, out=None, ulps=0.0, per_update=False),
+    OpSpec("compress.encode/rotated", "compress", ("scale_by_signs", "fwht", "block_stats", "quantize"),
+           lambda rng, k, d, dtype: ((_vector(rng, k, d, dtype), 5), {}), run=_encode_rotated_2bit,
            nbytes=lambda k, d: 4 * d, out=None, ulps=0.0, per_update=False),
     OpSpec("compress.accumulate", "compress", ("accumulate_quantized",),
            _encoded_example(lambda d: compress.StochasticQuantizer(bits=8, block_size=256)),

@@ -621,17 +621,19 @@ class Rotated(Codec):
     def signs(self, n: int, *, backend: str | None = None) -> np.ndarray:
         """The rotation's signs s_j = -1 where bit j % 32 of word j // 32 of Philox stream
         ROTATE_STREAM under ``seed`` is set, else +1 (float64, length n)."""
-        words = np.empty((n + 31) // 32, np.uint32)
-        kernels("random", backend, "random_bits").random_bits(self.seed, spec.ROTATE_STREAM, 0, words)
-        bits = np.unpackbits(words.view(np.uint8), bitorder="little")[:n]  # little-endian words
-        return 1.0 - 2.0 * bits
+        return self._scale_by_signs(np.ones(n), 1.0, backend)
+
+    def _scale_by_signs(self, y: np.ndarray, scale: float, backend) -> np.ndarray:
+        """y <- S y scale, in place: the signs drawn in the kernel, never stored."""
+        kernels("compress", backend, "scale_by_signs").scale_by_signs(y, self.seed, spec.ROTATE_STREAM, scale)
+        return y
 
     def rotate(self, x: np.ndarray, *, backend: str | None = None) -> np.ndarray:
         """y = H S x / sqrt(n), float64 of the padded length n."""
         n = self.padded(x.shape[0])
         y = np.zeros(n)
         y[:x.shape[0]] = x
-        y *= self.signs(n, backend=backend)
+        self._scale_by_signs(y, 1.0, backend)
         fwht(y, backend=backend)
         y *= 1.0 / math.sqrt(n)
         return y
@@ -647,7 +649,7 @@ class Rotated(Codec):
         rotated = np.empty(n)
         self.codec._accumulate([e.inner for e in group], weights, rotated, backend)
         fwht(rotated, backend=backend)                      # the inverse, once for all clients
-        rotated *= self.signs(n, backend=backend) * (1.0 / math.sqrt(n))
+        self._scale_by_signs(rotated, 1.0 / math.sqrt(n), backend)
         out[...] = rotated[:out.shape[0]]
 
     def variance(self, x: np.ndarray) -> float:

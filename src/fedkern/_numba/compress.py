@@ -16,11 +16,11 @@ import numpy as np
 from numba import njit, prange
 
 from .._blocks import COMPRESS_CHUNK, FWHT_BLOCK, SCATTER_CHUNK  # sizes, and why: fedkern/_blocks.py
-from .._tuning import sum_chunk
+from .._tuning import fwht_panel, sum_chunk
 from ._philox import philox_block
 from ._runtime import KERNEL, row
 
-_1, _2, _3, _4, _8, _32, _56 = (np.uint64(v) for v in (1, 2, 3, 4, 8, 32, 56))
+_1, _2, _3, _4, _5, _8, _31, _32, _56 = (np.uint64(v) for v in (1, 2, 3, 4, 5, 8, 31, 32, 56))
 _GATHER_BITS = np.uint64(0x0102040810204080)
 _SCALE32 = 2.0**-32
 
@@ -350,34 +350,85 @@ def _random_k_indices(seed, stream, d, k, mask, out):
         mask[out[i]] = 0
 
 
+def scale_by_signs(y, seed: int, stream: int, scale: float) -> None:
+    """y[j] *= -scale where bit j % 32 of word j // 32 of the stream is set, else scale (a chunk
+    of COMPRESS_CHUNK coordinates per task, as ext/compress.pyx)."""
+    _scale_by_signs(y, np.uint64(seed), np.uint64(stream), np.float64(scale))
+
+
+@njit(**KERNEL)
+def _scale_by_signs(y, seed, stream, scale):
+    n = y.shape[0]
+    for c in prange((n + COMPRESS_CHUNK - 1) // COMPRESS_CHUNK):
+        g0 = c * COMPRESS_CHUNK
+        m = min(n - g0, COMPRESS_CHUNK)
+        words = _chunk_words(seed, stream, g0 // 32, (m + 31) // 32)
+        part = y[g0:g0 + m]
+        for j in range(np.uint64(0), np.uint64(m)):
+            # times +-scale: (1 - 2 bit) scale is exactly one of them, and no branch
+            part[j] *= (1.0 - 2.0 * np.float64((words[j >> _5] >> (j & _31)) & _1)) * scale
+
+
 def fwht(x) -> None:
-    """x <- H x in place (unnormalised Walsh-Hadamard), stages h = 1, 2, 4, ... as the reference."""
-    _fwht(x)
+    """x <- H x in place (unnormalised Walsh-Hadamard), stages h = 1, 2, 4, ... as the reference:
+    within blocks of FWHT_BLOCK, then the wider ones on panels of fedkern._tuning.fwht_panel
+    columns (as ext/compress.pyx, and why)."""
+    _fwht(x, np.int64(fwht_panel(x.shape[0])))
 
 
 @njit(inline="always")
-def _butterflies(x, j0, j1, h0, h1):
-    h = h0
-    while h < h1:
-        for a in range(j0, j1, 2 * h):
-            for j in range(a, a + h):
-                u, v = x[j], x[j + h]
-                x[j] = u + v
-                x[j + h] = u - v
+def _butterflies(y):
+    """y <- H y (len(y) a power of two, in L1): stages h = 1, 2, 4, ... in order, the first two
+    as one radix-4 step per group of four (as ext/compress.pyx)."""
+    n = y.shape[0]
+    if n == 2:
+        u, v = y[0], y[1]
+        y[0], y[1] = u + v, u - v
+        return
+    for g in range(n // 4):
+        a = 4 * g
+        s0, d0 = y[a] + y[a + 1], y[a] - y[a + 1]
+        s1, d1 = y[a + 2] + y[a + 3], y[a + 2] - y[a + 3]
+        y[a], y[a + 1], y[a + 2], y[a + 3] = s0 + s1, d0 + d1, s0 - s1, d0 - d1
+    h = 4
+    while h < n:
+        for a in range(0, n, 2 * h):
+            top, bottom = y[a:a + h], y[a + h:a + 2 * h]     # slices from 0: plain streams
+            for j in range(h):
+                u, v = top[j], bottom[j]
+                top[j] = u + v
+                bottom[j] = u - v
+        h *= 2
+
+
+@njit(inline="always")
+def _row_butterflies(panel):
+    """The stages pairing rows r and r + h of a panel, h = 1, 2, 4, ... in order."""
+    rows, width = panel.shape
+    h = 1
+    while h < rows:
+        for a in range(0, rows, 2 * h):
+            for r in range(a, a + h):
+                top, bottom = panel[r], panel[r + h]
+                for q in range(width):
+                    u, v = top[q], bottom[q]
+                    top[q] = u + v
+                    bottom[q] = u - v
         h *= 2
 
 
 @njit(**KERNEL)
-def _fwht(x):
+def _fwht(x, width):
     n = x.shape[0]
     block = min(n, FWHT_BLOCK)
-    for c in prange(n // block):      # stages within a block: the block stays in L1
-        _butterflies(x, c * block, (c + 1) * block, 1, block)
-    h = block
-    while h < n:                       # the wider stages, one parallel pass each
-        for p in prange(n // 2):
-            a = (p // h) * 2 * h + p % h
-            u, v = x[a], x[a + h]
-            x[a] = u + v
-            x[a + h] = u - v
-        h *= 2
+    rows = n // block
+    width = min(width, block)
+    if n > 1:
+        for c in prange(rows):         # stages within a block: the block stays in L1
+            _butterflies(x[c * block:(c + 1) * block])
+    if rows > 1:
+        blocks = x.reshape(rows, block)
+        for p in prange(block // width):   # the wider stages on a panel of every block's columns
+            panel = blocks[:, p * width:(p + 1) * width].copy()
+            _row_butterflies(panel)
+            blocks[:, p * width:(p + 1) * width] = panel

@@ -140,6 +140,14 @@ def random_k_indices(seed: int, stream: int, d: int, k: int, mask: np.ndarray, o
     out[:] = np.sort(np.fromiter(chosen, np.int64, k))
 
 
+def scale_by_signs(y: np.ndarray, seed: int, stream: int, scale: float) -> None:
+    """y[j] *= -scale where bit j % 32 of word j // 32 of the stream is set, else scale."""
+    n = y.shape[0]
+    words = _words(seed, stream, (n + 31) // 32).astype(np.uint32)
+    bits = np.unpackbits(words.view(np.uint8), bitorder="little")[:n]   # little-endian words
+    y *= np.where(bits.astype(bool), -scale, scale)
+
+
 def fwht(x: np.ndarray) -> None:
     """x <- H x in place (unnormalised Walsh-Hadamard, len(x) a power of two), stages h = 1, 2, 4, ..."""
     n, h = x.shape[0], 1
