@@ -381,6 +381,28 @@ def _scatter_add(out_t[::1] out, const uintptr_t[::1] ip, const uintptr_t[::1] v
     free(buffers)
 
 
+def check_sparse(indices, values, Py_ssize_t d, uint8_t[::1] bad) -> None:
+    """bad[i] = 1 where client i's indices are not strictly increasing and below d, or its
+    values not all finite, else 0: a client per task, each loop counting without a branch
+    (so it vectorises) over buffers whose lengths were validated."""
+    cdef const uintptr_t[::1] ip = indices.pointers, vp = values.pointers
+    cdef const uint32_t** idx_rows = <const uint32_t**> &ip[0]
+    cdef const float** val_rows = <const float**> &vp[0]
+    cdef Py_ssize_t k = bad.shape[0], n = indices.first.shape[0], i, m, wrong
+    cdef const uint32_t* idx
+    cdef const float* vals
+    with nogil:
+        for i in prange(k, schedule="static", num_threads=fk_threads_for(k * n * <Py_ssize_t> 8)):
+            idx = idx_rows[i]
+            vals = val_rows[i]
+            wrong = 0
+            for m in range(1, n):
+                wrong = wrong + (idx[m] <= idx[m - 1])
+            for m in range(n):
+                wrong = wrong + (vals[m] - vals[m] != 0)   # NaN and inf give NaN, never 0
+            bad[i] = wrong > 0 or (n > 0 and idx[n - 1] >= d)
+
+
 cdef int _compare(const void* a, const void* b) noexcept nogil:
     cdef uint32_t x = (<const uint32_t*> a)[0], y = (<const uint32_t*> b)[0]
     return (x > y) - (x < y)

@@ -370,6 +370,29 @@ def test_rotation_signs_are_bits_of_the_stream():
     assert np.array_equal(signs, 1.0 - 2.0 * np.array(bits))
 
 
+@settings(max_examples=40, deadline=None)
+@given(k=st.integers(1, 6), n=st.integers(0, 40), d=st.integers(1, 60), data=st.data())
+def test_sparse_check_kernel_matches_reference(fast_backend, k, n, d, data):
+    """The one-pass check of top-k messages flags exactly the clients whose indices are not
+    strictly increasing and below d, or whose values are not all finite."""
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    indices, values = [], []
+    for _ in range(k):
+        idx = np.sort(rng.choice(max(d, n) + 5, n, replace=False)).astype(np.uint32)
+        if n > 1 and rng.random() < 0.3:
+            idx[rng.integers(1, n)] = idx[0]                           # a repeat or a step down
+        vals = rng.standard_normal(n).astype(np.float32)
+        if n and rng.random() < 0.3:
+            vals[rng.integers(n)] = rng.choice([np.nan, np.inf, -np.inf])
+        indices.append(idx)
+        values.append(vals)
+    got, want = np.full(k, 7, np.uint8), np.full(k, 7, np.uint8)
+    for name, bad in ((fast_backend, got), ("reference", want)):
+        backends.kernels("compress", name).check_sparse(Updates(indices, None), Updates(values, None), d, bad)
+    assert np.array_equal(got, want)
+    assert set(want) <= {0, 1}
+
+
 # --------------------------------------------------------------------------- error feedback
 @pytest.mark.parametrize("codec", [compress.TopK(3), compress.RandomK(4)], ids=["top-k", "random-k"])
 def test_error_feedback_invariant_is_exact(codec):
@@ -492,6 +515,20 @@ def test_bad_accumulate_arguments():
             compress.accumulate(*args, **kwargs)
     with pytest.raises(fedkern.FedkernValueError, match="ScaledSign"):
         compress.majority_vote([a])
+
+
+@pytest.mark.parametrize("corrupt", ["unsorted", "out of range", "NaN", "not a codec"])
+def test_a_bad_message_among_good_ones_is_named(corrupt, any_backend):
+    """Top-k messages are checked together in one pass; the error still names the bad one."""
+    codec = compress.TopK(5)
+    msgs = [codec.encode(vector(64, seed=i), seed=i) for i in range(6)]
+    bad = msgs[3]
+    msgs[3] = {"unsorted": lambda: _corrupt(bad, indices=bad.indices[::-1].copy()),
+               "out of range": lambda: _corrupt(bad, indices=bad.indices + np.uint32(64)),
+               "NaN": lambda: _corrupt(bad, values=np.full(5, np.nan, np.float32)),
+               "not a codec": lambda: _corrupt(bad, codec="TopK(5)")}[corrupt]()
+    with pytest.raises(fedkern.FedkernError, match=r"encoded_list\[3\]"):
+        compress.accumulate(msgs, backend=any_backend)
 
 
 @pytest.mark.parametrize("name", list(CODECS))

@@ -137,6 +137,10 @@ class CompressKernels(Protocol):
         """out = sum_i weights[i] values[i] scattered to indices[i], clients in index order (indices
         sorted, distinct), in float64, rounded once into out (float32 or float64)."""
 
+    def check_sparse(self, indices: Updates, values: Updates, d: int, bad: np.ndarray) -> None:
+        """bad[i] = 1 where client i's indices are not strictly increasing and below d, or its
+        values not all finite, else 0 (uint8; buffers of validated dtypes and lengths)."""
+
     def scale_by_signs(self, y: np.ndarray, seed: int, stream: int, scale: float) -> None:
         """y[j] *= -scale where bit j % 32 of word j // 32 of the stream is set, else scale (float64 y)."""
 

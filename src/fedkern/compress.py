@@ -139,6 +139,11 @@ class Codec:
         """Wire bytes per coordinate of a message of length d (seed included)."""
         return (SEED_BYTES + sum(np.dtype(t).itemsize * n for t, n in self.sizes(d).values())) / d
 
+    def validate_group(self, group: list[Encoded], d: int, wheres: list[str], backend: str | None = None
+                       ) -> list[Encoded]:
+        """:meth:`validate` each message of ``group`` (``wheres`` name them in errors); return them."""
+        return [self.validate(enc, d, where) for enc, where in zip(group, wheres)]
+
     def validate(self, enc, d: int | None = None, where: str = "encoded") -> Encoded:
         """Check ``enc`` is a whole message of this codec (of length ``d``); return it."""
         _check_header(self, enc, d, where)
@@ -487,6 +492,21 @@ class TopK(Codec):
             raise FedkernValueError(f"{where}.values holds NaN or inf (corrupted message?)")
         return enc
 
+    def validate_group(self, group, d, wheres, backend=None):
+        """The buffers' layout message by message, their contents in one compiled pass over
+        all of them (a tenth of the time of numpy's checks, message by message, at K = 100
+        x 1% of 1M); a bad message is then checked alone, for its precise error."""
+        for enc, where in zip(group, wheres):
+            Codec.validate(self, enc, d, where)
+            _k(self.k, enc.d, "TopK")
+        bad = np.zeros(len(group), np.uint8)
+        kernels("compress", backend, "check_sparse").check_sparse(
+            Updates([e.indices for e in group], None), Updates([e.values for e in group], None), d, bad)
+        for i in np.flatnonzero(bad):
+            self.validate(group[i], d, wheres[i])
+            raise FedkernValueError(f"{wheres[i]} is corrupted")   # unreachable unless the checks disagree
+        return group
+
     def _accumulate(self, group, weights, out, backend):
         kernels("compress", backend, "scatter_add").scatter_add(
             out, Updates([e.indices for e in group], None), Updates([e.values for e in group], None), weights)
@@ -657,17 +677,25 @@ class Rotated(Codec):
 
 
 # --------------------------------------------------------------------------- aggregation
-def _messages(encoded_list: Sequence[Encoded], weights: WeightsLike | None) -> tuple[list[Encoded], np.ndarray, int]:
+def _messages(encoded_list: Sequence[Encoded], weights: WeightsLike | None, backend: str | None
+              ) -> tuple[list[Encoded], np.ndarray, dict, int]:
+    """The validated messages, weights, message indices by codec, and length."""
     if isinstance(encoded_list, Encoded) or not isinstance(encoded_list, Sequence) or len(encoded_list) == 0:
         raise FedkernTypeError("encoded_list must be a non-empty sequence of fedkern.compress.Encoded")
     first = encoded_list[0]
     if not isinstance(first, Encoded) or not isinstance(first.codec, Codec):
         raise FedkernTypeError(f"encoded_list[0] must be a fedkern.compress.Encoded; got {type(first).__name__}")
     d = first.d
-    msgs = [e.codec.validate(e, d, f"encoded_list[{i}]") if isinstance(e, Encoded)
-            else first.codec.validate(e, d, f"encoded_list[{i}]") for i, e in enumerate(encoded_list)]
+    msgs = list(encoded_list)
+    groups: dict[Codec, list[int]] = {}                 # by codec, in order of first appearance
+    for i, e in enumerate(msgs):
+        if not isinstance(e, Encoded) or not isinstance(e.codec, Codec):
+            first.codec.validate(e, d, f"encoded_list[{i}]")   # raises the error naming it
+        groups.setdefault(e.codec, []).append(i)
+    for codec, members in groups.items():
+        codec.validate_group([msgs[i] for i in members], d, [f"encoded_list[{i}]" for i in members], backend)
     w = np.ones(len(msgs)) if weights is None else check.weights(weights, len(msgs))
-    return msgs, w, d
+    return msgs, w, groups, d
 
 
 def accumulate(encoded_list: Sequence[Encoded], weights: WeightsLike | None = None, out: np.ndarray | None = None,
@@ -698,18 +726,13 @@ def accumulate(encoded_list: Sequence[Encoded], weights: WeightsLike | None = No
     >>> compress.accumulate(msgs, weights=[0.5, 0.5])
     array([2., 2., 2., 2.])
     """
-    msgs, w, d = _messages(encoded_list, weights)
+    msgs, w, groups, d = _messages(encoded_list, weights, backend)
     result = check.out(out, (d,), np.dtype(np.float64), dtype)
-    codecs: list[Codec] = []
-    for e in msgs:
-        if e.codec not in codecs:
-            codecs.append(e.codec)
-    if len(codecs) == 1:                # the kernels round their float64 sums into result once
-        codecs[0]._accumulate(msgs, w, result, backend)
+    if len(groups) == 1:                # the kernels round their float64 sums into result once
+        next(iter(groups))._accumulate(msgs, w, result, backend)
         return result
     total, part = np.empty(d), np.empty(d)
-    for n, codec in enumerate(codecs):
-        members = [i for i, e in enumerate(msgs) if e.codec == codec]
+    for n, (codec, members) in enumerate(groups.items()):
         codec._accumulate([msgs[i] for i in members], np.ascontiguousarray(w[members]), part if n else total,
                           backend)
         if n:
@@ -732,7 +755,7 @@ def majority_vote(encoded_list: Sequence[Encoded], weights: WeightsLike | None =
     >>> compress.majority_vote(votes)
     array([ 1., -1.], dtype=float32)
     """
-    msgs, w, d = _messages(encoded_list, weights)
+    msgs, w, _, d = _messages(encoded_list, weights, backend)
     if any(not isinstance(e.codec, ScaledSign) for e in msgs):
         raise FedkernValueError("majority_vote takes ScaledSign messages only")
     total = np.empty(d)

@@ -329,6 +329,26 @@ def _scatter_add(out, idx_ptrs, idx0, val_ptrs, val0, weights):
         out[c0:c1] = acc
 
 
+def check_sparse(indices, values, d: int, bad) -> None:
+    """bad[i] = 1 where client i's indices are not strictly increasing and below d, or its
+    values not all finite, else 0 (a client per task, as ext/compress.pyx)."""
+    _check_sparse(indices.pointers, indices.first, values.pointers, values.first, np.int64(d), bad)
+
+
+@njit(**KERNEL)
+def _check_sparse(idx_ptrs, idx0, val_ptrs, val0, d, bad):
+    n = idx0.shape[0]
+    for i in prange(bad.shape[0]):
+        idx = row(idx_ptrs, i, idx0)
+        vals = row(val_ptrs, i, val0)
+        wrong = 0
+        for m in range(np.uint64(1), np.uint64(n)):
+            wrong += idx[m] <= idx[m - _1]
+        for m in range(np.uint64(0), np.uint64(n)):
+            wrong += vals[m] - vals[m] != 0          # NaN and inf give NaN, never 0
+        bad[i] = wrong > 0 or (n > 0 and np.int64(idx[n - 1]) >= d)
+
+
 def random_k_indices(seed: int, stream: int, d: int, k: int, mask, out) -> None:
     """out = the k sorted indices of Floyd's algorithm on the stream; mask: d zero bytes, zero again after."""
     _random_k_indices(np.uint64(seed), np.uint64(stream), np.int64(d), np.int64(k), mask, out)

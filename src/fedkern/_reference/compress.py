@@ -123,6 +123,15 @@ def scatter_add(out: np.ndarray, indices, values, weights: np.ndarray) -> None:
     out[...] = total
 
 
+def check_sparse(indices, values, d: int, bad: np.ndarray) -> None:
+    """bad[i] = 1 if client i's indices are not strictly increasing and below d, or its
+    values not all finite, else 0 (buffers of validated dtypes and lengths)."""
+    for i in range(bad.shape[0]):
+        idx = indices[i].astype(np.int64)
+        bad[i] = bool((idx.shape[0] and idx[-1] >= d) or (np.diff(idx) <= 0).any()
+                      or not np.isfinite(values[i]).all())
+
+
 def _floyd_draws(seed: int, stream: int, d: int, k: int) -> np.ndarray:
     """t_i = floor(u_i n_i / 2**64), n_i = d - k + i + 1 (exact in uint64, by 32-bit halves)."""
     w = _words(seed, stream, 2 * k)
