@@ -34,10 +34,19 @@ def _weighted_sum(pointers, first, weights, divisor, by_reciprocal, chunk, out):
         n = min(chunk, d - j0)
         acc = np.zeros(n)
         _add_rows(acc, pointers, first, 0, weights, j0)
+        # the choice outside the loops, the count in a loop of its own: LLVM vectorises
+        # these three loops, not the one loop doing all (1.1-1.2x at K = 10 x D = 1e7)
+        part = out[j0:j0 + n]
+        if by_reciprocal:
+            for j in range(n):
+                part[j] = acc[j] * reciprocal
+        else:
+            for j in range(n):
+                part[j] = acc[j] / divisor
+        bad = 0
         for j in range(n):
-            out[j0 + j] = acc[j] * reciprocal if by_reciprocal else acc[j] / divisor
-            if not np.isfinite(out[j0 + j]):
-                nonfinite += 1
+            bad += not np.isfinite(part[j])
+        nonfinite += bad
     return nonfinite
 
 
