@@ -159,6 +159,21 @@ def test_floyd_indices_match_their_definition():
     assert np.array_equal(compress.RandomK(k).indices(d, seed), np.sort(chosen))
 
 
+@pytest.mark.parametrize("d, k", [(1, 1), (2048, 2048), (5000, 300), (5_000_000, 20_000)])
+def test_random_k_indices_on_every_backend_are_the_reference(d, k, fast_backend):
+    """The compiled kernels keep the drawn indices in a bitmap per thread, cleared after each
+    message, and sort them by radix (one, two and three passes of 11 bits here); every
+    message's indices are the reference's sorted set, on any thread count."""
+    seeds = np.array([0, 2**64 - 1, 5, 0, 123456789], np.uint64)    # a repeat: the bitmap was cleared
+    want = np.empty((seeds.shape[0], k), np.uint32)
+    spec.random_k_indices(seeds, spec.INDEX_STREAM, d, k, want)
+    for threads in (1, 2):
+        fedkern.set_num_threads(threads)
+        got = np.empty_like(want)
+        backends.kernels("compress", fast_backend).random_k_indices(seeds, spec.INDEX_STREAM, d, k, got)
+        assert np.array_equal(got, want)
+
+
 def test_nbytes_is_what_is_sent():
     d = 1000
     expected = {"qsgd": d * 4 // 8 + d // 8 + 4, "terngrad": d // 4 + 4, "sign": d // 8 + 4,

@@ -144,8 +144,9 @@ class CompressKernels(Protocol):
     def scale_by_signs(self, y: np.ndarray, seed: int, stream: int, scale: float) -> None:
         """y[j] *= -scale where bit j % 32 of word j // 32 of the stream is set, else scale (float64 y)."""
 
-    def random_k_indices(self, seed: int, stream: int, d: int, k: int, mask: np.ndarray, out: np.ndarray) -> None:
-        """out = the k sorted uint32 indices Floyd's algorithm draws from the stream; mask: d zero bytes."""
+    def random_k_indices(self, seeds: np.ndarray, stream: int, d: int, k: int, out: np.ndarray) -> None:
+        """out[i] = the k sorted uint32 indices Floyd's algorithm draws from the stream under
+        seeds[i] (uint64 seeds, a (K, k) out)."""
 
     def fwht(self, x: np.ndarray) -> None:
         """x <- H x in place: the unnormalised Walsh-Hadamard transform, len(x) a power of two."""

@@ -307,16 +307,22 @@ def _top_k(d: int):
 
 
 def _add_at(args):
-    """numpy's unbuffered scatter-add of every client's weighted top-k values into one
-    float64 sum, what a server without a fused kernel writes."""
+    """numpy's unbuffered scatter-add of every client's weighted sparse values into one
+    float64 sum, what a server without a fused kernel writes. Random-k's indices are given
+    to it, drawn beforehand: fedkern's op draws them from the seeds inside the timing."""
     encoded, weights = args
     out = np.zeros(encoded[0].d)
-    indices = [e.indices.astype(np.intp) for e in encoded]
+    codec = encoded[0].codec
+    if isinstance(codec, compress.RandomK):
+        indices = [codec.indices(e.d, e.seed).astype(np.intp) for e in encoded]
+        scale = encoded[0].d / codec.k
+    else:
+        indices, scale = [e.indices.astype(np.intp) for e in encoded], 1.0
 
     def call():
         out[:] = 0.0
         for index, e, w in zip(indices, encoded, weights):
-            np.add.at(out, index, w * e.values.astype(np.float64))
+            np.add.at(out, index, (w * scale) * e.values.astype(np.float64))
         return out
 
     return call
@@ -351,6 +357,10 @@ OPS += (
     OpSpec("compress.accumulate/top-k", "compress", ("scatter_add",), _encoded_example(_top_k),
            run=_run(compress.accumulate), nbytes=lambda k, d: 8 * k * max(1, d // 100) + 4 * d, ulps=0.0,
            peer=Peer("np.add.at", _add_at, stacked=False)),
+    OpSpec("compress.accumulate/random-k", "compress", ("random_k_indices", "scatter_add"),
+           _encoded_example(lambda d: compress.RandomK(max(1, d // 100))), run=_run(compress.accumulate),
+           nbytes=lambda k, d: 4 * k * max(1, d // 100) + 4 * d, ulps=0.0,
+           peer=Peer("np.add.at (indices given)", _add_at, stacked=False)),
 )
 
 BY_NAME = {spec.name: spec for spec in OPS}

@@ -542,10 +542,14 @@ class RandomK(Codec):
 
     def indices(self, d: int, seed: int, *, backend: str | None = None) -> np.ndarray:
         """The k sorted uint32 indices of a message of length d under ``seed``."""
+        return self._indices(d, [seed], backend)[0]
+
+    def _indices(self, d: int, seeds: list[int], backend) -> np.ndarray:
+        """Row i: the indices under seeds[i], all drawn in one kernel call (in parallel)."""
         _k(self.k, d, "RandomK")
-        out = np.empty(self.k, np.uint32)
+        out = np.empty((len(seeds), self.k), np.uint32)
         kernels("compress", backend, "random_k_indices").random_k_indices(
-            seed, spec.INDEX_STREAM, d, self.k, np.zeros(d, np.uint8), out)
+            np.array(seeds, np.uint64), spec.INDEX_STREAM, d, self.k, out)
         return out
 
     def encode(self, x, seed=0, *, backend=None):
@@ -564,9 +568,9 @@ class RandomK(Codec):
 
     def _accumulate(self, group, weights, out, backend):
         d = group[0].d
-        indices = [self.indices(d, e.seed, backend=backend) for e in group]
+        indices = self._indices(d, [e.seed for e in group], backend)
         kernels("compress", backend, "scatter_add").scatter_add(
-            out, Updates(indices, None), Updates([e.values for e in group], None), weights * (d / self.k))
+            out, Updates(None, indices), Updates([e.values for e in group], None), weights * (d / self.k))
 
     def variance(self, x: np.ndarray) -> float:
         """E ||C(x) - x||^2 = (d / k - 1) ||x||^2."""

@@ -20,7 +20,7 @@ from .._tuning import fwht_panel, sum_chunk
 from ._philox import philox_block
 from ._runtime import KERNEL, row
 
-_1, _2, _3, _4, _5, _8, _31, _32, _56 = (np.uint64(v) for v in (1, 2, 3, 4, 5, 8, 31, 32, 56))
+_1, _2, _3, _4, _5, _7, _8, _31, _32, _56 = (np.uint64(v) for v in (1, 2, 3, 4, 5, 7, 8, 31, 32, 56))
 _GATHER_BITS = np.uint64(0x0102040810204080)
 _SCALE32 = 2.0**-32
 
@@ -349,25 +349,58 @@ def _check_sparse(idx_ptrs, idx0, val_ptrs, val0, d, bad):
         bad[i] = wrong > 0 or (n > 0 and np.int64(idx[n - 1]) >= d)
 
 
-def random_k_indices(seed: int, stream: int, d: int, k: int, mask, out) -> None:
-    """out = the k sorted indices of Floyd's algorithm on the stream; mask: d zero bytes, zero again after."""
-    _random_k_indices(np.uint64(seed), np.uint64(stream), np.int64(d), np.int64(k), mask, out)
+def random_k_indices(seeds, stream: int, d: int, k: int, out) -> None:
+    """out[i] = the k sorted indices of Floyd's algorithm on the stream under seeds[i], a
+    message per task, in a bitmap of d bits and sorted by radix (as ext/compress.pyx, and why)."""
+    _random_k_indices(seeds, np.uint64(stream), np.int64(d), np.int64(k), out)
 
 
-@njit(cache=True, nogil=True)
-def _random_k_indices(seed, stream, d, k, mask, out):
+@njit(**KERNEL)
+def _random_k_indices(seeds, stream, d, k, out):
+    for i in prange(seeds.shape[0]):
+        bitmap = np.zeros((d + 7) // 8, np.uint8)
+        _floyd(seeds[i], stream, d, k, bitmap, out[i])
+        _radix_sort(out[i], np.uint32(d - 1))
+
+
+@njit(inline="always")
+def _floyd(seed, stream, d, k, bitmap, out):
+    """out = Floyd's k draws (unsorted) under seed; bitmap: d zero bits. The Philox words
+    first, two a draw (as ext/compress.pyx)."""
+    words = _chunk_words(seed, stream, 0, 2 * k)
     for i in range(k):
-        w0, w1, w2, w3 = philox_block(seed, stream, np.uint64(i // 2))
-        lo, hi = (np.uint64(w0), np.uint64(w1)) if i % 2 == 0 else (np.uint64(w2), np.uint64(w3))
+        lo, hi = np.uint64(words[2 * i]), np.uint64(words[2 * i + 1])
         n = np.uint64(d - k + i + 1)
         t = (hi * n + ((lo * n) >> _32)) >> _32
-        if mask[t]:
+        if (bitmap[t >> _3] >> (t & _7)) & 1:
             t = np.uint64(d - k + i)
-        mask[t] = 1
+        bitmap[t >> _3] |= np.uint8(1 << (t & _7))
         out[i] = np.uint32(t)
-    out.sort()
-    for i in range(k):
-        mask[out[i]] = 0
+
+
+@njit(inline="always")
+def _radix_sort(keys, top):
+    """keys (each <= top) in ascending order: least significant 11 bits first, as many passes
+    as top has digits (as ext/compress.pyx)."""
+    source, target = keys, np.empty_like(keys)
+    shift = np.uint32(0)
+    while True:
+        counts = np.zeros(2048, np.int64)
+        for x in source:
+            counts[(x >> shift) & 2047] += 1
+        total = 0
+        for c in range(2048):            # each digit's first position
+            total, counts[c] = total + counts[c], total
+        for x in source:
+            digit = (x >> shift) & 2047
+            target[counts[digit]] = x
+            counts[digit] += 1
+        source, target = target, source
+        shift += np.uint32(11)
+        if shift >= 32 or (top >> shift) == 0:
+            break
+    if source is not keys:
+        keys[:] = source
 
 
 def scale_by_signs(y, seed: int, stream: int, scale: float) -> None:

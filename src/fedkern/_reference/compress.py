@@ -140,13 +140,13 @@ def _floyd_draws(seed: int, stream: int, d: int, k: int) -> np.ndarray:
     return (hi * n + ((lo * n) >> np.uint64(32))) >> np.uint64(32)
 
 
-def random_k_indices(seed: int, stream: int, d: int, k: int, mask: np.ndarray, out: np.ndarray) -> None:
-    """out = the k sorted indices Floyd's algorithm draws (module docstring); ``mask``: d zero
-    bytes of scratch, zero again on return."""
-    chosen = set()
-    for i, t in enumerate(_floyd_draws(seed, stream, d, k).tolist()):
-        chosen.add(d - k + i if t in chosen else t)
-    out[:] = np.sort(np.fromiter(chosen, np.int64, k))
+def random_k_indices(seeds: np.ndarray, stream: int, d: int, k: int, out: np.ndarray) -> None:
+    """out[i] = the k sorted indices Floyd's algorithm draws under seeds[i] (module docstring)."""
+    for i, seed in enumerate(seeds.tolist()):
+        chosen = set()
+        for m, t in enumerate(_floyd_draws(seed, stream, d, k).tolist()):
+            chosen.add(d - k + m if t in chosen else t)
+        out[i] = np.sort(np.fromiter(chosen, np.int64, k))
 
 
 def scale_by_signs(y: np.ndarray, seed: int, stream: int, scale: float) -> None:
