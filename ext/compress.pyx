@@ -10,7 +10,7 @@ read through ``Updates.pointers``; callers have validated every size and index.
 """
 from cython.parallel cimport prange, threadid
 from libc.math cimport fabs, floor
-from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t, uintptr_t
+from libc.stdint cimport uint8_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport free
 from libc.string cimport memcpy, memset
 

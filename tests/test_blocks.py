@@ -145,3 +145,11 @@ def test_ring_sum_accepts_read_only_rows_and_any_thread_count(backend):
         out = np.empty(rows.shape[1], np.uint32)
         runtime(backend).ring_sum(rows, out)
         np.testing.assert_array_equal(out, expected)
+
+
+def test_compress_chunks_hold_whole_philox_blocks_and_bytes():
+    """quantize's tasks take 4 coordinates a Philox block and scale_by_signs's 128 sign bits,
+    and codes and signs must end on a byte: COMPRESS_CHUNK a multiple of 128. The
+    Walsh-Hadamard blocks must be a power of two."""
+    assert _blocks.COMPRESS_CHUNK % 128 == 0
+    assert _blocks.FWHT_BLOCK & (_blocks.FWHT_BLOCK - 1) == 0

@@ -138,13 +138,14 @@ PAIR_BLOCK_STEP = 64
 PAIR_LANES_MAX_K = 64
 
 # -- compress (both backends) ----------------------------------------------------------------
-#: Coordinates per task of quantize (and of the other compress kernels but the fused
-#: accumulate, whose tasks are fedkern._tuning.sum_chunk's): a multiple of 32, so a task
-#: holds whole Philox blocks (4 words) and whole bytes of codes and signs.
+#: Coordinates per task of quantize and scale_by_signs (the fused accumulate's tasks are
+#: fedkern._tuning.sum_chunk's): a multiple of 128, so a task holds whole Philox blocks
+#: (4 words: 4 coordinates of quantize, 128 sign bits) and whole bytes of codes and signs.
 COMPRESS_CHUNK = 4096
 #: Coordinates per task of scatter_add: each client's sorted indices are bisected once per
 #: task, so a task must be long next to K log k; its 512 KiB of accumulator stays in L2.
 SCATTER_CHUNK = 65536
 #: Length of the blocks the Walsh-Hadamard transform finishes its first stages in: 32 KiB
-#: of float64, in L1; the wider stages then make one pass over the vector each.
+#: of float64, in L1; the wider stages then run on panels of every block's columns
+#: (fedkern._tuning.fwht_panel).
 FWHT_BLOCK = 4096

@@ -20,7 +20,7 @@ from .._tuning import fwht_panel, sum_chunk
 from ._philox import philox_block
 from ._runtime import KERNEL, row
 
-_1, _2, _3, _4, _5, _7, _8, _31, _32, _56 = (np.uint64(v) for v in (1, 2, 3, 4, 5, 7, 8, 31, 32, 56))
+_1, _2, _3, _4, _5, _7, _31, _32, _56 = (np.uint64(v) for v in (1, 2, 3, 4, 5, 7, 31, 32, 56))
 _GATHER_BITS = np.uint64(0x0102040810204080)
 _SCALE32 = 2.0**-32
 
